@@ -1,0 +1,405 @@
+"""Core types every unmask module shares: threat models, attack results, input validation,
+the ``Normalize`` layer, device selection and seeding.
+
+Conventions (see DESIGN.md):
+
+* a model takes float inputs ``N x C x H x W`` in ``[0, 1]`` and returns logits ``N x K``;
+* a threat model is ``Threat(norm, eps)``, and :meth:`Threat.project` is the one projection
+  onto the eps-ball intersected with ``[0, 1]`` that every attack uses;
+* every stochastic function takes a ``torch.Generator`` (see :func:`make_generator`).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import os
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Norm",
+    "Threat",
+    "AttackResult",
+    "Normalize",
+    "ProbabilityOutputWarning",
+    "check_images",
+    "check_labels",
+    "check_inputs",
+    "check_logits",
+    "margin",
+    "select_device",
+    "make_generator",
+    "uniform",
+    "normal",
+    "model_mode",
+    "parse_enum",
+]
+
+
+def parse_enum(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
+    """Convert ``value`` to ``enum_cls``; a bad value raises ``ValueError`` naming the valid ones."""
+    if isinstance(value, enum_cls):
+        return value
+    try:
+        return enum_cls(str(value).lower() if isinstance(value, str) else value)
+    except ValueError:
+        valid = ", ".join(repr(m.value) for m in enum_cls)
+        raise ValueError(f"unknown {what} {value!r}; expected one of {valid}") from None
+
+
+class Norm(str, enum.Enum):
+    """The norm of a threat model's perturbation ball."""
+
+    LINF = "linf"
+    L2 = "l2"
+
+
+def _per_sample_l2(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(p=2, dim=1)
+
+
+@dataclass(frozen=True)
+class Threat:
+    """A threat model: perturbations with ``||delta||_norm <= eps`` that keep the input in [0, 1].
+
+    ``Threat("linf", 8 / 255)`` or ``Threat(Norm.L2, 0.5)``. eps is a finite float >= 0.
+    """
+
+    norm: Norm
+    eps: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", parse_enum(Norm, self.norm, "norm"))
+        try:
+            eps = float(self.eps)
+        except (TypeError, ValueError):
+            raise ValueError(f"eps must be a number, got {self.eps!r}") from None
+        if math.isnan(eps) or math.isinf(eps):
+            raise ValueError(f"eps must be finite, got {eps}")
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        object.__setattr__(self, "eps", eps)
+
+    def __str__(self) -> str:
+        return f"{self.norm.value}:{self.eps:g}"
+
+    def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Project ``x_adv`` onto the eps-ball around ``x`` intersected with [0, 1].
+
+        Linf: clamping each coordinate is the exact projection onto the intersection (a box).
+        L2: clip to the box first, then scale the perturbation into the ball; scaling a
+        perturbation that keeps ``x + delta`` in the box towards 0 stays in the box (the box is
+        convex and contains ``x``), so the result is in both sets.
+        """
+        if self.norm is Norm.LINF:
+            return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp_(0.0, 1.0)
+        delta = x_adv.clamp(0.0, 1.0) - x
+        norms = _per_sample_l2(delta).clamp_min(1e-12)
+        factor = (self.eps / norms).clamp(max=1.0).view(-1, *([1] * (x.dim() - 1)))
+        return (x + delta * factor).clamp_(0.0, 1.0)
+
+    def distance(self, x_adv: Tensor, x: Tensor) -> Tensor:
+        """Per-sample size of the perturbation in this threat's norm."""
+        delta = (x_adv - x).flatten(1)
+        if self.norm is Norm.LINF:
+            return delta.abs().amax(dim=1)
+        return delta.norm(p=2, dim=1)
+
+    def contains(self, x_adv: Tensor, x: Tensor, atol: float = 1e-5) -> Tensor:
+        """Per-sample bool: inside the ball (up to ``atol``) and inside [0, 1]."""
+        in_box = (x_adv >= -atol).flatten(1).all(1) & (x_adv <= 1 + atol).flatten(1).all(1)
+        return in_box & (self.distance(x_adv, x) <= self.eps + atol)
+
+    def random_point(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A uniformly random point of the eps-ball around ``x`` (then clipped to [0, 1])."""
+        if self.norm is Norm.LINF:
+            delta = (uniform(x.shape, generator, x.device, x.dtype) * 2 - 1) * self.eps
+        else:
+            # Uniform in the L2 ball: a Gaussian direction and radius eps * U^(1/d).
+            direction = normal(x.shape, generator, x.device, x.dtype)
+            direction = direction / _per_sample_l2(direction).clamp_min(1e-12).view(
+                -1, *([1] * (x.dim() - 1))
+            )
+            d = x[0].numel()
+            radius = uniform((x.shape[0],), generator, x.device, x.dtype) ** (1.0 / d) * self.eps
+            delta = direction * radius.view(-1, *([1] * (x.dim() - 1)))
+        return self.project(x + delta, x)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"norm": self.norm.value, "eps": self.eps}
+
+
+@dataclass
+class AttackResult:
+    """What every attack returns.
+
+    Attributes:
+        x_adv: ``N x C x H x W``; the best iterate per sample (adversarial where ``success``).
+        success: bool ``N``; the attack's goal was reached (misclassified, or the target hit).
+        margin: float ``N``; best margin found: ``z_y - max_{j != y} z_j`` (untargeted) or
+            ``max_{j != t} z_j - z_t`` (targeted). Negative means success.
+        forwards / backwards: int64 ``N``; model forward passes and input-gradient
+            evaluations spent on each sample. Samples broken early stop costing.
+        name, config: the attack's name and its settings, for provenance.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    margin: Tensor
+    forwards: Tensor
+    backwards: Tensor
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_forward(self) -> int:
+        return int(self.forwards.sum())
+
+    @property
+    def n_backward(self) -> int:
+        return int(self.backwards.sum())
+
+    @property
+    def queries(self) -> Tensor:
+        """Per-sample model queries (forward passes), the cost measure of score-based attacks."""
+        return self.forwards
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if self.success.numel() else 0.0
+
+    def robust_accuracy(self, clean_correct: Tensor | None = None) -> float:
+        """Share of samples the attack did not break (and, if given, that were correct)."""
+        robust = ~self.success
+        if clean_correct is not None:
+            robust = robust & clean_correct.to(robust.device)
+        return float(robust.float().mean()) if robust.numel() else 0.0
+
+
+class ProbabilityOutputWarning(UserWarning):
+    """The model returns probabilities, not logits: gradient attacks on it are unreliable."""
+
+
+def check_images(x: Any, name: str = "x") -> Tensor:
+    """Validate a batch of images: a floating ``N x C x H x W`` tensor, finite, in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape N x C x H x W, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} must have shape N x C x H x W (4 dimensions), got shape {tuple(x.shape)}"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} must be finite, found {bad} NaN/Inf entries")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (normalisation belongs inside the model), "
+            f"got values in [{lo:.4g}, {hi:.4g}]"
+        )
+    return x
+
+
+def check_labels(y: Any, n: int, num_classes: int | None = None, name: str = "y") -> Tensor:
+    """Validate integer labels: int64 (or another integer dtype) of length ``n``, in range."""
+    if not isinstance(y, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
+    if y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"{name} must hold integer class indices (int64), got dtype {y.dtype}")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"{name} must have shape ({n},) to match the batch, got {tuple(y.shape)}")
+    y = y.long()
+    if n and int(y.min()) < 0:
+        raise ValueError(f"{name} holds negative class indices (min {int(y.min())})")
+    if num_classes is not None and n and int(y.max()) >= num_classes:
+        raise ValueError(
+            f"{name} holds class index {int(y.max())} but the model has {num_classes} classes"
+        )
+    return y
+
+
+def check_inputs(x: Any, y: Any, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
+    """Validate an (images, labels) pair; returns them with labels as int64 on x's device."""
+    x = check_images(x)
+    y = check_labels(y, x.shape[0], num_classes)
+    return x, y.to(x.device)
+
+
+def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "warn") -> Tensor:
+    """Check a model's output: float ``N x K`` logits.
+
+    Outputs whose rows all lie in [0, 1] and sum to 1 are probabilities: cross-entropy on them
+    saturates and hides the gradient, a classic source of false robustness. With
+    ``probabilities="warn"`` this is reported with a :class:`ProbabilityOutputWarning`; with
+    ``"raise"`` it is an error; ``"ignore"`` skips the check.
+    """
+    if not isinstance(logits, Tensor):
+        raise TypeError(
+            f"the model must return a tensor of logits N x K, got {type(logits).__name__}"
+        )
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits of shape N x K, got {tuple(logits.shape)}")
+    if n is not None and logits.shape[0] != n:
+        raise ValueError(
+            f"the model returned {logits.shape[0]} rows of logits for a batch of {n} inputs"
+        )
+    if probabilities not in ("warn", "raise", "ignore"):
+        raise ValueError(f"probabilities must be 'warn', 'raise' or 'ignore', got {probabilities!r}")
+    if probabilities != "ignore" and logits.shape[1] > 1 and looks_like_probabilities(logits):
+        msg = (
+            "the model's outputs look like probabilities (every row in [0, 1] and summing to 1), "
+            "not logits; gradients through a softmax saturate and make attacks look weaker than "
+            "they are. Return logits (drop the final softmax)."
+        )
+        if probabilities == "raise":
+            raise ValueError(msg)
+        warnings.warn(msg, ProbabilityOutputWarning, stacklevel=3)
+    return logits
+
+
+def looks_like_probabilities(logits: Tensor, atol: float = 1e-4) -> bool:
+    """True when every row of ``logits`` lies in [0, 1] and sums to 1."""
+    out = logits.detach().float()
+    in_range = bool(((out >= -atol) & (out <= 1 + atol)).all())
+    return in_range and bool(((out.sum(dim=1) - 1).abs() <= atol * out.shape[1]).all())
+
+
+def margin(logits: Tensor, y: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Per-sample classification margin; negative exactly when the attack goal is met.
+
+    Untargeted: ``z_y - max_{j != y} z_j``. Targeted: ``max_{j != t} z_j - z_t``.
+    """
+    if targets is None:
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        return true - other
+    tgt = logits.gather(1, targets[:, None]).squeeze(1)
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+    return other - tgt
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as the first layer of a model.
+
+    Normalisation lives inside the model so every attack works in [0, 1] pixel space.
+    """
+
+    def __init__(self, mean: Any, std: Any) -> None:
+        super().__init__()
+        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean_t.numel() != std_t.numel():
+            raise ValueError(
+                f"mean and std need one value per channel, got {mean_t.numel()} and {std_t.numel()}"
+            )
+        if bool((std_t <= 0).any()):
+            raise ValueError(f"std must be > 0, got {std_t.tolist()}")
+        self.register_buffer("mean", mean_t.view(1, -1, 1, 1))
+        self.register_buffer("std", std_t.view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+def select_device(preferred: str | torch.device | None = None) -> torch.device:
+    """The device to run on: ``preferred``, else ``$UNMASK_DEVICE``, else cuda > mps > cpu."""
+    choice = preferred if preferred is not None else os.environ.get("UNMASK_DEVICE") or None
+    if choice is not None:
+        device = torch.device(choice)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {choice!r} was asked for but CUDA is not available")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device {choice!r} was asked for but MPS is not available")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_generator(seed: int | torch.Generator | None = 0, device: str | torch.device = "cpu") -> torch.Generator:
+    """A ``torch.Generator`` seeded with ``seed`` (an existing generator is passed through).
+
+    unmask never touches the global RNG: every stochastic function takes one of these.
+    """
+    if isinstance(seed, torch.Generator):
+        return seed
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _draw(fn, shape, generator, device, dtype) -> Tensor:
+    # A CPU generator drives sampling for tensors on any device, so a seed gives the same
+    # numbers on CPU and GPU; a generator on the tensor's device samples in place.
+    device = torch.device(device)
+    if generator is None:
+        return fn(shape, device=device, dtype=dtype)
+    if generator.device.type == device.type:
+        return fn(shape, generator=generator, device=device, dtype=dtype)
+    return fn(shape, generator=generator, device=generator.device, dtype=dtype).to(device)
+
+
+def uniform(shape, generator: torch.Generator | None, device="cpu", dtype=torch.float32) -> Tensor:
+    """``U[0, 1)`` samples of ``shape`` from ``generator``, placed on ``device``."""
+    return _draw(torch.rand, tuple(shape), generator, device, dtype)
+
+
+def normal(shape, generator: torch.Generator | None, device="cpu", dtype=torch.float32) -> Tensor:
+    """Standard normal samples of ``shape`` from ``generator``, placed on ``device``."""
+    return _draw(torch.randn, tuple(shape), generator, device, dtype)
+
+
+@contextmanager
+def model_mode(model: nn.Module, *, train: bool = False, freeze: bool = True) -> Iterator[nn.Module]:
+    """Put ``model`` in eval (or train) mode with frozen parameters, and restore both on exit.
+
+    Restores every module's own ``training`` flag and every parameter's ``requires_grad``,
+    also when the body raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.train(train)
+        if freeze:
+            for p, _ in flags:
+                p.requires_grad_(False)
+        yield model
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+        for p, req in flags:
+            p.requires_grad_(req)
+
+
+def warn_if_train_mode(model: nn.Module, stacklevel: int = 3) -> None:
+    """Warn when BatchNorm or Dropout layers are in train mode (unmask evaluates in eval mode)."""
+    noisy = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+    names = [n for n, m in model.named_modules() if isinstance(m, noisy) and m.training]
+    if names:
+        warnings.warn(
+            f"model has BatchNorm/Dropout layers in train mode ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}); unmask evaluates it in eval mode and restores "
+            "the mode afterwards. Call model.eval() to silence this.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )

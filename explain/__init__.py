@@ -1,0 +1,3 @@
+"""unmask.explain: attributions (Captum), explanation metrics, gradient-flow audit, plots."""
+
+__all__: list[str] = []
