@@ -14,6 +14,16 @@ from collections.abc import Callable, Sequence
 __all__ = ["main", "build_parser", "command"]
 
 Handler = Callable[[argparse.Namespace], int]
+# Feature modules that add sub-commands with @command; a missing one is skipped.
+COMMAND_MODULES = (
+    "unmask.bench.cli_attack",
+    "unmask.bench.cli_explain",
+    "unmask.bench.cli_gradflow",
+    "unmask.bench.cli_backdoor",
+    "unmask.bench.cli_defenses",
+    "unmask.bench.cli_suite",
+    "unmask.bench.cli_perf",
+)
 _COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
 
 
@@ -170,7 +180,7 @@ def _load_command_modules() -> None:
     # Feature modules register their sub-commands with @command when imported.
     import importlib
 
-    for module in ("unmask.bench.cli_attack",):
+    for module in COMMAND_MODULES:
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as err:
