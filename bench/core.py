@@ -319,7 +319,12 @@ def select_device(preferred: str | torch.device | None = None) -> torch.device:
     """The device to run on: ``preferred``, else ``$UNMASK_DEVICE``, else cuda > mps > cpu."""
     choice = preferred if preferred is not None else os.environ.get("UNMASK_DEVICE") or None
     if choice is not None:
-        device = torch.device(choice)
+        try:
+            device = torch.device(choice)
+        except (RuntimeError, TypeError):
+            raise ValueError(
+                f"unknown device {choice!r}; expected cpu, cuda, cuda:N or mps"
+            ) from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device {choice!r} was asked for but CUDA is not available")
         if device.type == "mps" and not torch.backends.mps.is_available():
