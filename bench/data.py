@@ -15,6 +15,7 @@ Usage: ``x, y = load("mnist5k", "test")``; ``loader(x, y, batch_size=256)`` for 
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,10 +171,25 @@ def _cifar10(split: str, root: str | os.PathLike | None = None, download: bool =
             if verify:
                 return super()._check_integrity()
             base = Path(self.root) / self.base_folder
-            return all((base / fname).is_file() for fname, _ in self.train_list + self.test_list)
+            files = [fname for fname, _ in self.train_list + self.test_list]
+            return all((base / fname).is_file() for fname in files + [self.meta["filename"]])
+
+        def _load_meta(self) -> None:
+            if verify:
+                return super()._load_meta()
+            # torchvision checks the md5 of batches.meta here regardless of the batches' check.
+            with open(Path(self.root) / self.base_folder / self.meta["filename"], "rb") as fh:
+                meta = pickle.load(fh, encoding="latin1")
+            self.classes = meta[self.meta["key"]]
+            self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
 
     try:
         ds = _CIFAR10(str(root_path), train=(split == "train"), download=download)
+    except (KeyError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"the files under {root_path / 'cifar-10-batches-py'} are not CIFAR-10 python "
+            f"batches (dicts with 'data' uint8 N x 3072 and 'labels'): {type(err).__name__}: {err}"
+        ) from err
     except RuntimeError as err:
         raise FileNotFoundError(
             f"CIFAR-10 not found (or its files failed the checksum) under {root_path}; expected "
@@ -201,10 +217,22 @@ def _imagefolder(split: str, root: str | os.PathLike | None = None, image_size: 
             "per class, optionally under train/ and test/ (or val/)"
         )
     base = Path(root)
-    candidates = [base / split] + ([base / "val"] if split == "test" else []) + [base]
-    folder = next((c for c in candidates if c.is_dir()), None)
+    if not base.is_dir():
+        raise FileNotFoundError(
+            f"image folder not found: {base} (expected one sub-folder per class, optionally "
+            "under train/ and test/ or val/)"
+        )
+    split_dirs = [base / split] + ([base / "val"] if split == "test" else [])
+    folder = next((c for c in split_dirs if c.is_dir()), None)
     if folder is None:
-        raise FileNotFoundError(f"image folder not found: looked for {', '.join(map(str, candidates))}")
+        present = [d.name for d in (base / n for n in ("train", "test", "val")) if d.is_dir()]
+        if present:
+            # A split layout without this split: do not read train/ as a class of the root.
+            raise FileNotFoundError(
+                f"no {split!r} split under {base}: looked for "
+                f"{', '.join(str(d) for d in split_dirs)}; found only {', '.join(present)}"
+            )
+        folder = base
     size = resize if resize is not None else int(round(image_size * 8 / 7))
     tf = transforms.Compose([transforms.Resize(size), transforms.CenterCrop(image_size),
                              transforms.ToTensor()])
@@ -212,6 +240,8 @@ def _imagefolder(split: str, root: str | os.PathLike | None = None, image_size: 
         ds = ImageFolder(str(folder), transform=tf)
     except (FileNotFoundError, RuntimeError) as err:
         raise FileNotFoundError(f"no images found under {folder}: {err}") from err
+    if max_samples is not None and max_samples <= 0:
+        raise ValueError(f"max_samples must be positive, got {max_samples}")
     count = len(ds) if max_samples is None else min(len(ds), max_samples)
     xs, ys = [], []
     for i in range(count):
