@@ -46,7 +46,9 @@ class seeded_init:  # noqa: N801 - used like a function in a with-statement
 
     def __enter__(self):
         self._fork.__enter__()
-        torch.manual_seed(self.seed)
+        # Only the CPU generator: parameters are initialised on the CPU, and torch.manual_seed
+        # would also reseed the CUDA generators, which fork_rng(devices=[]) does not restore.
+        torch.default_generator.manual_seed(self.seed)
 
     def __exit__(self, *exc):
         return self._fork.__exit__(*exc)
@@ -114,7 +116,9 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
     if ckpt is not None:
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if ckpt.exists():
-            state = torch.load(ckpt, map_location=device, weights_only=True)
+            # On the CPU: the generator state must stay a CPU ByteTensor; model and optimiser
+            # state are copied to their parameters' device by load_state_dict.
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])

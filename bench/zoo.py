@@ -49,7 +49,7 @@ from .training import RECIPES, accuracy, seeded_init
 
 __all__ = ["ModelEntry", "MODELS", "register_model", "list", "entries", "get", "load",
            "load_with_card", "card", "cache_dir", "wrap", "from_checkpoint", "read_state_dict",
-           "CacheCorruptionWarning", "versions"]
+           "CacheCorruptionWarning", "versions", "isolated"]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +152,17 @@ def _load_plugins() -> None:
         warnings.warn(f"failed to load a third-party unmask.zoo plugin: {err}", stacklevel=2)
 
 
+@contextlib.contextmanager
+def isolated() -> Iterator[None]:
+    """Zoo entries and recipes registered inside the block are gone after it (for tests).
+
+    Plugins are loaded first, so their entries are not lost with the block's additions.
+    """
+    _load_plugins()
+    with MODELS.isolated(), RECIPES.isolated():
+        yield
+
+
 def entries() -> list[ModelEntry]:
     _load_plugins()
     return [MODELS.get(n) for n in MODELS.names()]
@@ -203,6 +214,9 @@ def _atomic_write(path: Path, payload: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
+            # mkstemp creates the file 0600; a cache is readable like any other file.
+            with contextlib.suppress(OSError, AttributeError):
+                os.fchmod(fh.fileno(), 0o644)
             fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
@@ -245,21 +259,34 @@ def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     return model.to(device)
 
 
-def _read_cached(entry: ModelEntry, device: torch.device) -> tuple[nn.Module, dict] | None:
-    """The cached model if present, current and intact; None when it must be (re)trained."""
+class _BadCard(Exception):
+    pass
+
+
+def _read_cached(entry: ModelEntry, device: torch.device, *,
+                 report: bool = True) -> tuple[nn.Module, dict] | None:
+    """The cached model if present, current and intact; None when it must be (re)trained.
+
+    With ``report`` a corrupt cache raises a :class:`CacheCorruptionWarning`. The unlocked
+    first look passes ``report=False``: another process may be between its two renames, and
+    the look under the lock decides.
+    """
     weights, card_path, _ = _paths(entry.name)
     if not weights.exists() and not card_path.exists():
         return None
     problem = None
     try:
         card_data = json.loads(card_path.read_text())
-        blob = weights.read_bytes()
-        digest = hashlib.sha256(blob).hexdigest()
-        if card_data.get("fingerprint") != entry.fingerprint():
+        if not isinstance(card_data, dict) or not isinstance(card_data.get("fingerprint"), str) \
+                or not isinstance(card_data.get("sha256"), str):
+            raise _BadCard("it lacks its fingerprint or sha256")
+        if card_data["fingerprint"] != entry.fingerprint():
             log.info("cached %s was trained with another configuration; retraining", entry.name)
             return None
-        if digest != card_data.get("sha256"):
-            problem = f"sha256 mismatch (file {digest[:12]}, card {str(card_data.get('sha256'))[:12]})"
+        blob = weights.read_bytes()
+        digest = hashlib.sha256(blob).hexdigest()
+        if digest != card_data["sha256"]:
+            problem = f"sha256 mismatch (file {digest[:12]}, card {card_data['sha256'][:12]})"
         else:
             from safetensors.torch import load as load_bytes
 
@@ -269,12 +296,13 @@ def _read_cached(entry: ModelEntry, device: torch.device) -> tuple[nn.Module, di
             return model, card_data
     except FileNotFoundError as err:
         problem = f"missing file {err.filename}"
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+    except (json.JSONDecodeError, UnicodeDecodeError, _BadCard) as err:
         problem = f"unreadable card ({err})"
     except Exception as err:  # safetensors header errors, shape mismatches
         problem = f"unreadable weights ({type(err).__name__}: {err})"
-    warnings.warn(f"cached model {entry.name!r} in {weights.parent} is corrupt: {problem}; "
-                  "retraining it", CacheCorruptionWarning, stacklevel=4)
+    if report:
+        warnings.warn(f"cached model {entry.name!r} in {weights.parent} is corrupt: {problem}; "
+                      "retraining it", CacheCorruptionWarning, stacklevel=4)
     return None
 
 
@@ -331,13 +359,13 @@ def load_with_card(name: str, *, device: str | torch.device | None = None,
     dev = select_device(device)
     _, _, lock = _paths(name)
     if not retrain:
-        hit = _read_cached(entry, dev)
+        hit = _read_cached(entry, dev, report=False)
         if hit is not None:
             return hit
     with _file_lock(lock):
         # Another process may have trained it while we waited for the lock.
         if not retrain:
-            hit = _read_cached(entry, dev)
+            hit = _read_cached(entry, dev, report=True)
             if hit is not None:
                 return hit
         return _train(entry, dev, progress)
