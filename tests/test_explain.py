@@ -4,6 +4,8 @@ mnist-cnn, metric properties, plots and the ``explain`` CLI. CPU only, small bat
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -180,11 +182,15 @@ def test_blur_keeps_constants_and_smooths(linear):
 
 def test_ig_completeness_error_below_one_percent_at_64_steps(mnist_cnn, mnist_batch):
     x, y = mnist_batch
-    res = completeness(mnist_cnn, x, y, n_steps=64)
-    assert res.relative_error.max() < 0.01, res.to_dict()
-    assert res.passed(0.01)
     ig = integrated_gradients(mnist_cnn, x, y, n_steps=64)
+    assert ig.relative_error.max() < 0.01, ig.to_dict()
     torch.testing.assert_close(ig.attributions.flatten(1).sum(1) - ig.output_change, ig.delta)
+    with torch.no_grad():
+        f_x = mnist_cnn(x).gather(1, y[:, None]).squeeze(1)
+        f_0 = mnist_cnn(torch.zeros_like(x)).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(ig.output_change, f_x - f_0)
+    res = completeness(mnist_cnn, x[:4], y[:4], n_steps=64)
+    assert res.passed(0.01) and res.to_dict()["baseline"] == "zeros"
 
 
 @pytest.mark.parametrize("method,opts", [("integrated_gradients", {"n_steps": 32}),
@@ -322,3 +328,85 @@ def test_metrics_validate_their_arguments(mnist_cnn, mnist_batch):
         deletion_insertion(mnist_cnn, x, x, y, substrate="noise")
     with pytest.raises(ValueError, match="unknown layer.*parameterised layers: classifier"):
         model_randomisation(mnist_cnn, x, y, layers=["fc9"])
+
+
+# --- plots and CLI -----------------------------------------------------------------------------------
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_attributions_and_curves_write_pngs(tmp_path, mnist_cnn, mnist_batch):
+    from unmask.explain import plot_attributions, plot_curves
+
+    x, y = mnist_batch[0][:3], mnist_batch[1][:3]
+    maps = {"saliency": saliency(mnist_cnn, x, y), "ig": attribute(mnist_cnn, x, y, "ig", n_steps=4)}
+    x_adv = (x + 0.1).clamp(0, 1)
+    adv = {k: attribute(mnist_cnn, x_adv, y, "saliency") for k in maps}
+    out = plot_attributions(x, maps, tmp_path / "figs" / "maps.png", x_adv=x_adv, adv_maps=adv,
+                            labels=y, preds=y, adv_preds=y, title="t")
+    assert out.read_bytes().startswith(PNG)
+    rgb = torch.rand(2, 3, 8, 8)
+    assert plot_attributions(rgb, {"m": rgb - 0.5}, tmp_path / "rgb.png").read_bytes()[:8] == PNG
+    res = {k: deletion_insertion(mnist_cnn, x, v, y, steps=4) for k, v in maps.items()}
+    assert plot_curves(res, tmp_path / "curves.png").read_bytes().startswith(PNG)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["curves.png", "figs", "maps.png",
+                                                            "rgb.png"]
+    with pytest.raises(ValueError, match="adv_maps were given without x_adv"):
+        plot_attributions(x, maps, tmp_path / "bad.png", adv_maps=adv)
+    with pytest.raises(ValueError, match="maps"):
+        plot_attributions(x, {"m": torch.zeros(2, 1, 28, 28)}, tmp_path / "bad.png")
+    with pytest.raises(TypeError, match="DeletionInsertionResult"):
+        plot_curves({"m": maps["ig"]}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def _run_cli(argv):
+    from unmask.bench.cli import main
+
+    return main(argv)
+
+
+def test_cli_explain_without_an_attack_module_draws_clean_columns(tmp_path, monkeypatch, capsys,
+                                                                   mnist_cnn):
+    monkeypatch.setitem(sys.modules, "unmask.attacks", None)  # import fails: no attacks yet
+    out = tmp_path / "fig.png"
+    rc = _run_cli(["explain", "mnist-cnn", "--method", "saliency", "--method", "ig", "--n", "2",
+                   "--n-steps", "4", "--out", str(out), "--curves", str(tmp_path / "c.png"),
+                   "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert out.read_bytes().startswith(PNG) and (tmp_path / "c.png").exists()
+    assert "adversarial columns left out" in text and "integrated_gradients" in text
+    assert "IG completeness at n_steps=4" in text
+
+
+def test_cli_explain_with_an_attack_adds_adversarial_columns(tmp_path, monkeypatch, capsys,
+                                                              mnist_cnn):
+    calls = {}
+
+    class FakePGD:
+        def __init__(self, threat, steps):
+            calls["threat"], calls["steps"] = str(threat), steps
+
+        def __call__(self, model, x, y, generator=None):
+            return types.SimpleNamespace(x_adv=(1 - x))
+
+    fake = types.ModuleType("unmask.attacks")
+    fake.PGD = FakePGD
+    monkeypatch.setitem(sys.modules, "unmask.attacks", fake)
+    out = tmp_path / "fig.png"
+    rc = _run_cli(["explain", "mnist-cnn", "--method", "sg", "--samples", "2", "--n", "2",
+                   "--attack-steps", "3", "--out", str(out), "--device", "cpu"])
+    text = capsys.readouterr().out
+    assert rc == 0 and out.read_bytes().startswith(PNG)
+    assert calls == {"threat": "linf:0.3", "steps": 3}
+    assert "rank_corr_adv" in text and "left out" not in text
+
+
+def test_cli_explain_rejects_bad_names(tmp_path, capsys, mnist_cnn):
+    assert _run_cli(["explain", "mnist-cnn", "--method", "gradcam", "--out",
+                     str(tmp_path / "f.png")]) == 2
+    assert "unknown attribution method 'gradcam'" in capsys.readouterr().err
+    assert _run_cli(["explain", "mnist-cnm", "--out", str(tmp_path / "f.png")]) == 2
+    assert "Did you mean mnist-cnn" in capsys.readouterr().err
+    assert not (tmp_path / "f.png").exists()
