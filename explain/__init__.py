@@ -12,6 +12,9 @@ from .attribution import (
     saliency,
     smoothgrad,
 )
+from .branches import BranchAttribution, branch_attribution
+from .gradflow import AuditLoss, GradFlowReport, ModuleFlow, NormStats, audit
+from .jacobian import JacobianNorm, LayerNorm, jacobian_norm
 from .metrics import (
     AttributionChangeResult,
     CompletenessResult,
@@ -60,4 +63,18 @@ __all__ += [
     "trigger_localisation",
     "plot_attributions",
     "plot_curves",
+]
+
+# gradient-flow audit, branch attribution, Jacobian norm
+__all__ += [
+    "AuditLoss",
+    "BranchAttribution",
+    "GradFlowReport",
+    "JacobianNorm",
+    "LayerNorm",
+    "ModuleFlow",
+    "NormStats",
+    "audit",
+    "branch_attribution",
+    "jacobian_norm",
 ]

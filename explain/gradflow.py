@@ -1,0 +1,1034 @@
+"""Gradient-flow audit: where in a network the input gradient vanishes, explodes or breaks.
+
+Every gradient attack, saliency map and training step rides on one signal; when a robustness
+number is false (gradient masking, Athalye et al. 2018, "Obfuscated Gradients Give a False Sense
+of Security") that signal was silenced somewhere. :func:`audit` hooks every module, runs one
+forward and backward pass of the chosen loss and reports, per module call, the norm of the
+gradient w.r.t. the module's output and input (per sample, then median and spread), the local
+gain, the share of exactly-zero entries, NaN/Inf counts and, for ReLU-like modules, the share of
+units never active over the batch (dead units). ``collapse_at`` / ``explode_at`` name the module
+where the gradient dies or blows up.
+
+Usage::
+
+    report = audit(model, x, y, loss="ce")
+    print(report.table()); print(report.summary)
+    report.plot("gradflow.png")
+
+Shapes: ``x`` is ``N x C x H x W`` in [0, 1], ``y`` int64 ``N``; the model returns logits ``N x K``.
+The audit leaves no trace: the model's mode, ``requires_grad`` flags and hooks are restored even
+when its forward raises, and its outputs and gradients are bit-identical to an un-audited run.
+"""
+
+from __future__ import annotations
+
+import enum
+import io
+import json
+import logging
+import math
+import os
+import tempfile
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..bench.core import check_inputs, check_logits, margin, model_mode, parse_enum
+from ..bench.core import warn_if_train_mode as _warn_if_train_mode
+
+__all__ = [
+    "AuditLoss",
+    "NormStats",
+    "ModuleFlow",
+    "GradFlowReport",
+    "audit",
+    "trace",
+    "COLLAPSE_GAIN",
+    "EXPLODE_GAIN",
+    "VANISH_RATIO",
+    "EXPLODE_RATIO",
+    "INPUT_ROW",
+    "LOSS_ROW",
+    "MODEL_ROW",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA = 1
+
+# --- decision rules -----------------------------------------------------------------------------
+# A single module that shrinks the gradient norm 10^4-fold is a masking suspect: convolutions,
+# BatchNorm, pooling and (partly active) ReLUs change the norm by one or two orders of magnitude
+# at most; only saturated squashing (sigmoid/tanh tails, steep thresholds, huge temperatures)
+# or non-differentiable steps fall this far.
+COLLAPSE_GAIN = 1e-4
+# The mirror image: a module that amplifies the gradient 10^4-fold (a temperature, a
+# near-singular normalisation) makes first-order steps meaningless.
+EXPLODE_GAIN = 1e4
+# Cumulative rules, relative to the gradient at the logits: an input gradient a million times
+# smaller than the logit gradient carries no usable direction in float32 attack steps (a deep
+# sigmoid chain, lambda^k with lambda < 1) ...
+VANISH_RATIO = 1e-6
+# ... and one a million times larger is dominated by a few exploding paths (lambda^k, lambda > 1).
+# Well-trained standard models sit between 1e-2 and 1e3 (the local Lipschitz range).
+EXPLODE_RATIO = 1e6
+
+# Names of the rows that are not modules.
+INPUT_ROW = "<input>"  # the gradient w.r.t. the model's input, the last row
+LOSS_ROW = "<loss>"  # the gradient w.r.t. the logits, the first row
+MODEL_ROW = "<model>"  # the model's own forward, when it makes functional calls itself
+
+# Functional calls that never change the gradient's magnitude profile and would only clutter
+# the "functional" column of a container.
+_QUIET_FUNCS = frozenset({
+    "get", "size", "dim", "numel", "len", "shape", "is_floating_point", "stride", "type",
+    "is_contiguous", "requires_grad_", "data_ptr", "ndimension", "bool", "repr", "format",
+    "contiguous", "index", "getitem",
+})
+
+
+class AuditLoss(str, enum.Enum):
+    """The loss whose gradient is audited: cross-entropy or the (negative) logit margin."""
+
+    CE = "ce"
+    MARGIN = "margin"
+
+
+def audit_loss(logits: Tensor, y: Tensor, loss: AuditLoss) -> Tensor:
+    """Summed (not averaged) loss, so a sample's gradient does not depend on the batch size."""
+    if loss is AuditLoss.CE:
+        return F.cross_entropy(logits, y, reduction="sum")
+    return -margin(logits, y).sum()
+
+
+# --- results ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NormStats:
+    """Median and spread of per-sample gradient norms (NaNs, from NaN gradients, ignored)."""
+
+    median: float
+    q25: float
+    q75: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Tensor) -> NormStats:
+        v = values.detach().double().cpu()
+        if v.numel() == 0 or bool(torch.isnan(v).all()):
+            nan = float("nan")
+            return cls(nan, nan, nan, nan, nan)
+        q = torch.nanquantile(v, torch.tensor([0.5, 0.25, 0.75], dtype=torch.float64))
+        finite = v[~torch.isnan(v)]
+        return cls(float(q[0]), float(q[1]), float(q[2]), float(finite.min()), float(finite.max()))
+
+    def to_dict(self) -> dict[str, float]:
+        return {"median": self.median, "q25": self.q25, "q75": self.q75, "min": self.min,
+                "max": self.max}
+
+
+@dataclass
+class ModuleFlow:
+    """One row of the audit: one call of one module (or the loss / input row).
+
+    Attributes:
+        name: qualified name as in ``model.named_modules()``, or ``<loss>``, ``<input>``,
+            ``<model>`` (the model's own functional calls).
+        kind: the module's class name (``loss`` / ``input`` for the special rows).
+        call: 0 for a module's first call in a forward pass, 1 for its second, ...
+        depth: position in forward order (0 is the input), for the depth plot.
+        leaf: the module has no children. A container is a row only when its forward makes
+            functional calls (``functional``): they are reported at this, the nearest hooked
+            level, with the container's overall input/output gradient.
+        grad_out / grad_in: per-sample L2 norms of the gradient w.r.t. the module's output and
+            input; None when no gradient reached them (off the gradient path or not measured).
+        gain: median over samples of ``|grad_in| / |grad_out|`` (None where undefined).
+        zero_out / zero_in: share of exactly-zero gradient entries.
+        nan_in / inf_in / nan_out / inf_out: counts of NaN and Inf gradient entries.
+        dead: for ReLU-like leaves, share of units never active over the batch.
+        detached: the input needs a gradient but the output does not (``detach``, ``no_grad``,
+            ``argmax``): the graph is cut here.
+        note: what else a reader should know (in-place inputs, batch-level norms).
+    """
+
+    name: str
+    kind: str
+    call: int = 0
+    depth: int = 0
+    leaf: bool = True
+    functional: tuple[str, ...] = ()
+    grad_out: NormStats | None = None
+    grad_in: NormStats | None = None
+    gain: float | None = None
+    zero_out: float | None = None
+    zero_in: float | None = None
+    nan_in: int = 0
+    inf_in: int = 0
+    nan_out: int = 0
+    inf_out: int = 0
+    dead: float | None = None
+    detached: bool = False
+    note: str = ""
+    out_norms: Tensor | None = field(default=None, repr=False)
+    in_norms: Tensor | None = field(default=None, repr=False)
+
+    @property
+    def label(self) -> str:
+        return self.name if self.call == 0 else f"{self.name}#{self.call + 1}"
+
+    def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        d = {
+            "name": self.name, "kind": self.kind, "call": self.call, "depth": self.depth,
+            "leaf": self.leaf, "functional": [*self.functional],
+            "grad_out": self.grad_out.to_dict() if self.grad_out else None,
+            "grad_in": self.grad_in.to_dict() if self.grad_in else None,
+            "gain": self.gain, "zero_out": self.zero_out, "zero_in": self.zero_in,
+            "nan_in": self.nan_in, "inf_in": self.inf_in, "nan_out": self.nan_out,
+            "inf_out": self.inf_out, "dead": self.dead, "detached": self.detached,
+            "note": self.note,
+        }
+        if per_sample:
+            d["out_norms"] = None if self.out_norms is None else self.out_norms.tolist()
+            d["in_norms"] = None if self.in_norms is None else self.in_norms.tolist()
+        return d
+
+
+@dataclass
+class GradFlowReport:
+    """What :func:`audit` found. ``rows`` run from the loss back to the input (the last row).
+
+    ``collapse_at`` / ``explode_at`` are qualified module names (or ``<loss>`` when the logit
+    gradient itself is zero, as with a saturated softmax), or None when the input gradient is
+    healthy. ``summary`` is one line a diagnosis can quote.
+    """
+
+    rows: list[ModuleFlow]
+    loss: str
+    n: int
+    collapse_at: str | None = None
+    explode_at: str | None = None
+    collapse_reason: str = ""
+    explode_reason: str = ""
+    input_zero_samples: float = 0.0  # share of samples whose input gradient is exactly zero
+    input_nonfinite_samples: float = 0.0  # share of samples with NaN/Inf input-gradient entries
+    input_ratio: float = float("nan")  # median |grad_x| / median |grad_logits|
+
+    @property
+    def input(self) -> ModuleFlow:
+        return self.rows[-1]
+
+    @property
+    def vanishing(self) -> bool:
+        return self.collapse_at is not None
+
+    @property
+    def exploding(self) -> bool:
+        return self.explode_at is not None
+
+    def row(self, name: str, call: int = 0) -> ModuleFlow:
+        """The row of module ``name`` (its ``call``-th call)."""
+        for r in self.rows:
+            if r.name == name and r.call == call:
+                return r
+        known = ", ".join(dict.fromkeys(r.name for r in self.rows))
+        raise KeyError(f"no row {name!r} (call {call}); rows: {known}")
+
+    def find(self, name: str | None) -> ModuleFlow | None:
+        return None if name is None else next((r for r in self.rows if r.name == name), None)
+
+    @property
+    def summary(self) -> str:
+        """One line: is the input gradient alive, and if not, where did it die."""
+        return _summary(self)
+
+    def table(self) -> str:
+        """The rows as a fixed-width text table (loss first, input last)."""
+        header = ("module", "kind", "|g_out|", "|g_in|", "g_in q25-q75", "gain", "zero_in",
+                  "nan/inf", "dead", "note")
+        cells = [header]
+        for r in self.rows:
+            mark = ""
+            if r.name == self.collapse_at:
+                mark = "<< collapse"
+            elif r.name == self.explode_at:
+                mark = "<< explode"
+            spread = (f"{_fmt(r.grad_in.q25)}-{_fmt(r.grad_in.q75)}" if r.grad_in else "")
+            note = "; ".join(p for p in (mark, r.note) if p)
+            cells.append((
+                r.label, r.kind, _fmt(r.grad_out.median) if r.grad_out else "",
+                _fmt(r.grad_in.median) if r.grad_in else "", spread, _fmt(r.gain),
+                _pct(r.zero_in), f"{r.nan_in + r.nan_out}/{r.inf_in + r.inf_out}"
+                if (r.nan_in or r.inf_in or r.nan_out or r.inf_out) else "",
+                _pct(r.dead), note,
+            ))
+        widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
+        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        return "\n".join(lines)
+
+    def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA, "loss": self.loss, "n": self.n, "collapse_at": self.collapse_at,
+            "explode_at": self.explode_at, "collapse_reason": self.collapse_reason,
+            "explode_reason": self.explode_reason, "summary": self.summary,
+            "input_zero_samples": self.input_zero_samples,
+            "input_nonfinite_samples": self.input_nonfinite_samples,
+            "input_ratio": self.input_ratio,
+            "rules": {"COLLAPSE_GAIN": COLLAPSE_GAIN, "EXPLODE_GAIN": EXPLODE_GAIN,
+                      "VANISH_RATIO": VANISH_RATIO, "EXPLODE_RATIO": EXPLODE_RATIO},
+            "rows": [r.to_dict(per_sample) for r in self.rows],
+        }
+
+    def to_json(self, per_sample: bool = False, indent: int | None = 2) -> str:
+        """JSON text; NaN/Inf become null (strict JSON)."""
+        return json.dumps(_json_safe(self.to_dict(per_sample)), indent=indent)
+
+    def plot(self, path: str | os.PathLike | None = None, *, title: str | None = None):
+        """Gradient-norm profile over depth (log scale), collapse and explosion marked.
+
+        Returns the matplotlib ``Figure``; with ``path`` also writes it as PNG (atomically).
+        """
+        fig = _plot(self, title)
+        if path is not None:
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+            _atomic_write(Path(path), buf.getvalue())
+        return fig
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return ""
+    if math.isnan(v):
+        return "nan"
+    if v == 0:
+        return "0"
+    if math.isinf(v):
+        return "inf" if v > 0 else "-inf"
+    return f"{v:.3g}" if 1e-3 <= abs(v) < 1e4 else f"{v:.2e}"
+
+
+def _pct(v: float | None) -> str:
+    return "" if v is None else f"{100 * v:.0f}%"
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _atomic_write(path: Path, payload: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# --- tracing ------------------------------------------------------------------------------------
+
+# Active = the unit's local derivative is non-zero; a unit inactive for every sample is dead.
+def _active_relu(m: nn.Module, t: Tensor) -> Tensor:
+    return t > 0
+
+
+def _active_hardtanh(m: nn.Hardtanh, t: Tensor) -> Tensor:
+    return (t > m.min_val) & (t < m.max_val)
+
+
+def _active_leaky(m: nn.LeakyReLU, t: Tensor) -> Tensor:
+    return t > 0 if m.negative_slope == 0 else torch.ones_like(t, dtype=torch.bool)
+
+
+def _active_prelu(m: nn.PReLU, t: Tensor) -> Tensor:
+    if bool((m.weight != 0).all()):
+        return torch.ones_like(t, dtype=torch.bool)
+    return t > 0
+
+
+def _active_threshold(m: nn.Threshold, t: Tensor) -> Tensor:
+    return t > m.threshold
+
+
+def _active_hardswish(m: nn.Module, t: Tensor) -> Tensor:
+    return t > -3
+
+
+def _active_smooth(m: nn.Module, t: Tensor) -> Tensor:
+    # ELU, GELU, SiLU, ...: the derivative is never exactly zero, no unit can die.
+    return torch.ones_like(t, dtype=torch.bool)
+
+
+_RELU_LIKE: tuple[tuple[type[nn.Module], Any], ...] = (
+    (nn.ReLU, _active_relu),
+    (nn.Hardtanh, _active_hardtanh),  # includes ReLU6
+    (nn.LeakyReLU, _active_leaky),
+    (nn.PReLU, _active_prelu),
+    (nn.Threshold, _active_threshold),
+    (nn.Hardswish, _active_hardswish),
+    (nn.ELU, _active_smooth),
+    (nn.CELU, _active_smooth),
+    (nn.SELU, _active_smooth),
+    (nn.GELU, _active_smooth),
+    (nn.SiLU, _active_smooth),
+    (nn.Mish, _active_smooth),
+)
+
+
+def _activity_fn(m: nn.Module):
+    for cls, fn in _RELU_LIKE:
+        if isinstance(m, cls):
+            return fn
+    return None
+
+
+class _Side:
+    """Gradient statistics of one side (input or output) of one module call."""
+
+    __slots__ = ("sq", "zeros", "nans", "infs", "numel", "per_sample", "fired", "tensors",
+                 "versions")
+
+    def __init__(self, n: int, device: torch.device) -> None:
+        self.sq = torch.zeros(n, dtype=torch.float64, device=device)
+        self.zeros = torch.zeros((), dtype=torch.int64, device=device)
+        self.nans = torch.zeros((), dtype=torch.int64, device=device)
+        self.infs = torch.zeros((), dtype=torch.int64, device=device)
+        self.numel = 0
+        self.per_sample = True
+        self.fired = 0
+        self.tensors = 0  # tensors that carry a hook
+        self.versions: list[tuple[weakref.ref, int]] = []
+
+    def add(self, grad: Tensor, n: int) -> None:
+        g = grad.detach()
+        if g.dim() >= 1 and g.shape[0] == n:
+            norms = torch.linalg.vector_norm(g.reshape(n, -1), dim=1).double()
+            self.sq += norms.square()
+        else:  # no batch dimension to split by: spread the batch-level norm evenly
+            self.per_sample = False
+            norms = torch.linalg.vector_norm(g).double()
+            self.sq += norms.square() / n
+        # count_nonzero, not (g == 0).sum(): summing a bool tensor costs more than the backward.
+        self.zeros += g.numel() - torch.count_nonzero(g)
+        if not bool(torch.isfinite(norms).all()):  # only then look for the NaN/Inf entries
+            self.nans += torch.isnan(g).sum()
+            self.infs += torch.isinf(g).sum()
+        self.numel += g.numel()
+        self.fired += 1
+
+
+class _Call:
+    """Everything recorded for one call of one module in one pass."""
+
+    __slots__ = ("name", "kind", "call", "leaf", "end", "needs_in", "needs_out", "has_out",
+                 "inp", "out", "active", "functional", "modified")
+
+    def __init__(self, name: str, kind: str, call: int, leaf: bool, n: int, device) -> None:
+        self.name, self.kind, self.call, self.leaf = name, kind, call, leaf
+        self.end = -1
+        self.needs_in = self.needs_out = self.has_out = False
+        self.inp = _Side(n, device)
+        self.out = _Side(n, device)
+        self.active: Tensor | None = None
+        self.functional: dict[str, None] = {}
+        self.modified = False
+
+
+class _FunctionalCalls(TorchFunctionMode):
+    """Records the torch functions a container calls directly in its own forward."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        super().__init__()
+        self.tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        tr = self.tracer
+        if tr.stack and not tr.busy:
+            rec = tr.stack[-1][1]
+            if not rec.leaf:
+                name = getattr(func, "__name__", None) or type(func).__name__
+                name = name.strip("_")
+                if name not in _QUIET_FUNCS:
+                    rec.functional.setdefault(name, None)
+        return func(*args, **(kwargs or {}))
+
+
+class Tracer:
+    """Hooks on every module of a model that record gradient statistics; see :func:`trace`.
+
+    Each forward pass is one ``pass``: call :meth:`begin` with the batch size before it, run
+    the model and a backward, then :meth:`end`. Records accumulate over passes.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.names = {id(m): name for name, m in model.named_modules()}
+        self.handles: list[Any] = []
+        self.stack: list[tuple[nn.Module, _Call]] = []
+        self.busy = False
+        self.passes: list[dict[tuple[str, int], _Call]] = []
+        self.order: dict[tuple[str, int], int] = {}
+        self.watched: dict[str, _Call] = {}
+        self._n = 0
+        self._device: torch.device = torch.device("cpu")
+        self._calls: dict[str, int] = {}
+        self._end_counter = 0
+        self._flipped: list[nn.Module] = []
+
+    # - lifecycle -
+    def install(self) -> None:
+        for m in self.model.modules():
+            # In-place modules (ReLU(inplace=True)) would rewrite the view we hand them and so
+            # hide their input gradient; out of place they compute bit-identical values.
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+                self._flipped.append(m)
+            try:
+                self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+                self.handles.append(m.register_forward_hook(self._post, with_kwargs=True))
+            except RuntimeError as err:  # scripted modules do not take Python hooks
+                log.debug("cannot hook %s: %s", self.names.get(id(m)), err)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        for m in self._flipped:
+            m.inplace = True
+        self._flipped.clear()
+        self.stack.clear()
+
+    def begin(self, n: int, device: torch.device) -> None:
+        self._n, self._device = n, device
+        self._calls = {}
+        self.stack.clear()
+        self.passes.append({})
+        self.watched = {}
+
+    # - hooks -
+    def _record(self, module: nn.Module) -> _Call:
+        name = self.names.get(id(module), type(module).__name__)
+        call = self._calls.get(name, 0)
+        self._calls[name] = call + 1
+        leaf = next(iter(module.children()), None) is None
+        rec = _Call(name, type(module).__name__, call, leaf, self._n, self._device)
+        self.passes[-1][(name, call)] = rec
+        return rec
+
+    def _pre(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not self.passes:
+            return None
+        self.busy = True
+        try:
+            rec = self._record(module)
+            act = _activity_fn(module) if rec.leaf else None
+            if act is not None:
+                first = next((a for a in args if isinstance(a, Tensor)), None)
+                if first is not None and first.dim() >= 1 and first.shape[0] == self._n:
+                    with torch.no_grad():
+                        rec.active = act(module, first.detach()).reshape(self._n, -1).any(0)
+
+            def alias(t: Any) -> Any:
+                if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point():
+                    rec.needs_in = True
+                    # A fresh view per module: its gradient is this module's share of the
+                    # input's gradient, not the sum over every consumer of the tensor.
+                    a = t.view_as(t)
+                    self._watch(a, rec.inp)
+                    return a
+                return t
+
+            new_args = tree_map(alias, args)
+            new_kwargs = tree_map(alias, kwargs)
+            self.stack.append((module, rec))
+            return new_args, new_kwargs
+        finally:
+            self.busy = False
+
+    def _post(self, module: nn.Module, args: tuple, kwargs: dict, output: Any):
+        if not self.passes:
+            return None
+        self.busy = True
+        try:
+            while self.stack and self.stack[-1][0] is not module:
+                self.stack.pop()  # a child that raised and was caught inside the forward
+            if not self.stack:
+                return None
+            _, rec = self.stack.pop()
+            self._end_counter += 1
+            rec.end = self._end_counter
+            key = (rec.name, rec.call)
+            self.order.setdefault(key, rec.end)
+            # An input modified in place by the module no longer leads to its pre-change
+            # gradient; mark it instead of reporting a false zero.
+            for ref, version in rec.inp.versions:
+                t = ref()
+                if t is not None and t._version != version:
+                    rec.modified = True
+            for t in tree_flatten(output)[0]:
+                if isinstance(t, Tensor):
+                    rec.has_out = True
+                    if t.requires_grad and t.is_floating_point():
+                        rec.needs_out = True
+                        self._watch(t, rec.out)
+            return None
+        finally:
+            self.busy = False
+
+    def _watch(self, t: Tensor, side: _Side) -> None:
+        n = self._n
+
+        def hook(grad: Tensor) -> None:
+            if grad is not None:
+                side.add(grad, n)
+
+        t.register_hook(hook)
+        side.tensors += 1
+        side.versions.append((weakref.ref(t), t._version))
+
+    def watch(self, t: Tensor, name: str, side: str) -> None:
+        """Record the gradient of a tensor outside the model (the input, the logits)."""
+        rec = self.watched.get(name)
+        if rec is None:
+            rec = _Call(name, name.strip("<>"), 0, True, self._n, self._device)
+            self.watched[name] = rec
+            self.passes[-1][(name, 0)] = rec
+        if side == "in":
+            rec.needs_in = True
+        self._watch(t, rec.inp if side == "in" else rec.out)
+
+
+@contextmanager
+def trace(model: nn.Module) -> Iterator[Tracer]:
+    """Hook ``model`` for gradient-flow recording; every hook (and the functional-call mode)
+    is removed on exit, also when the body raises. Does not change the model's mode."""
+    tracer = Tracer(model)
+    try:
+        tracer.install()
+        with _FunctionalCalls(tracer):
+            yield tracer
+    finally:
+        tracer.remove()
+
+
+# --- the audit ----------------------------------------------------------------------------------
+
+
+def audit(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | AuditLoss = "ce",
+          batch_size: int | None = 256) -> GradFlowReport:
+    """Audit the gradient flow of ``loss`` through ``model`` at ``(x, y)``.
+
+    Args:
+        model: any ``nn.Module`` taking ``N x C x H x W`` inputs in [0, 1] and returning logits.
+        x, y: images ``N x C x H x W`` in [0, 1] and int64 labels ``N``.
+        loss: ``"ce"`` (cross-entropy) or ``"margin"`` (``max_{j != y} z_j - z_y``, the loss of
+            margin-based attacks, which does not saturate).
+        batch_size: samples per forward/backward pass (bounds memory); None for one pass.
+
+    Runs in eval mode with frozen parameters (restored afterwards). Returns a
+    :class:`GradFlowReport`.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    loss_kind = parse_enum(AuditLoss, loss, "loss")
+    x, y = check_inputs(x, y)
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int)
+                                   or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    n = x.shape[0]
+    step = n if batch_size is None else batch_size
+    _warn_if_train_mode(model, stacklevel=3)
+    with model_mode(model, train=False, freeze=True), trace(model) as tracer:
+        for start in range(0, n, step):
+            xb, yb = x[start:start + step], y[start:start + step]
+            tracer.begin(xb.shape[0], xb.device)
+            xb = xb.detach().requires_grad_(True)
+            tracer.watch(xb, INPUT_ROW, "in")
+            logits = check_logits(model(xb), xb.shape[0])
+            if int(yb.max()) >= logits.shape[1]:
+                raise ValueError(f"y holds class index {int(yb.max())} but the model returns "
+                                 f"{logits.shape[1]} logits")
+            tracer.stack.clear()
+            if logits.requires_grad:
+                tracer.watch(logits, LOSS_ROW, "in")
+                value = audit_loss(logits, yb, loss_kind)
+                # backward() over the whole graph (not grad(.., x)): modules cut off from the
+                # input by a detach still show the gradient that reaches them. Parameters are
+                # frozen, so only our own leaf ``xb`` accumulates a .grad.
+                value.backward()
+            else:
+                log.warning("the model's output does not depend on its input through autograd:"
+                            " the gradient is cut before the logits")
+    return _build_report(tracer, n, loss_kind.value)
+
+
+# --- assembling the report ----------------------------------------------------------------------
+
+
+def _merge(recs: list[_Call | None], n_per_pass: list[int]) -> dict[str, Any]:
+    """Concatenate one call's records over passes (a pass that missed it counts as NaN)."""
+    out: dict[str, Any] = {}
+    for side in ("inp", "out"):
+        sq, zeros, numel, nans, infs, fired, tensors, per_sample = [], 0, 0, 0, 0, 0, 0, True
+        for rec, n in zip(recs, n_per_pass):
+            if rec is None:
+                sq.append(torch.full((n,), float("nan"), dtype=torch.float64))
+                continue
+            s: _Side = getattr(rec, side)
+            sq.append(s.sq.cpu())
+            zeros += int(s.zeros)
+            nans += int(s.nans)
+            infs += int(s.infs)
+            numel += s.numel
+            fired += s.fired
+            tensors += s.tensors
+            per_sample &= s.per_sample
+        out[side] = dict(sq=torch.cat(sq), zeros=zeros, numel=numel, nans=nans, infs=infs,
+                         fired=fired, tensors=tensors, per_sample=per_sample)
+    present = [r for r in recs if r is not None]
+    out["needs_in"] = any(r.needs_in for r in present)
+    out["needs_out"] = any(r.needs_out for r in present)
+    out["has_out"] = any(r.has_out for r in present)
+    out["modified"] = any(r.modified for r in present)
+    out["functional"] = tuple(dict.fromkeys(f for r in present for f in r.functional))
+    actives = [r.active for r in present if r.active is not None]
+    out["dead"] = None
+    if actives and all(a.shape == actives[0].shape for a in actives):
+        active = torch.stack(actives).any(0)
+        out["dead"] = float((~active).float().mean()) if active.numel() else None
+    return out
+
+
+def _row_from(name: str, kind: str, call: int, leaf: bool, m: dict[str, Any]) -> ModuleFlow:
+    row = ModuleFlow(name=name, kind=kind, call=call, leaf=leaf, functional=m["functional"],
+                     dead=m["dead"])
+    notes = []
+    detached = m["needs_in"] and m["has_out"] and not m["needs_out"]
+    row.detached = detached
+    o, i = m["out"], m["inp"]
+    if o["fired"]:
+        row.out_norms = o["sq"].sqrt().float()
+        row.grad_out = NormStats.of(row.out_norms)
+        row.zero_out = o["zeros"] / max(o["numel"], 1)
+        row.nan_out, row.inf_out = o["nans"], o["infs"]
+    if m["needs_in"]:
+        if i["fired"]:
+            row.in_norms = i["sq"].sqrt().float()
+        elif m["modified"] and (o["fired"] or not m["needs_out"]):
+            notes.append("input modified in place: input gradient not measured")
+        elif o["fired"] or detached or kind == "input":
+            # Nothing came back although a gradient left the output (or the graph is cut):
+            # the module's backward produced no gradient at all, which is a zero gradient.
+            row.in_norms = torch.zeros(len(o["sq"]) if o["fired"] else len(i["sq"]))
+        if row.in_norms is not None:
+            row.grad_in = NormStats.of(row.in_norms)
+            row.zero_in = i["zeros"] / i["numel"] if i["numel"] else 1.0
+            row.nan_in, row.inf_in = i["nans"], i["infs"]
+    if row.in_norms is not None and row.out_norms is not None:
+        ratio = row.in_norms.double() / row.out_norms.double()
+        ratio = ratio[row.out_norms > 0]
+        row.gain = float(torch.nanmedian(ratio)) if ratio.numel() else None
+        if row.gain is not None and math.isnan(row.gain):
+            row.gain = None
+    elif detached:
+        row.gain = 0.0
+    if detached:
+        notes.append("detached: the output does not depend on the input through autograd")
+    if not (o["per_sample"] and i["per_sample"]):
+        notes.append("no batch dimension: batch-level norms")
+    if row.functional:
+        notes.append("functional: " + ", ".join(row.functional[:6])
+                     + (", ..." if len(row.functional) > 6 else ""))
+    row.note = "; ".join(notes)
+    return row
+
+
+def _build_report(tracer: Tracer, n: int, loss: str) -> GradFlowReport:
+    passes = tracer.passes
+    n_per_pass = [len(next(iter(p.values())).inp.sq) if p else 0 for p in passes]
+    keys: list[tuple[str, int]] = []
+    for p in passes:
+        for key in p:
+            if key not in keys and key[0] not in (INPUT_ROW, LOSS_ROW):
+                keys.append(key)
+    root = tracer.names.get(id(tracer.model), "")
+    rows: list[ModuleFlow] = []
+    for key in keys:
+        recs = [p.get(key) for p in passes]
+        first = next(r for r in recs if r is not None)
+        if first.end < 0:
+            continue
+        m = _merge(recs, n_per_pass)
+        if not first.leaf and not m["functional"]:
+            continue  # a pure container: its children carry the information
+        name = MODEL_ROW if key[0] == root else key[0]
+        rows.append(_row_from(name, first.kind, key[1], first.leaf, m))
+    rows.sort(key=lambda r: tracer.order.get((root if r.name == MODEL_ROW else r.name, r.call), 0))
+    for depth, r in enumerate(rows, start=1):
+        r.depth = depth
+    rows.reverse()  # from the output back to the input
+
+    loss_row = _row_from(LOSS_ROW, "loss", 0, True,
+                         _merge([p.get((LOSS_ROW, 0)) for p in passes], n_per_pass))
+    if loss_row.in_norms is None:  # no gradient at all: the logits do not depend on the input
+        loss_row.in_norms = torch.full((n,), float("nan"))
+    loss_row.depth = len(rows) + 1
+    input_row = _row_from(INPUT_ROW, "input", 0, True,
+                          _merge([p.get((INPUT_ROW, 0)) for p in passes], n_per_pass))
+    if input_row.in_norms is None:
+        input_row.in_norms = torch.zeros(n)
+        input_row.grad_in = NormStats.of(input_row.in_norms)
+        input_row.zero_in = 1.0
+    input_row.depth = 0
+    rows = [loss_row, *rows, input_row]
+    report = GradFlowReport(rows=rows, loss=loss, n=n)
+    _localise(report)
+    return report
+
+
+# --- localisation -------------------------------------------------------------------------------
+
+
+def _descends(child: str, parent: str) -> bool:
+    if parent == MODEL_ROW:
+        return child not in (MODEL_ROW, LOSS_ROW, INPUT_ROW)
+    return child.startswith(parent + ".")
+
+
+def _pick(rows: list[ModuleFlow], candidate, healthy) -> ModuleFlow | None:
+    """The first candidate, walking from the output back, after which the gradient never
+    recovers (no later row, other than the candidate's own sub-modules, is healthy); then the
+    deepest sub-module that is itself such a candidate."""
+
+    def accepted(i: int, within: str | None) -> bool:
+        r = rows[i]
+        if not candidate(r):
+            return False
+        for later in rows[i + 1:]:
+            if _descends(later.name, r.name) or later.name == r.name:
+                continue
+            if within is not None and not _descends(later.name, within):
+                continue
+            if healthy(later):
+                return False
+        return True
+
+    found, within = None, None
+    while True:
+        nxt = None
+        for i, r in enumerate(rows):
+            if found is not None and not _descends(r.name, found.name):
+                continue
+            if r is found:
+                continue
+            if accepted(i, within):
+                nxt = r
+                break
+        if nxt is None:
+            return found
+        found, within = nxt, nxt.name
+        if nxt.leaf:
+            return found
+
+
+def _localise(report: GradFlowReport) -> None:
+    rows = report.rows
+    loss_row, input_row = rows[0], rows[-1]
+    ref = loss_row.grad_in.median if loss_row.grad_in else float("nan")
+    g_in = input_row.in_norms
+    report.input_zero_samples = float((g_in == 0).float().mean()) if g_in is not None else 1.0
+    bad = torch.isnan(g_in) | torch.isinf(g_in) if g_in is not None else None
+    report.input_nonfinite_samples = float(bad.float().mean()) if bad is not None else 0.0
+    in_med = input_row.grad_in.median if input_row.grad_in else 0.0
+    report.input_ratio = in_med / ref if ref and ref > 0 and not math.isnan(ref) else float("nan")
+
+    def rel(stats: NormStats | None) -> float | None:
+        if stats is None or math.isnan(stats.median):
+            return None
+        if stats.median == 0:
+            return 0.0
+        return stats.median / ref if ref > 0 else math.inf
+
+    def collapsed_in(r: ModuleFlow) -> bool:
+        v = rel(r.grad_in)
+        return v is not None and v < VANISH_RATIO
+
+    def healthy_in(r: ModuleFlow) -> bool:
+        v = rel(r.grad_in)
+        return v is not None and v >= VANISH_RATIO
+
+    def live_out(r: ModuleFlow) -> bool:
+        v = rel(r.grad_out)
+        return v is not None and v >= VANISH_RATIO
+
+    def collapse_candidate(r: ModuleFlow) -> bool:
+        if r.name in (LOSS_ROW, INPUT_ROW):
+            return False
+        if r.detached:
+            return True
+        if r.grad_in is None or not live_out(r):
+            return False
+        return collapsed_in(r) or (r.gain is not None and r.gain < COLLAPSE_GAIN)
+
+    input_collapsed = ref == 0 or collapsed_in(input_row) or report.input_zero_samples >= 0.5
+    if math.isnan(ref):  # no gradient reached the logits at all: the graph is cut
+        hit = _pick(rows, lambda r: r.detached, lambda r: False)
+        report.collapse_at = hit.name if hit is not None else MODEL_ROW
+        report.collapse_reason = "detached"
+    elif ref == 0:  # the loss itself passes no gradient (a saturated softmax)
+        report.collapse_at = LOSS_ROW
+        report.collapse_reason = "zero logit gradient"
+    elif input_collapsed:
+        hit = _pick(rows, collapse_candidate, healthy_in)
+        if hit is None:  # no transition found: name where it is first seen collapsed
+            hit = next((r for r in rows[1:] if collapsed_in(r)), input_row)
+            report.collapse_reason = "collapsed"
+        elif hit.detached:
+            report.collapse_reason = "detached"
+        elif hit.grad_in is not None and hit.grad_in.median == 0:
+            report.collapse_reason = "zero"
+        elif hit.gain is not None and hit.gain < COLLAPSE_GAIN:
+            report.collapse_reason = "gain"
+        else:
+            report.collapse_reason = "cumulative"
+        report.collapse_at = hit.name
+
+    def nonfinite_in(r: ModuleFlow) -> bool:
+        return bool(r.nan_in or r.inf_in)
+
+    def exploded_in(r: ModuleFlow) -> bool:
+        v = rel(r.grad_in)
+        return nonfinite_in(r) or (v is not None and v > EXPLODE_RATIO)
+
+    def calm_in(r: ModuleFlow) -> bool:
+        return r.grad_in is not None and not exploded_in(r)
+
+    def explode_candidate(r: ModuleFlow) -> bool:
+        if r.name in (LOSS_ROW, INPUT_ROW) or r.grad_in is None:
+            return False
+        out_bad = bool(r.nan_out or r.inf_out)
+        if nonfinite_in(r) and not out_bad:
+            return True
+        v_out = rel(r.grad_out)
+        if out_bad or v_out is None:
+            return False
+        return (exploded_in(r) and v_out <= EXPLODE_RATIO) or (
+            r.gain is not None and r.gain > EXPLODE_GAIN)
+
+    if report.input_nonfinite_samples > 0 or (ref > 0 and exploded_in(input_row)):
+        hit = _pick(rows, explode_candidate, calm_in)
+        if hit is None:
+            hit = next((r for r in rows[1:] if exploded_in(r)), input_row)
+            report.explode_reason = "exploded"
+        elif nonfinite_in(hit):
+            report.explode_reason = "nonfinite"
+        elif hit.gain is not None and hit.gain > EXPLODE_GAIN:
+            report.explode_reason = "gain"
+        else:
+            report.explode_reason = "cumulative"
+        report.explode_at = hit.name
+
+
+def _summary(report: GradFlowReport) -> str:
+    parts = []
+    zero = report.input_zero_samples
+    if zero > 0:
+        parts.append(f"the input gradient is exactly zero for {100 * zero:.0f}% of samples")
+    if report.input_nonfinite_samples > 0:
+        parts.append(f"the input gradient has NaN/Inf entries for "
+                     f"{100 * report.input_nonfinite_samples:.0f}% of samples")
+    ratio = report.input_ratio
+    if report.collapse_at == LOSS_ROW:
+        lz = report.rows[0]
+        share = float((lz.in_norms == 0).float().mean()) if lz.in_norms is not None else 1.0
+        parts.append(f"it vanishes in the {report.loss} loss: the logit gradient is exactly zero "
+                     f"for {100 * share:.0f}% of samples (saturated softmax; a margin loss "
+                     "does not saturate)")
+    elif report.collapse_at is not None:
+        row = report.find(report.collapse_at)
+        if not parts:
+            parts.append(f"the input gradient is {_fmt(ratio)} times the logit gradient")
+        gain = "detached" if row is not None and row.detached else (
+            f"gain {_fmt(row.gain)}" if row is not None and row.gain is not None else
+            report.collapse_reason)
+        parts.append(f"it vanishes at `{report.collapse_at}` ({gain})")
+    if report.explode_at is not None:
+        row = report.find(report.explode_at)
+        if report.explode_reason == "nonfinite":
+            parts.append(f"NaN/Inf gradients first appear at `{report.explode_at}`")
+        else:
+            if not report.input_nonfinite_samples:
+                parts.append(f"the input gradient is {_fmt(ratio)} times the logit gradient")
+            gain = f"gain {_fmt(row.gain)}" if row is not None and row.gain is not None else (
+                report.explode_reason)
+            parts.append(f"it explodes at `{report.explode_at}` ({gain})")
+    if report.collapse_at is None and report.explode_at is None:
+        med = report.input.grad_in.median if report.input.grad_in else float("nan")
+        parts.append(f"the gradient flows: median input-gradient norm {_fmt(med)} "
+                     f"({_fmt(ratio)}x the logit gradient); no module collapses or explodes")
+    return "; ".join(parts)
+
+
+# --- plot ---------------------------------------------------------------------------------------
+
+
+def _plot(report: GradFlowReport, title: str | None):
+    from matplotlib.figure import Figure
+
+    rows = sorted(report.rows, key=lambda r: r.depth)
+    fig = Figure(figsize=(max(6.0, 0.32 * len(rows) + 2.5), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    xs, med, lo, hi, zeros = [], [], [], [], []
+    positive = [r.grad_in.median for r in rows if r.grad_in and r.grad_in.median > 0
+                and math.isfinite(r.grad_in.median)]
+    floor = min(positive) / 10 if positive else 1e-12
+    for r in rows:
+        if r.grad_in is None or math.isnan(r.grad_in.median):
+            continue
+        if r.grad_in.median == 0:
+            zeros.append(r.depth)
+            continue
+        xs.append(r.depth)
+        med.append(r.grad_in.median)
+        lo.append(max(r.grad_in.q25, floor))
+        hi.append(r.grad_in.q75)
+    if xs:
+        ax.fill_between(xs, lo, hi, color="tab:blue", alpha=0.2, label="q25-q75")
+        ax.plot(xs, med, "o-", color="tab:blue", ms=4, label="median |grad w.r.t. input|")
+    if zeros:
+        ax.plot(zeros, [floor] * len(zeros), "v", color="black", ms=7, label="exactly zero")
+    ax.set_yscale("log")
+    for name, color, what in ((report.collapse_at, "tab:red", "collapse"),
+                              (report.explode_at, "tab:orange", "explosion")):
+        row = report.find(name)
+        if row is not None:
+            ax.axvline(row.depth, color=color, ls="--", lw=1.5, label=f"{what}: {name}")
+    ax.set_xticks([r.depth for r in rows])
+    ax.set_xticklabels([r.label for r in rows], rotation=70, ha="right", fontsize=7)
+    ax.set_xlabel("depth (input left, loss right)")
+    ax.set_ylabel(f"gradient norm ({report.loss} loss)")
+    ax.set_title(title or "gradient flow: " + report.summary[:90], fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return fig
