@@ -270,7 +270,7 @@ _WORKER = textwrap.dedent(
 )
 
 
-def test_concurrent_writers_share_one_valid_cache(tmp_path, digits_mlp, no_training, monkeypatch):
+def test_concurrent_writers_share_one_valid_cache(tmp_path, no_training, monkeypatch):
     cache, ready = tmp_path / "cache", tmp_path / "ready"
     ready.mkdir()
     env = {**os.environ, "UNMASK_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
@@ -289,11 +289,12 @@ def test_concurrent_writers_share_one_valid_cache(tmp_path, digits_mlp, no_train
     assert sorted(len(o["trained"]) for o in outs) == [0, 1]
     assert outs[0]["sha256"] == outs[1]["sha256"] and outs[0]["created"] == outs[1]["created"]
     assert outs[0]["logits"] == outs[1]["logits"]
-    # The cache is complete, valid and identical to the one trained in this process.
+    # The cache is complete and valid. (Its weights are not compared with the session's:
+    # float reductions, hence trained weights, depend on the number of threads.)
     weights = cache / "models" / "digits-mlp.safetensors"
     card = json.loads((cache / "models" / "digits-mlp.json").read_text())
     assert card["sha256"] == _sha256(weights) == outs[0]["sha256"]
-    assert _sha256(weights) == _sha256(_files("digits-mlp")[0])
+    assert card["threads"] == 1
     assert sorted(p.name for p in (cache / "models").iterdir()) == [
         "digits-mlp.json", "digits-mlp.lock", "digits-mlp.safetensors"]
     monkeypatch.setenv("UNMASK_CACHE", str(cache))
