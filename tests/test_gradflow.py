@@ -21,8 +21,8 @@ from unmask.explain.gradflow import (
     LOSS_ROW,
     MODEL_ROW,
     VANISH_RATIO,
-    trace,
 )
+from unmask.explain.gradtrace import trace
 
 # --- tiny models --------------------------------------------------------------------------------
 
@@ -273,6 +273,11 @@ def test_nan_gradient_localised():
     assert report.explode_at == "root"
     assert report.row("root").nan_in + report.row("root").inf_in > 0
     assert report.input_nonfinite_samples == 1.0
+
+    nan_logits = nn.Sequential(tiny_cnn(), Temperature(float("nan")))
+    broken = audit(nan_logits, x, torch.zeros(32, dtype=torch.long))
+    assert broken.explode_at == LOSS_ROW and broken.collapse_at is None
+    assert "first appear at `<loss>`" in broken.summary
 
 
 # --- reporting ----------------------------------------------------------------------------------
