@@ -60,6 +60,7 @@ def test_no_command_is_a_usage_error(capsys):
 def test_zoo_list(capsys, digits_mlp):
     assert main(["zoo", "list"]) == 0
     out = capsys.readouterr().out
+    assert _first_column(out) == zoo.list()
     assert "mnist-cnn" in out and "digits-mlp" in out and "name" in out
     assert str(zoo.cache_dir()) in out
     # A trained entry shows its clean accuracy.
@@ -67,10 +68,16 @@ def test_zoo_list(capsys, digits_mlp):
     assert f"{zoo.card('digits-mlp')['clean_accuracy']:.4f}" in line
 
 
+def _first_column(out: str) -> list[str]:
+    lines = out.split("\n\n")[0].splitlines()[2:]  # after the header and its rule
+    return [line.split()[0] for line in lines if line.strip()]
+
+
 def test_zoo_list_tag(capsys):
     assert main(["zoo", "list", "--tag", "tiny"]) == 0
-    out = capsys.readouterr().out
-    assert "digits-mlp" in out and "mnist-cnn" not in out
+    names = _first_column(capsys.readouterr().out)
+    assert "digits-mlp" in names and "mnist-cnn" not in names
+    assert names == zoo.list(tag="tiny")
 
 
 def test_data_list(capsys):
@@ -119,14 +126,7 @@ def test_unknown_model_exits_2_and_lists_known(capsys, argv, monkeypatch):
 
 def test_unknown_name_suggests_a_close_match(capsys):
     assert main(["zoo", "train", "mnist-cnnn"]) == 2
-    assert "Did you mean mnist-cnn?" in capsys.readouterr().err
-
-
-def test_unknown_name_by_subprocess():
-    out = _run([_console_script(), "zoo", "train", "no-such-model"])
-    assert out.returncode == 2
-    assert "unknown model 'no-such-model'" in out.stderr and "mnist-cnn" in out.stderr
-    assert "Traceback" not in out.stderr
+    assert "Did you mean mnist-cnn" in capsys.readouterr().err
 
 
 def test_unknown_subcommand_is_a_usage_error(capsys):
