@@ -14,6 +14,7 @@ Usage: ``x, y = load("mnist5k", "test")``; ``loader(x, y, batch_size=256)`` for 
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 from collections.abc import Callable
@@ -79,7 +80,15 @@ def load(name: str, split: str = "test", *, n: int | None = None, **options) -> 
     Other options go to the dataset's loader (``root=``, ``download=``, ``image_size=``).
     """
     entry = info(name)
-    x, y = entry.loader(_check_split(split), **options)
+    split = _check_split(split)
+    params = inspect.signature(entry.loader).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = sorted(set(options) - set(params) - {"split"})
+    if unknown and not takes_any:
+        valid = ", ".join(k for k in params if k != "split") or "none"
+        raise ValueError(f"dataset {name!r} does not take option(s) {', '.join(unknown)}; "
+                         f"its options: {valid}")
+    x, y = entry.loader(split, **options)
     if n is not None:
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")

@@ -72,6 +72,13 @@ def test_unknown_dataset_and_split_name_the_known_ones():
     assert "train" in str(err.value) and "test" in str(err.value)
 
 
+def test_unknown_option_names_the_valid_ones():
+    with pytest.raises(ValueError, match="does not take option.*root.*its options: none"):
+        data.load("digits", "test", root="/data")
+    with pytest.raises(ValueError, match="its options: root, download, verify"):
+        data.load("cifar10", "test", image_size=32)
+
+
 def test_loader_batches_and_seeded_shuffle(digits_test):
     x, y = digits_test
     batches = list(data.loader(x, y, batch_size=100))
