@@ -148,6 +148,8 @@ class AttackResult:
         forwards / backwards: int64 ``N``; model forward passes and input-gradient
             evaluations spent on each sample. Samples broken early stop costing.
         name, config: the attack's name and its settings, for provenance.
+        expected_success: float ``N`` or None; for randomised models or transformations (EOT),
+            the share of fresh random draws under which ``x_adv`` reaches the goal.
     """
 
     x_adv: Tensor
@@ -157,6 +159,7 @@ class AttackResult:
     backwards: Tensor
     name: str
     config: dict[str, Any] = field(default_factory=dict)
+    expected_success: Tensor | None = None
 
     @property
     def n_forward(self) -> int:

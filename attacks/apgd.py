@@ -1,0 +1,195 @@
+"""APGD and APGD-T: Auto-PGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial
+robustness with an ensemble of diverse parameter-free attacks").
+
+PGD with momentum (alpha = 0.75) and a per-sample step size that starts at 2 * eps and is
+halved at checkpoints when the attack stalls: at checkpoint w_j the step is halved (and the
+iterate reset to the best point found) when (1) the loss grew in at most rho = 0.75 of the
+steps since the previous checkpoint, or (2) the step was not halved at the previous
+checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
+shrink by 0.03 N down to 0.06 N. Early exit happens at the checkpoints.
+
+``APGDT`` runs targeted APGD with the targeted DLR loss against each of the ``n_targets``
+classes with the highest clean logits (after the predicted one), on the samples still robust.
+
+Args:
+    threat: ``Threat("linf" | "l2", eps)``.
+    steps: iterations (default 100), plus one initial gradient.
+    loss: ``"ce"`` (default) or ``"dlr"`` (``"margin"`` also works); APGDT uses targeted DLR.
+    restarts: random restarts on the samples still robust (default 1).
+    rho: the checkpoint success-rate threshold (default 0.75), momentum: alpha (default 0.75).
+
+Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult`.
+
+Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..bench.core import Threat, margin
+from .base import Attack, register_attack, resolve_loss, steepest_step
+from .losses import dlr_loss
+from .pgd import _positive_int
+
+__all__ = ["APGD", "APGDT", "checkpoint_intervals"]
+
+# Croce & Hein 2020, section 3.2: p_1 = 0.22, intervals shrink by 0.03 down to 0.06.
+FIRST_INTERVAL, INTERVAL_DECREASE, MIN_INTERVAL = 0.22, 0.03, 0.06
+
+
+def checkpoint_intervals(steps: int) -> list[int]:
+    """Lengths of the intervals between step-size checkpoints for a run of ``steps``."""
+    k = max(int(FIRST_INTERVAL * steps), 1)
+    decrease = max(int(INTERVAL_DECREASE * steps), 1)
+    minimum = max(int(MIN_INTERVAL * steps), 1)
+    out, total = [], 0
+    while total + k <= steps:
+        out.append(k)
+        total += k
+        k = max(k - decrease, minimum)
+    return out
+
+
+def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker, idx,
+          oracle, loss) -> None:
+    """One APGD run over samples ``idx``; the loss may be targeted while success is not."""
+    threat, steps = attack.threat, attack.steps
+    view = (-1,) + (1,) * (x.dim() - 1)
+    checks, cum = [], 0
+    for k in checkpoint_intervals(steps):
+        cum += k
+        checks.append((cum, k))
+    check_at = dict(checks)
+
+    xa, ya = x[idx], y[idx]
+    lt = loss_targets[idx] if loss_targets is not None else None
+    st = success_targets[idx] if success_targets is not None else None
+    x_cur = threat.random_point(xa, generator)
+    values, logits, grad = oracle(model, x_cur, ya, lt, loss, generator)
+    tracker.cost(idx, oracle.samples, oracle.samples)
+    tracker.update(idx, x_cur, margin(logits, ya, st))
+
+    step = torch.full((xa.shape[0],), 2.0 * threat.eps, device=x.device, dtype=x.dtype)
+    loss_best, x_best_loss, grad_best = values.clone(), x_cur.clone(), grad.clone()
+    loss_prev = values.clone()
+    increases = torch.zeros_like(values)
+    reduced_last = torch.zeros_like(values, dtype=torch.bool)
+    loss_best_last_check = loss_best.clone()
+    x_prev = x_cur.clone()
+
+    for i in range(1, steps + 1):
+        a = 1.0 if i == 1 else attack.momentum
+        with torch.no_grad():
+            z = threat.project(steepest_step(threat, x_cur, grad, step.view(view)), xa)
+            x_next = threat.project(x_cur + a * (z - x_cur) + (1 - a) * (x_cur - x_prev), xa)
+        x_prev, x_cur = x_cur, x_next
+        values, logits, grad = oracle(model, x_cur, ya, lt, loss, generator)
+        tracker.cost(idx, oracle.samples, oracle.samples)
+        tracker.update(idx, x_cur, margin(logits, ya, st))
+        increases += (values > loss_prev).to(values.dtype)
+        loss_prev = values
+        better = values > loss_best
+        loss_best = torch.where(better, values, loss_best)
+        x_best_loss = torch.where(better.view(view), x_cur, x_best_loss)
+        grad_best = torch.where(better.view(view), grad, grad_best)
+
+        if i in check_at:
+            k = check_at[i]
+            stalled = increases <= attack.rho * k
+            no_progress = ~reduced_last & (loss_best_last_check >= loss_best)
+            reduce = stalled | no_progress
+            step = torch.where(reduce, step / 2, step)
+            x_cur = torch.where(reduce.view(view), x_best_loss, x_cur)
+            grad = torch.where(reduce.view(view), grad_best, grad)
+            reduced_last, loss_best_last_check = reduce, loss_best.clone()
+            increases = torch.zeros_like(increases)
+            if i < steps:
+                keep = tracker.robust(idx)
+                if not bool(keep.all()):  # host read: only at checkpoints
+                    idx, xa, ya = idx[keep], xa[keep], ya[keep]
+                    lt = lt[keep] if lt is not None else None
+                    st = st[keep] if st is not None else None
+                    (x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best, loss_prev,
+                     increases, reduced_last, loss_best_last_check) = (
+                        t[keep] for t in (x_cur, x_prev, grad, step, loss_best, x_best_loss,
+                                          grad_best, loss_prev, increases, reduced_last,
+                                          loss_best_last_check))
+                    if not idx.numel():
+                        return
+
+
+@register_attack("apgd")
+class APGD(Attack):
+    name = "apgd"
+
+    def __init__(self, threat: Threat, steps: int = 100, loss: str = "ce", restarts: int = 1,
+                 rho: float = 0.75, momentum: float = 0.75) -> None:
+        super().__init__(threat)
+        self.steps = _positive_int(steps, "steps")
+        self.restarts = _positive_int(restarts, "restarts")
+        self.loss, self._loss = resolve_loss(loss)
+        if not 0 < rho <= 1 or not 0 <= momentum <= 1:
+            raise ValueError(f"rho must be in (0, 1] and momentum in [0, 1], got {rho}, {momentum}")
+        self.rho, self.momentum = float(rho), float(momentum)
+
+    @property
+    def label(self) -> str:
+        return f"apgd-{self.loss.value}"
+
+    def config(self):
+        return {**super().config(), "steps": self.steps, "loss": self.loss.value,
+                "restarts": self.restarts, "rho": self.rho, "momentum": self.momentum}
+
+    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+        for restart in range(self.restarts):
+            if restart:
+                idx = idx[tracker.robust(idx)]
+                if not idx.numel():
+                    return
+            _apgd(self, model, x, y, targets, targets, generator, tracker, idx, oracle,
+                  self._loss)
+
+
+@register_attack("apgd-t")
+class APGDT(APGD):
+    """Targeted APGD over the top ``n_targets`` classes (untargeted success criterion)."""
+
+    name = "apgd-t"
+
+    def __init__(self, threat: Threat, steps: int = 100, n_targets: int = 9, restarts: int = 1,
+                 rho: float = 0.75, momentum: float = 0.75) -> None:
+        super().__init__(threat, steps=steps, loss="dlr", restarts=restarts, rho=rho,
+                         momentum=momentum)
+        self.n_targets = _positive_int(n_targets, "n_targets")
+
+    @property
+    def label(self) -> str:
+        return "apgd-t"
+
+    def config(self):
+        cfg = {**super().config(), "n_targets": self.n_targets}
+        cfg["loss"] = "dlr-targeted"
+        return cfg
+
+    def _check_classes(self, num_classes: int, targeted: bool) -> None:
+        if targeted:
+            raise ValueError("APGDT chooses its own targets; call APGD with targets instead")
+        if num_classes < 4:
+            raise ValueError(f"APGDT's targeted DLR loss needs at least 4 classes, the model "
+                             f"has {num_classes}; use APGD")
+
+    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+        with torch.no_grad():
+            order = oracle.logits(model, x[idx], generator).argsort(dim=1, descending=True)
+        tracker.cost(idx, oracle.samples)
+        all_targets = torch.zeros(x.shape[0], order.shape[1], dtype=torch.long, device=x.device)
+        all_targets[idx] = order
+        n_targets = min(self.n_targets, order.shape[1] - 1)
+        for rank in range(1, n_targets + 1):
+            for _ in range(self.restarts):
+                idx = idx[tracker.robust(idx)]
+                if not idx.numel():
+                    return
+                _apgd(self, model, x, y, all_targets[:, rank], None, generator, tracker, idx,
+                      oracle, dlr_loss)

@@ -1,0 +1,249 @@
+"""The worst-case ensemble: run attacks in order, each only on the samples still robust, and
+report per sample whether it survived all of them and which attack broke it (the cascade of
+AutoAttack, Croce & Hein 2020). Robust accuracy is the per-sample worst case, never an
+average over attacks or restarts.
+
+Presets:
+
+* ``quick``     FGSM, PGD-20;
+* ``standard``  APGD-CE (100 steps), APGD-T (9 targets, 100 steps), Square (5,000 queries):
+  AutoAttack's standard suite.
+
+Randomised models: the ensemble detects a model whose outputs change between two forward
+passes on the same input. Then every candidate example is judged by its success rate over
+``draws`` fresh forward passes (broken when >= 0.5), each sample keeps the candidate with the
+highest rate, and robust accuracy is reported as the mean and standard deviation over draws.
+
+Usage::
+
+    result = Ensemble.preset("standard", Threat("linf", 0.3))(model, x, y, generator=g)
+    result.robust_accuracy, result.broken_by
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..bench.core import (
+    Threat,
+    check_inputs,
+    check_logits,
+    make_generator,
+    margin,
+    model_mode,
+    warn_if_train_mode,
+)
+from .apgd import APGD, APGDT
+from .base import Attack
+from .eot import success_rate
+from .fgsm import FGSM
+from .pgd import PGD, _positive_int
+from .square import Square
+
+__all__ = ["Ensemble", "EnsembleResult", "PRESETS", "is_stochastic"]
+
+PRESETS = ("quick", "standard")
+CLEAN = "clean"  # broken_by value of samples the model misclassifies without any attack
+
+
+@dataclass
+class AttackCost:
+    """What one attack of the cascade cost and achieved."""
+
+    attacked: int
+    broken: int
+    forwards: int
+    backwards: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+@dataclass
+class EnsembleResult:
+    """Per-sample outcome of the worst-case ensemble.
+
+    Attributes:
+        x_adv: per sample the adversarial example that broke it, else the clean input.
+        robust: bool ``N``; survived every attack (and was classified correctly).
+        clean_correct: bool ``N``.
+        broken_by: per sample the label of the attack that broke it, ``"clean"`` when it was
+            misclassified to begin with, or None when robust.
+        margin: float ``N``; the lowest margin found (negative = broken).
+        costs: per attack label, an :class:`AttackCost`.
+        stochastic: the model's outputs were random; then ``success_rate`` holds each sample's
+            rate over ``draws`` fresh passes and ``robust_accuracy_std`` the spread.
+    """
+
+    x_adv: Tensor
+    robust: Tensor
+    clean_correct: Tensor
+    broken_by: list[str | None]
+    margin: Tensor
+    costs: dict[str, AttackCost]
+    threat: Threat
+    stochastic: bool = False
+    success_rate: Tensor | None = None
+    robust_accuracy_draws: Tensor | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return int(self.robust.numel())
+
+    @property
+    def robust_accuracy(self) -> float:
+        if self.robust_accuracy_draws is not None:
+            return float(self.robust_accuracy_draws.mean())
+        return float(self.robust.float().mean())
+
+    @property
+    def robust_accuracy_std(self) -> float:
+        if self.robust_accuracy_draws is None:
+            return 0.0
+        return float(self.robust_accuracy_draws.std(unbiased=False))
+
+    @property
+    def clean_accuracy(self) -> float:
+        return float(self.clean_correct.float().mean())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threat": self.threat.to_dict(),
+            "n": self.n,
+            "clean_accuracy": self.clean_accuracy,
+            "robust_accuracy": self.robust_accuracy,
+            "robust_accuracy_std": self.robust_accuracy_std,
+            "stochastic": self.stochastic,
+            "broken_by": {k: sum(1 for b in self.broken_by if b == k)
+                          for k in sorted({b for b in self.broken_by if b is not None})},
+            "costs": {k: v.to_dict() for k, v in self.costs.items()},
+            "config": self.config,
+        }
+
+
+@torch.no_grad()
+def is_stochastic(model: nn.Module, x: Tensor, logits: Tensor | None = None) -> bool:
+    """True when two forward passes on the same inputs differ (a randomised model)."""
+    first = model(x) if logits is None else logits
+    return not torch.equal(first, model(x))
+
+
+class Ensemble:
+    """Run ``attacks`` in order on the samples still robust; the per-sample worst case."""
+
+    def __init__(self, attacks: Sequence[Attack], *, draws: int = 16,
+                 progress: bool = False) -> None:
+        attacks = list(attacks)
+        if not attacks:
+            raise ValueError("an ensemble needs at least one attack")
+        for a in attacks:
+            if not isinstance(a, Attack):
+                raise TypeError(f"ensemble members must be unmask attacks, got {type(a).__name__}")
+        threats = {a.threat for a in attacks}
+        if len(threats) > 1:
+            raise ValueError("all attacks of an ensemble must share one threat model, got "
+                             + ", ".join(sorted(map(str, threats))))
+        self.attacks = attacks
+        self.threat = attacks[0].threat
+        self.draws = _positive_int(draws, "draws")
+        self.progress = progress
+        labels, seen = [], {}
+        for a in attacks:  # unique labels for the table, in order
+            seen[a.label] = seen.get(a.label, 0) + 1
+            labels.append(a.label if seen[a.label] == 1 else f"{a.label}#{seen[a.label]}")
+        self.labels = labels
+
+    @classmethod
+    def preset(cls, name: str, threat: Threat, **kwargs) -> Ensemble:
+        """A named ensemble: ``quick`` (FGSM, PGD-20) or ``standard`` (APGD-CE, APGD-T,
+        Square-5000)."""
+        if name == "quick":
+            return cls([FGSM(threat), PGD(threat, steps=20)], **kwargs)
+        if name == "standard":
+            return cls([APGD(threat, steps=100, loss="ce"), APGDT(threat, steps=100, n_targets=9),
+                        Square(threat, queries=5000)], **kwargs)
+        raise ValueError(f"unknown ensemble preset {name!r}; expected one of {', '.join(PRESETS)}")
+
+    def config(self) -> dict[str, Any]:
+        return {"attacks": [a.config() for a in self.attacks], "draws": self.draws,
+                **self.threat.to_dict()}
+
+    def __repr__(self) -> str:
+        return f"Ensemble([{', '.join(map(repr, self.attacks))}])"
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *,
+                 generator: torch.Generator | int | None = None) -> EnsembleResult:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        x, y = check_inputs(x, y)
+        generator = make_generator(0 if generator is None else generator)
+        warn_if_train_mode(model, stacklevel=3)
+        n = x.shape[0]
+        with model_mode(model), torch.no_grad():
+            logits = check_logits(model(x), n)
+            stochastic = is_stochastic(model, x, logits)
+            if stochastic:
+                rates = success_rate(model, x, y, draws=self.draws, generator=generator)
+                clean_correct = rates < 0.5
+            else:
+                rates = None
+                clean_correct = margin(logits, y) >= 0
+        best_margin = margin(logits, y)
+        robust = clean_correct.clone()
+        x_adv = x.detach().clone()
+        broken_by: list[str | None] = [None if c else CLEAN for c in clean_correct.tolist()]
+        best_rate = rates.clone() if rates is not None else None
+        costs: dict[str, AttackCost] = {}
+        bar = tqdm(list(zip(self.labels, self.attacks)), desc=f"ensemble {self.threat}",
+                   disable=not self.progress, leave=False)
+        for label, attack in bar:
+            idx = robust.nonzero().flatten()
+            if not idx.numel():
+                costs[label] = AttackCost(0, 0, 0, 0, 0.0)
+                continue
+            bar.set_postfix(attack=label, robust=f"{idx.numel()}/{n}")
+            start = time.perf_counter()
+            res = attack(model, x[idx], y[idx], generator=generator)
+            if stochastic:
+                cand_rate = success_rate(model, res.x_adv, y[idx], draws=self.draws,
+                                         generator=generator)
+                better = cand_rate > best_rate[idx]
+                best_rate[idx] = torch.where(better, cand_rate, best_rate[idx])
+                x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), res.x_adv, x_adv[idx])
+                broke = cand_rate >= 0.5
+                extra_forwards = self.draws * idx.numel()
+            else:
+                better = res.margin < best_margin[idx]
+                x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), res.x_adv, x_adv[idx])
+                broke = res.success
+                extra_forwards = 0
+            best_margin[idx] = torch.minimum(best_margin[idx], res.margin)
+            robust[idx[broke]] = False
+            for i in idx[broke].tolist():
+                broken_by[i] = label
+            costs[label] = AttackCost(attacked=int(idx.numel()), broken=int(broke.sum()),
+                                      forwards=res.n_forward + extra_forwards,
+                                      backwards=res.n_backward,
+                                      seconds=time.perf_counter() - start)
+        bar.close()
+        draws_acc = None
+        if stochastic:
+            with model_mode(model), torch.no_grad():
+                per_draw = []
+                for _ in range(self.draws):
+                    per_draw.append((margin(model(x_adv), y) >= 0).float().mean())
+                draws_acc = torch.stack(per_draw)
+        return EnsembleResult(x_adv=x_adv, robust=robust, clean_correct=clean_correct,
+                              broken_by=broken_by, margin=best_margin, costs=costs,
+                              threat=self.threat, stochastic=stochastic,
+                              success_rate=best_rate, robust_accuracy_draws=draws_acc,
+                              config=self.config())

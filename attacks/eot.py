@@ -1,0 +1,95 @@
+"""EOT: Expectation over Transformation (Athalye, Engstrom, Ilyas & Kwok, ICML 2018; and
+Athalye, Carlini & Wagner, ICML 2018, for randomised defenses).
+
+Wraps any gradient attack so that every gradient is the average over ``samples`` draws of a
+random transformation (or of the model's own randomness when ``transform`` is None): the
+``samples`` copies are stacked along the batch dimension and run in one forward pass.
+
+The result reports success in expectation: ``expected_success`` is the share of ``eval_draws``
+fresh random draws under which ``x_adv`` still fools the model, and ``success`` means a
+majority of them (``>= 0.5``).
+
+Args:
+    attack: a gradient attack (FGSM, PGD, APGD, APGDT, ...), not mutated.
+    transform: a :mod:`unmask.attacks.transforms` transform, or None for model randomness.
+    samples: draws per gradient (default 10).
+    eval_draws: fresh draws to measure success in expectation (default 32).
+
+Usage: ``EOT(PGD(Threat("linf", 0.3)), samples=10)(noisy_model, x, y, generator=g)``
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..bench.core import AttackResult, check_inputs, make_generator, margin, model_mode
+from .base import Attack, GradientOracle, register_attack
+from .pgd import _positive_int
+
+__all__ = ["EOT", "success_rate"]
+
+
+@torch.no_grad()
+def success_rate(model: nn.Module, x_adv: Tensor, y: Tensor, *, targets: Tensor | None = None,
+                 transform=None, draws: int = 32, generator: torch.Generator | None = None,
+                 batch_size: int = 1024) -> Tensor:
+    """Per-sample share of ``draws`` random draws (of ``transform`` and the model's own
+    randomness) under which ``x_adv`` reaches the attack goal. Float ``N`` in [0, 1]."""
+    draws = _positive_int(draws, "draws")
+    hits = torch.zeros(x_adv.shape[0], device=x_adv.device)
+    with model_mode(model):
+        for start in range(0, x_adv.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            xb, yb = x_adv[sl], y[sl]
+            tb = targets[sl] if targets is not None else None
+            k = max(1, min(draws, batch_size // max(1, xb.shape[0])))
+            done = 0
+            while done < draws:
+                reps = min(k, draws - done)
+                xs = xb.repeat(reps, 1, 1, 1)
+                if transform is not None:
+                    xs = transform(xs, generator)
+                logits = model(xs)
+                m = margin(logits, yb.repeat(reps), tb.repeat(reps) if tb is not None else None)
+                hits[sl] += (m.view(reps, -1) < 0).float().sum(0)
+                done += reps
+    return hits / draws
+
+
+@register_attack("eot")
+class EOT(Attack):
+    name = "eot"
+
+    def __init__(self, attack: Attack, transform=None, samples: int = 10,
+                 eval_draws: int = 32) -> None:
+        if not isinstance(attack, Attack) or attack.gradient_free:
+            raise TypeError("EOT wraps a gradient attack (FGSM, PGD, APGD, ...), got "
+                            f"{type(attack).__name__}")
+        super().__init__(attack.threat)
+        self.attack = attack
+        self.transform = transform
+        self.samples = _positive_int(samples, "samples")
+        self.eval_draws = _positive_int(eval_draws, "eval_draws")
+
+    @property
+    def label(self) -> str:
+        return f"eot-{self.attack.label}"
+
+    def config(self):
+        t = self.transform.config() if hasattr(self.transform, "config") else repr(self.transform)
+        return {**self.attack.config(), "attack": self.label, "eot_samples": self.samples,
+                "transform": t, "eval_draws": self.eval_draws}
+
+    def run(self, model, x, y, *, targets=None, generator=None, oracle=None) -> AttackResult:
+        generator = make_generator(0 if generator is None else generator)
+        oracle = GradientOracle(samples=self.samples, transform=self.transform)
+        result = self.attack.run(model, x, y, targets=targets, generator=generator, oracle=oracle)
+        x, y = check_inputs(x, y)
+        rates = success_rate(model, result.x_adv, y, targets=targets, transform=self.transform,
+                             draws=self.eval_draws, generator=generator)
+        result.forwards = result.forwards + self.eval_draws
+        result.expected_success = rates
+        result.success = rates >= 0.5
+        result.name, result.config = self.name, self.config()
+        return result
