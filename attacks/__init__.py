@@ -1,5 +1,6 @@
 """unmask.attacks: evasion attacks (one file each) and backdoor poisoning."""
 
+from .apgd import APGD, APGDT
 from .backdoor import (
     Backdoor,
     BackdoorMode,
@@ -11,8 +12,55 @@ from .backdoor import (
 )
 from .backdoor_triggers import TRIGGERS, BadNets, Blend, Trigger, WaNet, make_trigger
 from .backdoor_zoo import backdoor_recipe  # registers the "backdoor" recipe and zoo entries
+from .base import ATTACKS, Attack, GradientOracle, Tracker, register_attack
+from .bpda import BPDA
+from .branch_pgd import BranchAttackResult, BranchPGD
+from .ensemble import PRESETS, Ensemble, EnsembleResult
+from .eot import EOT, success_rate
+from .fgsm import FGSM
+from .losses import Loss
+from .pgd import PGD
+from .square import Square
+from .transfer import Transfer
+from .transforms import (
+    Brightness,
+    Compose,
+    GaussianNoise,
+    RandomAffine,
+    Rotation,
+    Scale,
+    Translation,
+)
 
-__all__: list[str] = []
+__all__: list[str] = [
+    "ATTACKS",
+    "APGD",
+    "APGDT",
+    "Attack",
+    "BPDA",
+    "BranchAttackResult",
+    "BranchPGD",
+    "Brightness",
+    "Compose",
+    "EOT",
+    "Ensemble",
+    "EnsembleResult",
+    "FGSM",
+    "GaussianNoise",
+    "GradientOracle",
+    "Loss",
+    "PGD",
+    "PRESETS",
+    "RandomAffine",
+    "Rotation",
+    "Scale",
+    "Square",
+    "Tracker",
+    "Transfer",
+    "Translation",
+    "register_attack",
+    "success_rate",
+]
 __all__ += [  # backdoor poisoning
     "Backdoor",
     "BackdoorMode",
