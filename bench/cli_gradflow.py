@@ -50,7 +50,7 @@ def _gradflow(args: argparse.Namespace) -> int:
     print(report.table())
     print(f"\n{args.model} ({report.n} samples, {report.loss} loss, {took:.2f}s): {report.summary}")
     if args.out:
-        report.plot(args.out, title=f"{args.model}: gradient flow ({report.loss} loss)")
+        report.plot(args.out, title=f"{args.model} ({report.loss} loss): {report.summary}")
         print(f"figure: {args.out}")
     if args.json:
         from pathlib import Path

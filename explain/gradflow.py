@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import tempfile
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,7 @@ def audit(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | AuditLoss = "ce
             xb = xb.detach().requires_grad_(True)
             tracer.watch(xb, INPUT_ROW, "in")
             logits = check_logits(model(xb), xb.shape[0])
+            tracer.check_inplace()
             if int(yb.max()) >= logits.shape[1]:
                 raise ValueError(f"y holds class index {int(yb.max())} but the model returns "
                                  f"{logits.shape[1]} logits")
@@ -397,6 +399,8 @@ def _row_from(name: str, kind: str, call: int, leaf: bool, m: dict[str, Any]) ->
     detached = m["needs_in"] and m["has_out"] and not m["needs_out"]
     row.detached = detached
     o, i = m["out"], m["inp"]
+    if m["needs_out"] and not o["fired"] and o["rewritten"]:
+        notes.append("output modified in place later: not measured")
     if o["fired"]:
         row.out_norms = o["sq"].sqrt().float()
         row.grad_out = NormStats.of(row.out_norms)
@@ -405,8 +409,8 @@ def _row_from(name: str, kind: str, call: int, leaf: bool, m: dict[str, Any]) ->
     if m["needs_in"]:
         if i["fired"]:
             row.in_norms = i["sq"].sqrt().float()
-        elif m["modified"] and (o["fired"] or not m["needs_out"]):
-            notes.append("input modified in place: input gradient not measured")
+        elif i["rewritten"]:
+            notes.append("input modified in place: not measured")
         elif o["fired"] or detached or kind == "input":
             # Nothing came back although a gradient left the output (or the graph is cut):
             # the module's backward produced no gradient at all, which is a zero gradient.
@@ -701,7 +705,7 @@ def _plot(report: GradFlowReport, title: str | None):
     ax.set_xticklabels([r.label for r in rows], rotation=70, ha="right", fontsize=7)
     ax.set_xlabel("depth (input left, loss right)")
     ax.set_ylabel(f"gradient norm ({report.loss} loss)")
-    ax.set_title(title or "gradient flow: " + report.summary[:90], fontsize=9)
+    ax.set_title(textwrap.fill(title or "gradient flow: " + report.summary, 100), fontsize=8)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(fontsize=7, loc="best")
     return fig

@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -103,7 +102,7 @@ class _Side:
     """Gradient statistics of one side (input or output) of one module call."""
 
     __slots__ = ("sq", "zeros", "nans", "infs", "numel", "per_sample", "fired", "tensors",
-                 "versions")
+                 "versions", "rewritten")
 
     def __init__(self, n: int, device: torch.device) -> None:
         self.sq = torch.zeros(n, dtype=torch.float64, device=device)
@@ -114,7 +113,8 @@ class _Side:
         self.per_sample = True
         self.fired = 0
         self.tensors = 0  # tensors that carry a hook
-        self.versions: list[tuple[weakref.ref, int]] = []
+        self.versions: list[tuple[Tensor, int]] = []
+        self.rewritten = False  # a hooked tensor was modified in place after the hook
 
     def add(self, grad: Tensor, n: int) -> None:
         g = grad.detach()
@@ -138,7 +138,7 @@ class _Call:
     """Everything recorded for one call of one module in one pass."""
 
     __slots__ = ("name", "kind", "call", "leaf", "end", "needs_in", "needs_out", "has_out",
-                 "inp", "out", "active", "functional", "modified")
+                 "inp", "out", "active", "functional")
 
     def __init__(self, name: str, kind: str, call: int, leaf: bool, n: int, device) -> None:
         self.name, self.kind, self.call, self.leaf = name, kind, call, leaf
@@ -148,7 +148,6 @@ class _Call:
         self.out = _Side(n, device)
         self.active: Tensor | None = None
         self.functional: dict[str, None] = {}
-        self.modified = False
 
 
 class _FunctionalCalls(TorchFunctionMode):
@@ -245,13 +244,20 @@ class Tracer:
                     with torch.no_grad():
                         rec.active = act(module, first.detach()).reshape(self._n, -1).any(0)
 
+            seen: dict[int, Tensor] = {}
+
             def alias(t: Any) -> Any:
                 if isinstance(t, Tensor) and t.requires_grad and t.is_floating_point():
                     rec.needs_in = True
+                    # The same tensor passed twice stays one object (attention checks
+                    # `query is key` to pick its packed, differently rounded, projection).
+                    if id(t) in seen:
+                        return seen[id(t)]
                     # A fresh view per module: its gradient is this module's share of the
                     # input's gradient, not the sum over every consumer of the tensor.
                     a = t.view_as(t)
                     self._watch(a, rec.inp)
+                    seen[id(t)] = a
                     return a
                 return t
 
@@ -276,12 +282,6 @@ class Tracer:
             rec.end = self._end_counter
             key = (rec.name, rec.call)
             self.order.setdefault(key, rec.end)
-            # An input modified in place by the module no longer leads to its pre-change
-            # gradient; mark it instead of reporting a false zero.
-            for ref, version in rec.inp.versions:
-                t = ref()
-                if t is not None and t._version != version:
-                    rec.modified = True
             for t in tree_flatten(output)[0]:
                 if isinstance(t, Tensor):
                     rec.has_out = True
@@ -301,7 +301,18 @@ class Tracer:
 
         t.register_hook(hook)
         side.tensors += 1
-        side.versions.append((weakref.ref(t), t._version))
+        # A strong reference until check_inplace: the tensor a later in-place op rewrites is
+        # often a temporary whose Python object is gone by the end of the forward.
+        side.versions.append((t, t._version))
+
+    def check_inplace(self) -> None:
+        """Call after the forward pass: a hooked view that was later modified in place no
+        longer leads to its pre-change gradient (its hook may never fire); mark it so the
+        report says "not measured" instead of a false zero."""
+        for rec in self.passes[-1].values():
+            for side in (rec.inp, rec.out):
+                side.rewritten |= any(t._version != v for t, v in side.versions)
+                side.versions.clear()
 
     def watch(self, t: Tensor, name: str, side: str) -> None:
         """Record the gradient of a tensor outside the model (the input, the logits)."""
@@ -333,6 +344,7 @@ def merge_calls(recs: list[_Call | None], n_per_pass: list[int]) -> dict[str, An
     out: dict[str, Any] = {}
     for side in ("inp", "out"):
         sq, zeros, numel, nans, infs, fired, tensors, per_sample = [], 0, 0, 0, 0, 0, 0, True
+        rewritten = False
         for rec, n in zip(recs, n_per_pass):
             if rec is None:
                 sq.append(torch.full((n,), float("nan"), dtype=torch.float64))
@@ -346,13 +358,13 @@ def merge_calls(recs: list[_Call | None], n_per_pass: list[int]) -> dict[str, An
             fired += s.fired
             tensors += s.tensors
             per_sample &= s.per_sample
+            rewritten |= s.rewritten
         out[side] = dict(sq=torch.cat(sq), zeros=zeros, numel=numel, nans=nans, infs=infs,
-                         fired=fired, tensors=tensors, per_sample=per_sample)
+                         fired=fired, tensors=tensors, per_sample=per_sample, rewritten=rewritten)
     present = [r for r in recs if r is not None]
     out["needs_in"] = any(r.needs_in for r in present)
     out["needs_out"] = any(r.needs_out for r in present)
     out["has_out"] = any(r.has_out for r in present)
-    out["modified"] = any(r.modified for r in present)
     out["functional"] = tuple(dict.fromkeys(f for r in present for f in r.functional))
     actives = [r.active for r in present if r.active is not None]
     out["dead"] = None

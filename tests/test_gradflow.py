@@ -313,6 +313,27 @@ def test_rows_input_last_names_and_repeated_calls(tmp_path):
         report.row("nope")
 
 
+def test_view_rewritten_in_place_is_unmeasured_not_zero():
+    class AddInPlace(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.ident = nn.Linear(16, 16), nn.Identity()
+
+        def forward(self, x):
+            h = x.flatten(1)
+            out = self.ident(self.fc(h))  # Identity hands back the hooked view ...
+            out += h  # ... which is then rewritten in place: its hooks can no longer fire
+            return out[:, :10]
+
+    with seeded_init(0):
+        model = AddInPlace()
+    report = audit(model, images(8, side=4), torch.zeros(8, dtype=torch.long))
+    row = report.row("ident")
+    assert row.grad_in is None and row.grad_out is None and "not measured" in row.note
+    assert report.row("fc").grad_in.median > 0
+    assert report.collapse_at is None
+
+
 def test_bad_arguments():
     model = tiny_cnn()
     x = images(4)
