@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench.core import check_images, check_labels, make_generator, parse_enum
+from ..bench.training import predict
 from .backdoor_triggers import Trigger, make_trigger
 
 __all__ = ["BackdoorMode", "PoisonedSet", "Backdoor", "poison", "backdoor_labels",
@@ -176,8 +177,6 @@ def attack_success_rate(model: nn.Module, x: Tensor, y: Tensor, trigger: Trigger
     ``x``, ``y`` are clean test images and labels; in all-to-one mode images of class
     ``target`` are not counted. The model is evaluated in eval mode (its mode is restored).
     """
-    from ..bench.training import predict
-
     x_trig, y_bd = triggered_test_set(x, y, trigger, target=target, mode=mode,
                                       num_classes=num_classes)
     return float((predict(model, x_trig, batch_size) == y_bd.cpu()).float().mean())
