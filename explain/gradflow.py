@@ -389,9 +389,6 @@ def audit(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | AuditLoss = "ce
 # --- assembling the report ----------------------------------------------------------------------
 
 
-# --- assembling the report ----------------------------------------------------------------------
-
-
 def _row_from(name: str, kind: str, call: int, leaf: bool, m: dict[str, Any]) -> ModuleFlow:
     row = ModuleFlow(name=name, kind=kind, call=call, leaf=leaf, functional=m["functional"],
                      dead=m["dead"])
