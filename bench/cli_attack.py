@@ -1,0 +1,85 @@
+"""``unmask attack``: run one attack or an ensemble preset on a zoo model and print the result."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from .cli import CLIError, _known, _table, command
+
+ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
+
+
+def add_model_args(p: argparse.ArgumentParser, n: int = 1000) -> None:
+    p.add_argument("model", metavar="MODEL", help="a zoo name (see: unmask zoo list)")
+    p.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
+    p.add_argument("--n", type=int, default=n, help=f"test samples (default {n})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+
+
+def load_model_and_data(args: argparse.Namespace):
+    from . import data, zoo
+
+    _known(args.model, zoo.list(), "model")
+    if args.n <= 0:
+        raise CLIError(f"--n must be positive, got {args.n}")
+    model, card = zoo.load_with_card(args.model, device=args.device)
+    device = next(model.parameters()).device
+    x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
+    return model, card, x.to(device), y.to(device)
+
+
+@command("attack")
+def _attack_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("attack", help="attack a zoo model",
+                       description="Run an attack or an ensemble preset on a zoo model's test "
+                                   "split and print clean and robust accuracy.")
+    add_model_args(p)
+    p.add_argument("--attack", default="quick", choices=ATTACK_CHOICES,
+                   help="an attack, or an ensemble preset (default quick)")
+    p.add_argument("--steps", type=int, help="iterations (PGD/APGD) or queries (Square)")
+    p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
+    p.set_defaults(handler=_attack)
+
+
+def _attack(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square
+    from .core import Threat
+
+    threat = Threat(args.norm, args.eps)
+    model, card, x, y = load_model_and_data(args)
+    g = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    if args.attack in ("quick", "standard"):
+        result = Ensemble.preset(args.attack, threat, progress=True)(model, x, y, generator=g)
+        summary = result.to_dict()
+        rows = [(k, c.attacked, c.broken, c.forwards, c.backwards, f"{c.seconds:.1f}")
+                for k, c in result.costs.items()]
+        print(_table(rows, ("attack", "attacked", "broken", "forwards", "backwards", "seconds")))
+        robust = result.robust_accuracy
+    else:
+        kw = {} if args.steps is None else (
+            {"queries": args.steps} if args.attack == "square" else {"steps": args.steps})
+        attack = {"fgsm": lambda: FGSM(threat), "pgd": lambda: PGD(threat, **kw),
+                  "apgd": lambda: APGD(threat, **kw), "apgd-t": lambda: APGDT(threat, **kw),
+                  "square": lambda: Square(threat, **kw)}[args.attack]()
+        with torch.no_grad():
+            clean = (model(x).argmax(1) == y)
+        result = attack(model, x, y, generator=g)
+        robust = result.robust_accuracy()
+        summary = {"attack": result.config, "n": len(y), "clean_accuracy": float(clean.float().mean()),
+                   "robust_accuracy": robust, "forwards": result.n_forward,
+                   "backwards": result.n_backward}
+    seconds = time.perf_counter() - start
+    summary.update(model=args.model, sha256=card["sha256"], seed=args.seed, seconds=seconds)
+    print(f"\n{args.model} {threat}: clean accuracy {summary['clean_accuracy']:.4f}, robust accuracy "
+          f"{robust:.4f} on {len(y)} samples ({args.attack}, {seconds:.1f}s)")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(summary, fh, indent=2, default=str)
+    return 0

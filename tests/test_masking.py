@@ -1,0 +1,137 @@
+"""The masking diagnosis flags each positive control by the check matching its mechanism,
+passes the undefended model, and its follow-up attack removes the false robustness."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from unmask.bench import Threat
+from unmask.defenses import MaskingReport, Verdict, diagnose
+from unmask.defenses import masking as masking_mod
+
+THREAT = Threat("linf", 0.3)
+
+
+class Quantize(nn.Module):
+    def forward(self, x):
+        return torch.round(x * 3) / 3
+
+
+class Temperature(nn.Module):
+    def __init__(self, model, t):
+        super().__init__()
+        self.model, self.t = model, t
+
+    def forward(self, x):
+        return self.model(x) * self.t
+
+
+class InputNoise(nn.Module):
+    def forward(self, x):
+        return (x + 0.3 * torch.randn_like(x)).clamp(0, 1)
+
+
+class InnerOptimisation(nn.Module):
+    """A defense that "purifies" its input with a gradient step at inference time."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        with torch.enable_grad():
+            z = x.detach().requires_grad_(True)
+            energy = self.model(z).logsumexp(1).sum()
+            (g,) = torch.autograd.grad(energy, z)
+        return self.model((x + 0.01 * g.sign()).clamp(0, 1))
+
+
+def _check(report: MaskingReport, name: str):
+    return next(c for c in report.checks if c.name == name)
+
+
+@pytest.fixture(scope="module")
+def batch(mnist_test):
+    x, y = mnist_test
+    return x[:48], y[:48]
+
+
+@pytest.fixture(scope="module")
+def standard_report(mnist_cnn, batch):
+    return diagnose(mnist_cnn, *batch, THREAT, fast=True, generator=0)
+
+
+def test_undefended_model_is_clean(standard_report):
+    r = standard_report
+    assert r.verdict is Verdict.CLEAN, r.table()
+    names = {c.name for c in r.checks}
+    for expected in ("broken graph", "zero gradients", "saturation ratio", "probability outputs",
+                     "randomness", "autograd in forward", "unstable loss",
+                     "incomplete optimisation", "one-step beats iterative",
+                     "black-box beats white-box", "transfer beats white-box", "unbounded attack",
+                     "monotone in eps", "noise beats attack", "convergence", "binarization test"):
+        assert expected in names
+    assert _check(r, "binarization test").value == 0.0  # PGD solves every guaranteed task
+    assert "no module collapses" in r.gradient_flow
+
+
+def test_report_serialises(standard_report):
+    d = json.loads(standard_report.to_json())
+    assert d["verdict"] == "clean" and len(d["checks"]) == len(standard_report.checks)
+    for c in d["checks"]:
+        assert {"name", "value", "rule", "passed", "kind", "source", "evidence"} <= set(c)
+    assert "verdict: clean" in standard_report.table()
+
+
+def test_quantiser_is_masked_and_bpda_follow_up_breaks_it(mnist_cnn, batch):
+    model = nn.Sequential(Quantize(), mnist_cnn).eval()
+    r = diagnose(model, *batch, THREAT, fast=True, follow_up=True, generator=0)
+    assert r.verdict is Verdict.MASKED
+    assert not _check(r, "zero gradients").passed
+    assert not _check(r, "unstable loss").passed
+    assert r.collapse_at == "0" and "BPDA" in r.recommended_attack
+    f = r.follow_up
+    assert f["before"] >= 0.8  # plain PGD is fooled by the zero gradient
+    assert f["after"] <= 0.05  # the undefended mnist-cnn is at ~0 at eps 0.3
+    assert "BPDA-PGD@0" in f["attack"]
+
+
+def test_temperature_is_masked_by_saturation(mnist_cnn, batch):
+    r = diagnose(Temperature(mnist_cnn, 1000.0).eval(), *batch, THREAT, fast=True,
+                 follow_up=True, generator=0)
+    assert r.verdict is Verdict.MASKED
+    assert not _check(r, "saturation ratio").passed
+    assert "DLR" in r.recommended_attack
+    assert r.follow_up["after"] <= 0.05
+
+
+def test_probabilities_and_randomness_and_inner_optimisation(mnist_cnn, batch):
+    x, y = batch
+    probs = diagnose(nn.Sequential(mnist_cnn, nn.Softmax(1)).eval(), x[:16], y[:16], THREAT,
+                     fast=True, generator=0, audit_flow=False)
+    assert not _check(probs, "probability outputs").passed and probs.verdict is Verdict.MASKED
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        noisy = diagnose(nn.Sequential(InputNoise(), mnist_cnn).eval(), x[:16], y[:16], THREAT,
+                         fast=True, generator=0, audit_flow=False)
+    assert not _check(noisy, "randomness").passed and noisy.verdict is Verdict.MASKED
+    assert noisy.recommended_attack.startswith("EOT")
+    inner = diagnose(InnerOptimisation(mnist_cnn).eval(), x[:16], y[:16], THREAT, fast=True,
+                     generator=0, audit_flow=False)
+    assert not _check(inner, "autograd in forward").passed
+
+
+def test_thresholds_are_named_constants():
+    for name in ("ZERO_GRAD_SHARE", "SATURATION_RATIO", "UNPREDICTED_CHANGE", "BEATS_SHARE",
+                 "UNBOUNDED_SUCCESS", "MONOTONE_SLACK", "RISING_SHARE", "CONVERGENCE_DELTA",
+                 "BINARIZATION_SUSPICIOUS", "BINARIZATION_MASKED"):
+        assert isinstance(getattr(masking_mod, name), float)
+
+
+def test_bad_threat_type(mnist_cnn, batch):
+    with pytest.raises(TypeError, match="Threat"):
+        diagnose(mnist_cnn, *batch, 0.3)
