@@ -125,6 +125,29 @@ def test_internal_batch_size_does_not_change_the_result(method, mnist_cnn, mnist
     torch.testing.assert_close(small, big, rtol=1e-4, atol=1e-6)
 
 
+class _RowCounter(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.max_rows = model, 0
+
+    def forward(self, x):
+        self.max_rows = max(self.max_rows, x.shape[0])
+        return self.model(x)
+
+
+@pytest.mark.parametrize("method,opts", [("saliency", {}), ("input_x_gradient", {}),
+                                         ("smoothgrad", {"samples": 9}),
+                                         ("integrated_gradients", {"n_steps": 5}),
+                                         ("integrated_gradients", {"n_steps": 40})])
+def test_internal_batch_size_bounds_the_rows_per_pass(method, opts, linear):
+    model, x, y = linear
+    counter = _RowCounter(model)
+    x = x.repeat(3, 1, 1, 1)
+    y = y.repeat(3)
+    attribute(counter, x, y, method, internal_batch_size=16, **opts)
+    assert 1 < counter.max_rows <= 16
+
+
 def test_smoothgrad_is_seeded_and_leaves_the_global_rng_alone(mnist_cnn, mnist_batch):
     x, y = mnist_batch[0][:4], mnist_batch[1][:4]
     state = torch.get_rng_state()
@@ -328,6 +351,18 @@ def test_metrics_validate_their_arguments(mnist_cnn, mnist_batch):
         deletion_insertion(mnist_cnn, x, x, y, substrate="noise")
     with pytest.raises(ValueError, match="unknown layer.*parameterised layers: classifier"):
         model_randomisation(mnist_cnn, x, y, layers=["fc9"])
+    blurred = deletion_insertion(mnist_cnn, x, x, y, steps=2, substrate="blur")
+    p_blur = torch.softmax(mnist_cnn(blur(x)), 1).gather(1, y[:, None]).squeeze(1)
+    torch.testing.assert_close(blurred.deletion[:, -1], p_blur)
+    assert blurred.to_dict()["substrate"] == "blur"
+
+
+def test_explain_perf_script_smoke(capsys, mnist_cnn):
+    from unmask.bench import explain_perf
+
+    assert explain_perf.main(["--n", "3", "--n-steps", "2", "--threads", "1"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["images"] == 3 and row["peak_rss_mib"] > 0 and row["cpu_seconds"] >= 0
 
 
 # --- plots and CLI -----------------------------------------------------------------------------------
