@@ -4,6 +4,8 @@ Draws, for ``--n`` test images spread evenly over the test split, the input, a P
 ``unmask.attacks.PGD`` is available; otherwise the adversarial columns are left out with a
 note), and each ``--method``'s map for both, and prints the deletion/insertion AUCs against
 the random baseline, IG's completeness error and the clean-vs-adversarial attribution change.
+The maps of both columns explain the true label, so the adversarial ones show what the attack
+did to the evidence for it.
 
 Usage: ``unmask explain mnist-cnn --method ig --method smoothgrad --n 8 --out fig.png``
 """
