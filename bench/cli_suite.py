@@ -1,0 +1,261 @@
+"""``unmask run``, ``unmask leaderboard``, ``unmask report`` and ``unmask check``.
+
+* ``unmask run [SUITE] [--quick] [--resume RUN_ID] [--store PATH]``: run a suite (the shipped
+  default when omitted) into the results store, with progress bars and a summary;
+* ``unmask leaderboard [--run ID] [--format md|csv|html|latex] [--out FILE]``: the table of a
+  run (the latest by default) on stdout or into a file;
+* ``unmask report [--run ID] [--out-dir results]``: leaderboard.{md,csv,html}, figures and the
+  HTML report;
+* ``unmask check --baseline FILE [--run ID] [--write]``: compare a run with a baseline within
+  the statistical tolerance of both runs' binomial intervals; exit 1 on a regression.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .cli import CLIError, _table, command
+
+_STORE_HELP = ("results store (SQLite); default $UNMASK_STORE, else results/unmask.sqlite "
+               "in the working directory")
+
+
+def _store_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", metavar="PATH", help=_STORE_HELP)
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+@command("run")
+def _run_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "run", help="run a benchmark suite into the results store",
+        description="Run a benchmark suite (a TOML file; the shipped default suite when "
+                    "omitted): every model x threat under the attack ensemble, the masking "
+                    "diagnosis, explanations and backdoor metrics, each finished unit "
+                    "committed to the results store. Under torchrun the samples are sharded "
+                    "over the ranks.")
+    p.add_argument("suite", nargs="?", metavar="SUITE",
+                   help="suite file, or the name of a shipped suite (default: default)")
+    p.add_argument("--quick", action="store_true",
+                   help="the suite's smoke variant: fewer samples, the quick ensemble, a fast "
+                        "masking diagnosis (about a minute with trained models)")
+    p.add_argument("--resume", type=int, metavar="RUN_ID",
+                   help="resume an interrupted run: finished cells are skipped")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the suite's, else best)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--check-only", action="store_true",
+                   help="validate the suite file and print what it would run")
+    _store_arg(p)
+    p.set_defaults(handler=_run)
+
+
+def _install_sigterm() -> None:
+    import signal
+
+    def _raise(signum, frame):  # pragma: no cover - exercised through a subprocess
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, _raise)
+    except ValueError:  # not the main thread
+        pass
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .runner import run_suite
+    from .store import StoreError
+    from .suite import load_suite
+
+    suite = None
+    if args.resume is not None:
+        if args.suite or args.quick:
+            raise CLIError("--resume continues a stored run with its own suite; give no SUITE "
+                           "or --quick with it")
+    else:
+        suite = load_suite(args.suite)
+        if args.quick:
+            suite = suite.quick()
+    if args.check_only:
+        assert suite is not None
+        print(f"suite {suite.name} ({suite.source}): valid")
+        print(f"  dataset {suite.dataset} ({suite.split}), n={suite.n}, batch {suite.batch_size}, "
+              f"seed {suite.seed}")
+        print(f"  models: {', '.join(m.key for m in suite.models)}")
+        print(f"  threats: {', '.join(f'{n}:{e:g}' for n, e in suite.threat_list())}")
+        att = suite.attacks.preset or ", ".join(a["name"] for a in suite.attacks.attacks)
+        print(f"  attacks: {att}; masking {'on' if suite.masking.enabled else 'off'}; "
+              f"explain {'on' if suite.explain.enabled else 'off'}; "
+              f"backdoor {'on' if suite.backdoor.enabled else 'off'}")
+        return 0
+    _install_sigterm()
+    rank = int(os.environ.get("RANK", "0"))
+    progress = not args.no_progress and sys.stderr.isatty() or (
+        not args.no_progress and os.environ.get("UNMASK_PROGRESS") == "1")
+    try:
+        summary = run_suite(suite, store=args.store, resume=args.resume, device=args.device,
+                            progress=progress)
+    except StoreError as err:
+        raise CLIError(str(err)) from None
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("unmask: interrupted; finished cells are saved. Resume with: unmask run "
+                  "--resume <RUN_ID> (unmask leaderboard --runs lists them)", file=sys.stderr)
+        return 130
+    if rank != 0:
+        return 0
+    _print_summary(summary)
+    return 0
+
+
+def _print_summary(summary) -> None:
+    from .leaderboard import leaderboard_frame
+    from .store import Store
+
+    with Store(summary.store, readonly=True) as st:
+        df = leaderboard_frame(st, summary.run_id)
+    print(f"\nrun {summary.run_id} {summary.status} in {summary.wall_seconds:.1f}s: "
+          f"{summary.units_run} units run, {summary.units_skipped} skipped "
+          f"(store {summary.store})")
+    if len(df):
+        rows = []
+        for _, r in df.iterrows():
+            rows.append((r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
+                         f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+                         r["masking"], r["broken_by"]))
+        print(_table(rows, ("rank", "model", "threat", "clean", "worst-case robust [95% CI]",
+                            "masking", "broken by")))
+    for model, section, reason in summary.unavailable:
+        print(f"unavailable: {model} {section}: {reason}")
+    for model, section, reason in summary.errors:
+        print(f"error: {model} {section}: {reason}")
+    print("\nnext: unmask leaderboard   |   unmask report   |   unmask check --baseline FILE")
+
+
+# --- leaderboard ------------------------------------------------------------------------------
+
+
+def _open_readonly(path):
+    from .store import Store, StoreError, default_path
+
+    try:
+        return Store(default_path(path), readonly=True)
+    except StoreError as err:
+        raise CLIError(str(err)) from None
+
+
+@command("leaderboard")
+def _leaderboard_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("leaderboard", help="the leaderboard of a run (latest by default)",
+                       description="Print (or write) the leaderboard of a run: one row per "
+                                   "model and threat, ranked by worst-case robust accuracy; "
+                                   "masked models are marked and never ranked.")
+    p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
+    p.add_argument("--format", choices=("md", "csv", "html", "latex"), default=None,
+                   help="output format (default: md, or the --out file's suffix)")
+    p.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
+    p.add_argument("--runs", action="store_true", help="list the runs in the store instead")
+    _store_arg(p)
+    p.set_defaults(handler=_leaderboard)
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from . import leaderboard as lb
+
+    with _open_readonly(args.store) as st:
+        if args.runs:
+            rows = [(r.run_id, r.suite + (" (quick)" if r.quick else ""), r.status, r.seed,
+                     f"{r.wall_seconds:.1f}s" if r.wall_seconds is not None else "",
+                     r.device, r.world_size, (r.git_commit or "")[:12]) for r in st.runs()]
+            print(_table(rows, ("run", "suite", "status", "seed", "wall", "device", "ranks",
+                                "commit")))
+            return 0
+        run_id = args.run if args.run is not None else st.latest_run().run_id
+        fmt = args.format
+        if fmt is None and args.out:
+            suffix = Path(args.out).suffix.lstrip(".").lower()
+            fmt = {"tex": "latex", "htm": "html", "markdown": "md"}.get(suffix, suffix)
+            if fmt not in ("md", "csv", "html", "latex"):
+                fmt = "md"
+        text = lb.render(st, run_id, fmt or "md")
+    if args.out:
+        lb.write_text(Path(args.out), text)
+        print(f"wrote {args.out}", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+# --- report -----------------------------------------------------------------------------------
+
+
+@command("report")
+def _report_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="write the leaderboard files, figures and HTML report",
+                       description="Write leaderboard.{md,csv,html}, figures/*.png and "
+                                   "report.html for a run (the latest by default).")
+    p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
+    p.add_argument("--out-dir", default="results", metavar="DIR",
+                   help="where to write (default: results)")
+    _store_arg(p)
+    p.set_defaults(handler=_report)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from . import leaderboard as lb
+
+    with _open_readonly(args.store) as st:
+        run_id = args.run if args.run is not None else st.latest_run().run_id
+        paths = lb.write_report(st, run_id, Path(args.out_dir))
+    for p in paths:
+        print(f"wrote {p}")
+    return 0
+
+
+# --- check ------------------------------------------------------------------------------------
+
+
+@command("check")
+def _check_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="compare a run with a robustness baseline (CI regression "
+                                     "test)",
+                       description="Compare a run (the latest by default) with a baseline: a "
+                                   "number fails when the 95%% interval of its difference "
+                                   "(Newcombe, from both runs' Wilson intervals) excludes 0. "
+                                   "Exit 1 and print the differences on a regression.")
+    p.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON")
+    p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
+    p.add_argument("--write", action="store_true",
+                   help="write the run as the new baseline FILE instead of comparing")
+    p.add_argument("--only-drops", action="store_true",
+                   help="fail only when a number drops (an improvement passes)")
+    p.add_argument("--all-attacks", action="store_true",
+                   help="compare every attack's robust accuracy, not only clean and worst case")
+    _store_arg(p)
+    p.set_defaults(handler=_check)
+
+
+def _check(args: argparse.Namespace) -> int:
+    from . import check as chk
+
+    with _open_readonly(args.store) as st:
+        run_id = args.run if args.run is not None else st.latest_run().run_id
+        current = chk.baseline_from_store(st, run_id)
+    if args.write:
+        chk.write_baseline(current, Path(args.baseline))
+        print(f"wrote baseline {args.baseline} from run {run_id} "
+              f"({len(current['cells'])} cells)")
+        return 0
+    try:
+        baseline = chk.read_baseline(Path(args.baseline))
+    except FileNotFoundError:
+        raise CLIError(f"no baseline at {args.baseline}; write one with: unmask check "
+                       f"--baseline {args.baseline} --write") from None
+    result = chk.compare(baseline, current, only_drops=args.only_drops,
+                         all_attacks=args.all_attacks)
+    print(chk.format_result(result))
+    return 0 if result.passed else 1

@@ -1,0 +1,483 @@
+"""The leaderboard and the HTML report of a run, built with pandas from the results store.
+
+One row per model and threat: clean accuracy, each attack's robust accuracy in the cascade,
+the worst case with its 95% Wilson interval, the masking verdict with its failing checks, who
+broke what, explanation scores, backdoor ASR, n, seed, runtime, checkpoint hash and versions.
+Rows are ranked by worst-case robust accuracy within each threat; a model whose diagnosis is
+``masked`` is marked and never ranked (its robust accuracy is not evidence of robustness),
+and a row without a diagnosis says so.
+
+Usage::
+
+    with Store("results/unmask.sqlite", readonly=True) as st:
+        df = leaderboard_frame(st, st.latest_run().run_id)
+        write_report(st, run_id, Path("results"))   # leaderboard.{md,csv,html}, report.html
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .store import WORST_CASE, Store
+
+__all__ = ["leaderboard_frame", "render", "write_report", "write_text", "sections_frame"]
+
+# Explanation metrics shown in the table, with short column names.
+_EXPLAIN_COLUMNS = {"deletion_auc": "del", "insertion_auc": "ins",
+                    "randomisation_correlation": "rand-corr", "completeness_error": "ig-err",
+                    "adversarial_rank_correlation": "adv-corr", "trigger_lift": "trig-lift",
+                    "max_sensitivity": "sens"}
+_METHOD_SHORT = {"saliency": "sal", "smoothgrad": "sg", "integrated_gradients": "ig",
+                 "input_x_gradient": "ixg"}
+
+
+def _broken_by(samples: list[dict[str, Any]], order: list[str]) -> dict[str, int]:
+    counts: dict[str, int] = defaultdict(int)
+    for s in samples:
+        counts[s["broken_by"] or "robust"] += 1
+    keys = ["clean"] + order + ["robust"]
+    return {k: counts[k] for k in keys if counts.get(k)}
+
+
+def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
+    """The leaderboard of ``run_id`` as a DataFrame (numbers as numbers)."""
+    run = store.run(run_id)
+    cells = store.rows("cells", run_id)
+    samples = store.rows("samples", run_id)
+    masking = {(m["model"], m["norm"], m["eps"]): m for m in store.rows("masking", run_id)}
+    sections = store.rows("sections", run_id)
+    masking_missing = {(s["model"], s["detail"]): s for s in sections if s["section"] == "masking"}
+    explanations = store.rows("explanations", run_id)
+    backdoor = defaultdict(dict)
+    for b in store.rows("backdoor", run_id):
+        backdoor[b["model"]][b["metric"]] = b["value"]
+    units = {u["unit"]: u["wall_seconds"] for u in store.rows("units", run_id)}
+    versions = run.versions
+    version_text = ", ".join(f"{k} {versions[k]}" for k in ("unmask", "torch") if k in versions)
+    by_sample: dict[tuple, list] = defaultdict(list)
+    for s in samples:
+        by_sample[(s["model"], s["norm"], s["eps"])].append(s)
+    groups: dict[tuple, list] = defaultdict(list)
+    for c in cells:
+        groups[(c["model"], c["norm"], c["eps"])].append(c)
+    model_order = [m.get("label") or m["name"] for m in run.config.get("models", [])]
+    rows = []
+    for (model, norm, eps), cs in groups.items():
+        cs = sorted(cs, key=lambda c: c["position"])
+        worst = next(c for c in cs if c["attack"] == WORST_CASE)
+        attacks = [c for c in cs if c["attack"] != WORST_CASE]
+        threat = f"{norm}:{eps:g}"
+        m = masking.get((model, norm, eps))
+        if m is not None:
+            verdict = m["verdict"]
+            failing = ", ".join(json.loads(m["failing"]))
+        else:
+            miss = masking_missing.get((model, threat))
+            verdict = "unavailable" if miss is not None else "not run"
+            failing = miss["reason"] if miss is not None else ""
+        row: dict[str, Any] = {
+            "model": model, "threat": threat, "norm": norm, "eps": eps,
+            "clean_accuracy": worst["clean_accuracy"],
+        }
+        for c in attacks:
+            row[f"after {c['attack']}"] = c["robust_accuracy"]
+        row.update({
+            "robust_accuracy": worst["robust_accuracy"], "ci_low": worst["ci_low"],
+            "ci_high": worst["ci_high"], "robust_accuracy_std": worst["robust_accuracy_std"],
+            "masking": verdict, "failing_checks": failing,
+            "masking_follow_up": (m["robust_accuracy_after"] if m is not None else None),
+            "broken_by": ", ".join(f"{k} {v}" for k, v in
+                                   _broken_by(by_sample[(model, norm, eps)],
+                                              [c["attack"] for c in attacks]).items()),
+        })
+        for e in explanations:
+            if e["model"] == model and e["metric"] in _EXPLAIN_COLUMNS:
+                col = (f"{_METHOD_SHORT.get(e['method'], e['method'])} "
+                       f"{_EXPLAIN_COLUMNS[e['metric']]}")
+                row[col] = e["value"]
+        bd = backdoor.get(model, {})
+        row["backdoor_asr"] = bd.get("attack_success_rate")
+        runtime = units.get(f"attack/{model}/{threat}", worst["wall_seconds"])
+        runtime += units.get(f"masking/{model}/{threat}", 0.0)
+        row.update({
+            "n": worst["n"], "seed": run.seed, "runtime_s": runtime,
+            "forwards": worst["forwards"], "backwards": worst["backwards"],
+            "stochastic": bool(worst["stochastic"]),
+            "checkpoint_sha256": worst["checkpoint_sha256"] or "",
+            "source": worst["model_source"] or "", "versions": version_text,
+        })
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    if df.empty:
+        return pd.DataFrame(columns=["rank", "model", "threat", "clean_accuracy",
+                                     "robust_accuracy", "ci_low", "ci_high", "masking",
+                                     "broken_by"])
+    df["_masked"] = df["masking"].eq("masked")
+    df["_order"] = df["model"].map({m: i for i, m in enumerate(model_order)}).fillna(1e9)
+    df = df.sort_values(["norm", "eps", "_masked", "robust_accuracy", "_order"],
+                        ascending=[True, True, True, False, True], kind="mergesort")
+    ranks = []
+    for (_, _), group in df.groupby(["norm", "eps"], sort=False):
+        r = 0
+        for masked in group["_masked"]:
+            if masked:
+                ranks.append(None)
+            else:
+                r += 1
+                ranks.append(r)
+    df.insert(0, "rank", pd.array(ranks, dtype="Int64"))
+    return df.drop(columns=["_masked", "_order"]).reset_index(drop=True)
+
+
+def sections_frame(store: Store, run_id: int) -> pd.DataFrame:
+    """Everything the suite asked for that did not run, with the reason."""
+    rows = store.rows("sections", run_id)
+    return pd.DataFrame([{k: r[k] for k in ("model", "section", "detail", "status", "reason")}
+                         for r in rows], columns=["model", "section", "detail", "status",
+                                                  "reason"])
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+_DISPLAY_FIXED = ["rank", "model", "threat", "clean_accuracy"]
+
+
+def _display(df: pd.DataFrame) -> pd.DataFrame:
+    """The human table: accuracy with its interval in one column, a masking mark."""
+    if df.empty:
+        return df
+    out = pd.DataFrame()
+    out["rank"] = [("-" if pd.isna(r) else str(int(r))) for r in df["rank"]]
+    out["model"] = [m + (" (masked, not ranked)" if v == "masked" else "")
+                    for m, v in zip(df["model"], df["masking"])]
+    out["threat"] = df["threat"]
+    out["clean"] = df["clean_accuracy"].map(lambda v: f"{v:.3f}")
+    for col in df.columns:
+        if col.startswith("after "):
+            out[col[6:]] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    out["worst-case [95% CI]"] = [
+        f"{r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" ±{s:.3f}" if s else "")
+        for r, lo, hi, s in zip(df["robust_accuracy"], df["ci_low"], df["ci_high"],
+                                df["robust_accuracy_std"])]
+    out["masking"] = [v + (f" ({f})" if f else "")
+                      + ("" if pd.isna(a) else f"; follow-up attack: {a:.3f}")
+                      for v, f, a in zip(df["masking"], df["failing_checks"],
+                                         df["masking_follow_up"])]
+    out["broken by"] = df["broken_by"]
+    for col in df.columns:
+        if any(col.endswith(" " + short) for short in _EXPLAIN_COLUMNS.values()):
+            out[col] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    out["backdoor ASR"] = df["backdoor_asr"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
+    out["n"] = df["n"].astype(str)
+    out["seed"] = df["seed"].astype(str)
+    out["runtime"] = df["runtime_s"].map(lambda v: f"{v:.1f}s")
+    out["checkpoint"] = df["checkpoint_sha256"].str[:12]
+    out["versions"] = df["versions"]
+    return out
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    if df.empty:
+        return "(no results)"
+    cols = list(df.columns)
+
+    def esc(v: Any) -> str:
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
+             "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(esc(v) for v in row) + " |"
+              for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _header_lines(store: Store, run_id: int) -> list[str]:
+    run = store.run(run_id)
+    wall = f"{run.wall_seconds:.1f}s" if run.wall_seconds is not None else "unfinished"
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items()))
+    return [f"suite {run.suite}{' (quick)' if run.quick else ''}, run {run_id}, {run.status}",
+            f"seed {run.seed}; device {run.device} x {run.world_size}; wall {wall}; "
+            f"commit {run.git_commit or 'unknown'}",
+            f"versions: {versions}"]
+
+
+def render(store: Store, run_id: int, fmt: str = "md") -> str:
+    """The leaderboard of ``run_id`` as Markdown, CSV, an HTML table or LaTeX."""
+    df = leaderboard_frame(store, run_id)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    shown = _display(df)
+    if fmt == "md":
+        text = ["# unmask leaderboard", ""] + [f"- {h}" for h in _header_lines(store, run_id)]
+        text += ["", "Worst case over the attack ensemble per sample; attack columns are the "
+                 "robust accuracy after the cascade reached that attack. Masked models are "
+                 "not ranked.", "", _markdown(shown)]
+        missing = sections_frame(store, run_id)
+        if len(missing):
+            text += ["", "## Not run", "", _markdown(missing)]
+        return "\n".join(text) + "\n"
+    if fmt == "html":
+        return _html_page("unmask leaderboard", _html_table(shown, store, run_id))
+    if fmt == "latex":
+        if shown.empty:
+            return "% no results\n"
+        return shown.to_latex(index=False, escape=True)
+    raise ValueError(f"unknown format {fmt!r}; expected md, csv, html or latex")
+
+
+def write_text(path: Path, text: str) -> Path:
+    from .zoo import _atomic_write
+
+    _atomic_write(Path(path), text.encode("utf-8"))
+    return Path(path)
+
+
+# --- HTML report ------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
+table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+tr.masked td { background: #fde2e2; }
+tr.suspicious td { background: #fff4d6; }
+.meta { color: #555; font-size: 0.9em; }
+figure { display: inline-block; margin: 0.5em; }
+figure img { max-width: 640px; border: 1px solid #ddd; }
+pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; max-height: 30em; }
+"""
+
+
+def _html_page(title: str, body: str) -> str:
+    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
+            f"{body}\n</body></html>\n")
+
+
+def _html_table(shown: pd.DataFrame, store: Store, run_id: int, table_id: str = "leaderboard"
+                ) -> str:
+    if shown.empty:
+        return "<p>(no results)</p>"
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    body = []
+    for row in shown.itertuples(index=False):
+        masking = str(row[list(shown.columns).index("masking")]) if "masking" in shown else ""
+        cls = ("masked" if masking.startswith("masked") else
+               "suspicious" if masking.startswith("suspicious") else "")
+        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
+        body.append(f"<tr class=\"{cls}\">{cells}</tr>")
+    return (f"<table id=\"{table_id}\"><thead><tr>{head}</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table>")
+
+
+def _plain_table(df: pd.DataFrame, table_id: str) -> str:
+    if df.empty:
+        return "<p>(none)</p>"
+    shown = df.copy()
+    for col in shown.columns:
+        if shown[col].dtype.kind == "f":
+            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
+                   for r in shown.itertuples(index=False))
+    return f"<table id=\"{table_id}\"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
+
+
+def _figure(_: Path | None = None):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(7, 4), dpi=100)
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return write_bytes(path, buf.getvalue())
+
+
+def write_bytes(path: Path, payload: bytes) -> Path:
+    from .zoo import _atomic_write
+
+    _atomic_write(Path(path), payload)
+    return Path(path)
+
+
+def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[tuple[Path, str]]:
+    """The report's figures: robust accuracy vs eps, who broke what, attack cost, maps."""
+    out: list[tuple[Path, str]] = []
+    if df.empty:
+        return out
+    # robust accuracy vs eps, per norm
+    for norm, group in df.groupby("norm"):
+        fig = _figure(fig_dir)
+        ax = fig.add_subplot(1, 1, 1)
+        for model, g in group.groupby("model", sort=False):
+            g = g.sort_values("eps")
+            eps = [0.0] + g["eps"].tolist()
+            acc = [g["clean_accuracy"].iloc[0]] + g["robust_accuracy"].tolist()
+            lo = [acc[0]] + g["ci_low"].tolist()
+            hi = [acc[0]] + g["ci_high"].tolist()
+            style = "--" if (g["masking"] == "masked").any() else "-"
+            line, = ax.plot(eps, acc, style, marker="o", label=model)
+            ax.fill_between(eps, lo, hi, alpha=0.15, color=line.get_color())
+        ax.set_xlabel(f"eps ({norm})")
+        ax.set_ylabel("worst-case robust accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(f"Robust accuracy vs eps ({norm}; dashed: masked; band: 95% CI)")
+        ax.legend(fontsize=7, loc="upper right")
+        p = _save(fig, fig_dir / f"robust_vs_eps_{norm}.png")
+        out.append((p, f"Worst-case robust accuracy vs eps ({norm}) with 95% Wilson bands"))
+    # who broke what + attack cost, per threat
+    cells = store.rows("cells", run_id)
+    for threat, group in df.groupby("threat", sort=False):
+        models = group["model"].tolist()
+        norm, eps = group["norm"].iloc[0], group["eps"].iloc[0]
+        per = {m: [c for c in cells if c["model"] == m and c["norm"] == norm
+                   and c["eps"] == eps and c["attack"] != WORST_CASE] for m in models}
+        attacks = []
+        for m in models:
+            for c in sorted(per[m], key=lambda c: c["position"]):
+                if c["attack"] not in attacks:
+                    attacks.append(c["attack"])
+        fig = _figure(fig_dir)
+        ax = fig.add_subplot(1, 1, 1)
+        left = [0.0] * len(models)
+        n = group["n"].tolist()
+        segments = [("clean", [(nn_ - cc) / nn_ for nn_, cc in
+                               zip(n, (group["clean_accuracy"] * group["n"]).round())])]
+        for a in attacks:
+            segments.append((a, [next((c["broken"] / c["n"] for c in per[m] if c["attack"] == a),
+                                      0.0) for m in models]))
+        segments.append(("robust", group["robust_accuracy"].tolist()))
+        for label, widths in segments:
+            ax.barh(models, widths, left=left, label=label)
+            left = [lft + w for lft, w in zip(left, widths)]
+        ax.set_xlabel("share of samples")
+        ax.set_title(f"Who broke what at {threat} (misclassified clean, broken by each "
+                     "attack, robust)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.invert_yaxis()
+        safe = threat.replace(":", "_")
+        p = _save(fig, fig_dir / f"broken_by_{safe}.png")
+        out.append((p, f"Attack ensemble breakdown at {threat}"))
+        fig = _figure(fig_dir)
+        ax = fig.add_subplot(1, 1, 1)
+        width = 0.8 / max(1, len(attacks))
+        for i, a in enumerate(attacks):
+            vals = [next((c["forwards"] + c["backwards"] for c in per[m] if c["attack"] == a), 0)
+                    for m in models]
+            ax.bar([j + i * width for j in range(len(models))], [max(v, 1) for v in vals],
+                   width=width, label=a)
+        ax.set_yscale("log")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))])
+        ax.set_xticklabels(models, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("forward + backward passes")
+        ax.set_title(f"Attack cost at {threat}")
+        ax.legend(fontsize=7)
+        p = _save(fig, fig_dir / f"attack_cost_{safe}.png")
+        out.append((p, f"Attack cost (model passes) at {threat}"))
+    # explanation maps
+    maps = store.rows("explanation_maps", run_id)
+    by_model: dict[str, list] = defaultdict(list)
+    for m in maps:
+        by_model[m["model"]].append(m)
+    for model, entries in by_model.items():
+        inputs = json.loads(entries[0]["inputs"])
+        k = len(inputs)
+        if not k:
+            continue
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(1.6 * (1 + len(entries)), 1.6 * k), dpi=100)
+        axes = fig.subplots(k, 1 + len(entries), squeeze=False)
+        for i in range(k):
+            axes[i][0].imshow(inputs[i], cmap="gray", vmin=0, vmax=1)
+            for j, e in enumerate(entries):
+                axes[i][j + 1].imshow(json.loads(e["maps"])[i], cmap="inferno")
+                if i == 0:
+                    axes[i][j + 1].set_title(e["method"], fontsize=8)
+            if i == 0:
+                axes[i][0].set_title("input", fontsize=8)
+        for row in axes:
+            for ax in row:
+                ax.set_axis_off()
+        p = _save(fig, fig_dir / f"explain_{_safe(model)}.png")
+        out.append((p, f"Attribution maps of {model}"))
+    return out
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
+    """Write leaderboard.{md,csv,html}, figures/*.png and report.html under ``out_dir``."""
+    out_dir = Path(out_dir)
+    fig_dir = out_dir / "figures"
+    df = leaderboard_frame(store, run_id)
+    written = [write_text(out_dir / "leaderboard.md", render(store, run_id, "md")),
+               write_text(out_dir / "leaderboard.csv", render(store, run_id, "csv")),
+               write_text(out_dir / "leaderboard.html", render(store, run_id, "html"))]
+    figures = _plots(store, run_id, df, fig_dir)
+    written += [p for p, _ in figures]
+    parts = ["<h1>unmask report</h1>", "<div class=\"meta\">"]
+    parts += [f"<p>{html.escape(h)}</p>" for h in _header_lines(store, run_id)]
+    parts.append("</div>")
+    parts.append("<h2>Leaderboard</h2><p>Worst case over the attack ensemble per sample, with "
+                 "the 95% Wilson interval. Attack columns give the robust accuracy after the "
+                 "cascade reached that attack. Rows with a <em>masked</em> verdict are not "
+                 "ranked; <em>suspicious</em> rows are highlighted.</p>")
+    parts.append(_html_table(_display(df), store, run_id))
+    missing = sections_frame(store, run_id)
+    parts.append("<h2>Not run</h2><p>Sections the suite asked for that could not run here, "
+                 "with the reason.</p>")
+    parts.append(_plain_table(missing, "not-run"))
+    parts.append("<h2>Figures</h2>")
+    for p, caption in figures:
+        rel = os.path.relpath(p, out_dir)
+        parts.append(f"<figure><img src=\"{html.escape(rel)}\" alt=\"{html.escape(caption)}\">"
+                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    masking = store.rows("masking", run_id)
+    parts.append("<h2>Masking diagnosis</h2>")
+    if masking:
+        for m in masking:
+            failing = ", ".join(json.loads(m["failing"])) or "none"
+            extra = ""
+            if m["robust_accuracy_before"] is not None and m["robust_accuracy_after"] is not None:
+                extra = (f"; follow-up attack: robust accuracy {m['robust_accuracy_before']:.3f}"
+                         f" -> {m['robust_accuracy_after']:.3f}")
+            try:
+                pretty = json.dumps(json.loads(m["report"]), indent=2)
+            except json.JSONDecodeError:
+                pretty = m["report"]
+            parts.append(f"<details><summary>{html.escape(m['model'])} at "
+                         f"{html.escape(m['norm'])}:{m['eps']:g}: <b>{html.escape(m['verdict'])}"
+                         f"</b> (failing: {html.escape(failing)}; next: "
+                         f"{html.escape(str(m['next_attack'] or '-'))}{html.escape(extra)})"
+                         f"</summary><pre>{html.escape(pretty)}</pre></details>")
+    else:
+        parts.append("<p>No masking diagnosis in this run (see Not run).</p>")
+    expl = pd.DataFrame([{k: e[k] for k in ("model", "method", "metric", "value", "n")}
+                         for e in store.rows("explanations", run_id)])
+    parts.append("<h2>Explanation metrics</h2>")
+    parts.append(_plain_table(expl, "explanations"))
+    bd = pd.DataFrame([{k: b[k] for k in ("model", "metric", "value")}
+                       for b in store.rows("backdoor", run_id)])
+    if not bd.empty:
+        bd = bd.pivot(index="model", columns="metric", values="value").reset_index()
+    parts.append("<h2>Backdoor metrics</h2>")
+    parts.append(_plain_table(bd, "backdoor"))
+    report = write_text(out_dir / "report.html", _html_page("unmask report", "\n".join(parts)))
+    return written + [report]

@@ -1,0 +1,548 @@
+"""Run a suite: the data flow of DESIGN.md, one store transaction per finished unit.
+
+For every model of the suite (zoo entry trained or loaded from the cache, or a user's
+``module:function``), on the suite's samples of its dataset:
+
+1. per threat, the attack ensemble (cascade on the samples still robust) over fixed batches
+   -> ``cells`` (one per attack plus ``worst-case``) and per-sample outcomes;
+2. per threat, the masking diagnosis (``unmask.defenses.diagnose``) -> ``masking``;
+3. explanations and their metrics (``unmask.explain``) -> ``explanations``;
+4. backdoor metrics for backdoored entries -> ``backdoor``.
+
+Each of these units is committed in its own transaction; ``resume=RUN_ID`` skips the units
+already finished, so an interrupted run resumed gives the same table as an uninterrupted one.
+A section that cannot run (a feature not installed, an optional zoo entry missing) is stored
+as ``unavailable`` with its reason; a section that fails is stored as ``error``.
+
+Determinism: the samples are cut into fixed batches of ``batch_size`` and batch ``b`` draws
+its randomness from a generator seeded with ``(seed, b)``, so the result does not depend on
+how batches are distributed. Under ``torchrun`` (``WORLD_SIZE > 1``) the batches are sharded
+round-robin over the ranks with ``torch.distributed`` (Gloo on CPU, NCCL on GPUs), gathered
+on rank 0, and rank 0 alone writes the store; the table equals the single-process one.
+
+Usage::
+
+    summary = run_suite(load_suite(None), store="results/unmask.sqlite")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from . import integrations
+from .core import Threat, make_generator, select_device
+from .store import WORST_CASE, Store, wilson
+from .suite import ModelSpec, Suite, parse_suite, resolve_user_model
+
+__all__ = ["run_suite", "RunSummary", "batch_seed", "evaluate_cell", "git_commit"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunSummary:
+    """What a run did: its id, the units run and skipped, and what could not run."""
+
+    run_id: int
+    store: Path
+    status: str
+    wall_seconds: float
+    units_run: int = 0
+    units_skipped: int = 0
+    unavailable: list[tuple[str, str, str]] = field(default_factory=list)  # model, section, why
+    errors: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    """The seed of batch ``batch``'s generator: a function of ``(seed, batch)`` only."""
+    digest = hashlib.sha256(f"unmask-batch:{seed}:{batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def git_commit(path: str | os.PathLike | None = None) -> str | None:
+    """The git commit of the unmask source tree (``+dirty`` with local changes), if any."""
+    where = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# --- torch.distributed ------------------------------------------------------------------------
+
+
+class _Dist:
+    """Rank bookkeeping; a single process is world size 1 with no collective calls."""
+
+    def __init__(self, device: torch.device | None) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.owned = False
+        self.device = device
+        if self.world > 1:
+            import datetime
+
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                use_cuda = (device is None or device.type == "cuda") and torch.cuda.is_available()
+                if use_cuda:
+                    torch.cuda.set_device(local)
+                    self.device = torch.device("cuda", local)
+                backend = "nccl" if use_cuda else "gloo"
+                # Rank 0 alone runs the masking diagnosis and explanations while the others
+                # wait at the next gather: allow hours, not the default 30 minutes.
+                dist.init_process_group(backend, timeout=datetime.timedelta(hours=6))
+                self.owned = True
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def broadcast(self, obj: Any) -> Any:
+        if self.world == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        if self.world == 1:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world if self.main else None
+        dist.gather_object(obj, out, dst=0)
+        return out
+
+    def close(self, ok: bool = True) -> None:
+        if self.owned:
+            import torch.distributed as dist
+
+            if ok:  # after an error the other ranks may never arrive: do not wait for them
+                with contextlib.suppress(Exception):
+                    dist.barrier()
+            dist.destroy_process_group()
+
+
+# --- one cell ---------------------------------------------------------------------------------
+
+
+def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
+    return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+
+
+def _run_batch(ensemble, model: nn.Module, x: Tensor, y: Tensor, seed: int, b: int,
+               progress: bool) -> dict[str, Any]:
+    ensemble.progress = progress
+    start = time.perf_counter()
+    res = ensemble(model, x, y, generator=make_generator(batch_seed(seed, b)))
+    seconds = time.perf_counter() - start
+    draws = None
+    if res.robust_accuracy_draws is not None:
+        draws = (res.robust_accuracy_draws.double() * res.n).tolist()
+    return {"b": b, "robust": res.robust.cpu().tolist(),
+            "clean_correct": res.clean_correct.cpu().tolist(), "broken_by": res.broken_by,
+            "margin": res.margin.detach().cpu().double().tolist(),
+            "costs": {k: v.to_dict() for k, v in res.costs.items()},
+            "stochastic": res.stochastic, "draws": draws, "seconds": seconds}
+
+
+def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int,
+                  batch_size: int, rank: int = 0, world: int = 1,
+                  progress: bool = False, desc: str = "") -> list[dict[str, Any]]:
+    """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcome dicts."""
+    spans = _batches(int(x.shape[0]), batch_size)
+    mine = [b for b in range(len(spans)) if b % world == rank]
+    out = []
+    bar = tqdm(mine, desc=desc, disable=not progress, leave=False, unit="batch")
+    for b in bar:
+        s, e = spans[b]
+        out.append(_run_batch(ensemble, model, x[s:e], y[s:e], seed, b, progress))
+    bar.close()
+    return out
+
+
+def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, model: str,
+               norm: str, eps: float, sha256: str | None, source: str
+               ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-batch outcomes (any order, any rank) -> cell rows and sample rows."""
+    parts = sorted(parts, key=lambda p: p["b"])
+    robust = [r for p in parts for r in p["robust"]]
+    clean = [c for p in parts for c in p["clean_correct"]]
+    broken_by = [b for p in parts for b in p["broken_by"]]
+    margins = [m for p in parts for m in p["margin"]]
+    n = len(robust)
+    if n != int(y.shape[0]):
+        raise RuntimeError(f"gathered {n} samples, expected {int(y.shape[0])}")
+    stochastic = any(p["stochastic"] for p in parts)
+    n_clean = sum(bool(c) for c in clean)
+    common = {"model": model, "norm": norm, "eps": float(eps), "n": n,
+              "clean_correct": n_clean, "clean_accuracy": n_clean / n,
+              "stochastic": int(stochastic), "checkpoint_sha256": sha256, "model_source": source}
+    cells = []
+    still = n_clean
+    total = {"attacked": 0, "broken": 0, "forwards": 0, "backwards": 0}
+    for pos, label in enumerate(labels):
+        agg = {k: sum(p["costs"].get(label, {}).get(k, 0) for p in parts)
+               for k in ("attacked", "broken", "forwards", "backwards", "seconds")}
+        still -= agg["broken"]
+        for k in total:
+            total[k] += agg[k]
+        lo, hi = wilson(still, n)
+        cells.append({**common, "attack": label, "position": pos, "robust": still,
+                      "robust_accuracy": still / n, "ci_low": lo, "ci_high": hi,
+                      "robust_accuracy_std": 0.0, "attacked": agg["attacked"],
+                      "broken": agg["broken"], "forwards": agg["forwards"],
+                      "backwards": agg["backwards"], "wall_seconds": agg["seconds"]})
+    n_robust = sum(bool(r) for r in robust)
+    robust_acc, std = n_robust / n, 0.0
+    if stochastic and all(p["draws"] is not None for p in parts):
+        per_draw = [sum(vals) / n for vals in zip(*[p["draws"] for p in parts])]
+        robust_acc = sum(per_draw) / len(per_draw)
+        std = (sum((v - robust_acc) ** 2 for v in per_draw) / len(per_draw)) ** 0.5
+    lo, hi = wilson(n_robust, n)
+    cells.append({**common, "attack": WORST_CASE, "position": len(labels), "robust": n_robust,
+                  "robust_accuracy": robust_acc, "ci_low": lo, "ci_high": hi,
+                  "robust_accuracy_std": std, "attacked": n_clean, "broken": n_clean - n_robust,
+                  "forwards": total["forwards"], "backwards": total["backwards"],
+                  "wall_seconds": sum(p["seconds"] for p in parts)})
+    labels_list = y.cpu().tolist()
+    samples = [{"model": model, "norm": norm, "eps": float(eps), "sample": i,
+                "label": int(labels_list[i]), "clean_correct": int(bool(clean[i])),
+                "robust": int(bool(robust[i])), "broken_by": broken_by[i],
+                "margin": float(margins[i])} for i in range(n)]
+    return cells, samples
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+def _threat_key(norm: str, eps: float) -> str:
+    return f"{norm}:{eps:g}"
+
+
+def _state_sha256(model: nn.Module) -> str:
+    from .zoo import _state_bytes
+
+    return hashlib.sha256(_state_bytes(model)).hexdigest()
+
+
+@dataclass
+class _Loaded:
+    model: nn.Module
+    sha256: str | None
+    source: str
+    entry: Any = None
+
+
+def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loaded:
+    """The model of ``spec`` or :class:`integrations.Unavailable` (optional entry missing)."""
+    from . import zoo
+
+    if spec.is_user:
+        try:
+            model = resolve_user_model(spec).to(device)
+        except ImportError as err:
+            if spec.optional:
+                raise integrations.Unavailable(f"cannot import {spec.name}: {err}") from None
+            raise
+        return _Loaded(model, _state_sha256(model), "user")
+    if spec.name not in zoo.list():
+        raise integrations.Unavailable(
+            f"zoo entry {spec.name!r} is not registered in this unmask installation "
+            "(its feature has not landed or its package is not importable)")
+    model, card = zoo.load_with_card(spec.name, device=device, progress=progress)
+    return _Loaded(model, card.get("sha256"), "zoo", zoo.get(spec.name))
+
+
+class _Runner:
+    def __init__(self, suite: Suite, store: Store | None, run_id: int, done: set[str],
+                 dist: _Dist, device: torch.device, progress: bool) -> None:
+        self.suite = suite
+        self.store = store
+        self.run_id = run_id
+        self.done = done
+        self.dist = dist
+        self.device = device
+        self.progress = progress and dist.main
+        self.summary_run = 0
+        self.summary_skip = 0
+        self.unavailable: list[tuple[str, str, str]] = []
+        self.errors: list[tuple[str, str, str]] = []
+
+    # units --------------------------------------------------------------------------------
+
+    def _is_done(self, unit: str) -> bool:
+        if unit in self.done:
+            self.summary_skip += 1
+            return True
+        return False
+
+    @contextlib.contextmanager
+    def _unit(self, unit: str, seconds: float) -> Iterator[Any]:
+        assert self.store is not None  # only rank 0 writes
+        with self.store.unit(self.run_id, unit, seconds) as tx:
+            yield tx
+        self.done.add(unit)
+        self.summary_run += 1
+
+    def _section(self, unit: str, model: str, section: str, status: str, reason: str,
+                 detail: str = "") -> None:
+        """Record a section that could not run (rank 0)."""
+        if not self.dist.main:
+            return
+        (self.unavailable if status == "unavailable" else self.errors).append(
+            (model, f"{section}{'/' + detail if detail else ''}", reason))
+        with self._unit(unit, 0.0) as tx:
+            tx.add_section(model, section, status, reason, detail)
+
+    # the run ------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        from . import data
+
+        s = self.suite
+        x, y = data.load(s.dataset, s.split, n=s.n, **s.data_options)
+        x, y = x.to(self.device), y.to(self.device)
+        bar = tqdm(s.models, desc=f"suite {s.name}", disable=not self.progress, unit="model")
+        for spec in bar:
+            bar.set_postfix(model=spec.key)
+            self._model(spec, x, y)
+        bar.close()
+
+    def _units_of(self, spec: ModelSpec) -> list[str]:
+        s, key = self.suite, spec.key
+        units = []
+        for norm, eps in s.threat_list():
+            units.append(f"attack/{key}/{_threat_key(norm, eps)}")
+            if s.masking.enabled:
+                units.append(f"masking/{key}/{_threat_key(norm, eps)}")
+        if s.explain.enabled:
+            units.append(f"explain/{key}")
+        if self._wants_backdoor(spec):
+            units.append(f"backdoor/{key}")
+        return units
+
+    def _wants_backdoor(self, spec: ModelSpec) -> bool:
+        b = self.suite.backdoor
+        if not b.enabled:
+            return False
+        if b.models:
+            return spec.key in b.models
+        from . import zoo
+
+        return (not spec.is_user and spec.name in zoo.list()
+                and zoo.get(spec.name).recipe == "backdoor")
+
+    def _model(self, spec: ModelSpec, x: Tensor, y: Tensor) -> None:
+        key = spec.key
+        if f"model/{key}" in self.done:
+            self.summary_skip += 1
+            return
+        units = self._units_of(spec)
+        if all(u in self.done for u in units):
+            self.summary_skip += len(units)
+            return
+        try:
+            loaded = _load_model(spec, self.device, self.progress)
+        except integrations.Unavailable as err:
+            self._section(f"model/{key}", key, "model", "unavailable", str(err))
+            return
+        s = self.suite
+        for norm, eps in s.threat_list():
+            threat = Threat(norm, eps)
+            tk = _threat_key(norm, eps)
+            if not self._is_done(f"attack/{key}/{tk}"):
+                self._attack_cell(spec, loaded, threat, x, y)
+            if s.masking.enabled and self.dist.main and not self._is_done(f"masking/{key}/{tk}"):
+                self._masking(spec, loaded, threat, x, y)
+        if s.explain.enabled and self.dist.main and not self._is_done(f"explain/{key}"):
+            self._explain(spec, loaded, x, y)
+        if self._wants_backdoor(spec) and self.dist.main and not self._is_done(f"backdoor/{key}"):
+            self._backdoor(spec, loaded, x, y)
+
+    def _attack_cell(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
+                     y: Tensor) -> None:
+        s = self.suite
+        start = time.perf_counter()
+        ensemble = s.build_attacks(threat.norm.value, threat.eps)
+        desc = f"{spec.key} {threat}"
+        parts = evaluate_cell(ensemble, loaded.model, x, y, seed=s.seed,
+                              batch_size=s.batch_size, rank=self.dist.rank,
+                              world=self.dist.world, progress=self.progress, desc=desc)
+        gathered = self.dist.gather(parts)
+        if not self.dist.main:
+            return
+        all_parts = [p for rank_parts in gathered for p in rank_parts]
+        cells, samples = merge_cell(all_parts, ensemble.labels, y, model=spec.key,
+                                    norm=threat.norm.value, eps=threat.eps,
+                                    sha256=loaded.sha256, source=loaded.source)
+        with self._unit(f"attack/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}",
+                        time.perf_counter() - start) as tx:
+            tx.add_cells(cells)
+            tx.add_samples(samples)
+
+    def _masking(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
+                 y: Tensor) -> None:
+        m = self.suite.masking
+        unit = f"masking/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}"
+        n = min(m.n, int(x.shape[0]))
+        start = time.perf_counter()
+        try:
+            out = integrations.diagnose_masking(loaded.model, x[:n], y[:n], threat,
+                                                follow_up=m.follow_up, fast=m.fast,
+                                                generator=make_generator(self.suite.seed))
+        except integrations.Unavailable as err:
+            self._section(unit, spec.key, "masking", "unavailable", str(err), str(threat))
+            return
+        except Exception as err:
+            log.warning("masking diagnosis of %s at %s failed: %s", spec.key, threat, err)
+            self._section(unit, spec.key, "masking", "error", f"{type(err).__name__}: {err}",
+                          str(threat))
+            return
+        seconds = time.perf_counter() - start
+        with self._unit(unit, seconds) as tx:
+            tx.add_masking({**out, "model": spec.key, "norm": threat.norm.value,
+                            "eps": threat.eps, "n": n, "wall_seconds": seconds})
+
+    def _explain(self, spec: ModelSpec, loaded: _Loaded, x: Tensor, y: Tensor) -> None:
+        e = self.suite.explain
+        unit = f"explain/{spec.key}"
+        n = min(e.n, int(x.shape[0]))
+        threats = self.suite.threat_list()
+        threat = Threat(*max(threats, key=lambda t: t[1])) if threats else None
+        backdoor = None
+        if "trigger_localisation" in e.metrics and loaded.entry is not None \
+                and loaded.entry.recipe == "backdoor":
+            with contextlib.suppress(integrations.Unavailable):
+                backdoor = integrations.backdoor_of(loaded.entry)
+        start = time.perf_counter()
+        try:
+            rows, maps, problems = integrations.explain_model(
+                loaded.model, x[:n], y[:n], methods=e.methods, metrics=e.metrics,
+                ig_steps=e.ig_steps, maps=e.maps, seed=self.suite.seed, threat=threat,
+                backdoor=backdoor)
+        except integrations.Unavailable as err:
+            self._section(unit, spec.key, "explain", "unavailable", str(err))
+            return
+        seconds = time.perf_counter() - start
+        with self._unit(unit, seconds) as tx:
+            tx.add_explanations([{**r, "model": spec.key} for r in rows])
+            for mrow in maps:
+                tx.add_explanation_map(spec.key, mrow["method"], mrow["inputs"], mrow["maps"])
+            for what, reason in problems:
+                status = "unavailable" if "not importable" in reason or "does not exist" \
+                    in reason else "error"
+                tx.add_section(spec.key, "explain", status, reason, what)
+                (self.unavailable if status == "unavailable" else self.errors).append(
+                    (spec.key, f"explain/{what}", reason))
+
+    def _backdoor(self, spec: ModelSpec, loaded: _Loaded, x: Tensor, y: Tensor) -> None:
+        unit = f"backdoor/{spec.key}"
+        start = time.perf_counter()
+        try:
+            metrics = integrations.backdoor_metrics(
+                loaded.model, loaded.entry, x, y, device=self.device,
+                defenses=self.suite.backdoor.defenses, seed=self.suite.seed)
+        except integrations.Unavailable as err:
+            self._section(unit, spec.key, "backdoor", "unavailable", str(err))
+            return
+        except Exception as err:
+            log.warning("backdoor metrics of %s failed: %s", spec.key, err)
+            self._section(unit, spec.key, "backdoor", "error", f"{type(err).__name__}: {err}")
+            return
+        with self._unit(unit, time.perf_counter() - start) as tx:
+            tx.add_backdoor(spec.key, metrics)
+
+
+def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = None,
+              resume: int | None = None, device: str | torch.device | None = None,
+              progress: bool = True) -> RunSummary:
+    """Run ``suite`` (or resume run ``resume`` of the store) and write it into the store.
+
+    Returns the :class:`RunSummary` (on every rank; only rank 0's store writes happened).
+    """
+    from .store import default_path
+    from .zoo import versions
+
+    if suite is None and resume is None:
+        raise ValueError("give a suite, or a run to resume")
+    wanted = device if device is not None else (suite.device if suite is not None else None)
+    dev = select_device(wanted)
+    dist = _Dist(dev)
+    dev = dist.device or dev
+    path = default_path(store)
+    st: Store | None = None
+    started = time.perf_counter()
+    status = "failed"
+    ok = False
+    try:
+        if dist.main:
+            st = Store(path)
+            if resume is not None:
+                run = st.reopen_run(resume, device=str(dev), world_size=dist.world)
+                done = st.finished_units(resume)
+                config, quick, run_id = run.config, run.quick, run.run_id
+            else:
+                assert suite is not None
+                config, quick = suite.to_dict(), suite.is_quick
+                run_id = st.start_run(suite=suite.name, config=config,
+                                      config_hash=suite.config_hash(), seed=suite.seed,
+                                      quick=quick, git_commit=git_commit(),
+                                      versions=versions(), device=str(dev),
+                                      world_size=dist.world, host=platform.node())
+                done = set()
+            shared = (run_id, config, quick, sorted(done))
+        else:
+            shared = None
+        run_id, config, quick, done_list = dist.broadcast(shared)
+        if resume is not None or not dist.main:
+            import dataclasses
+
+            suite = dataclasses.replace(parse_suite(config, check_zoo=False), is_quick=quick)
+        assert suite is not None
+        runner = _Runner(suite, st, run_id, set(done_list), dist, dev, progress)
+        try:
+            runner.run()
+            status = "finished"
+        except KeyboardInterrupt:
+            status = "interrupted"
+            raise
+        finally:
+            if st is not None:
+                st.set_status(run_id, status)
+        ok = True
+        return RunSummary(run_id=run_id, store=path, status=status,
+                          wall_seconds=time.perf_counter() - started,
+                          units_run=runner.summary_run, units_skipped=runner.summary_skip,
+                          unavailable=runner.unavailable, errors=runner.errors)
+    finally:
+        if st is not None:
+            st.close()
+        dist.close(ok)

@@ -1,0 +1,191 @@
+"""Suites: validation that names the offending key, the shipped default, and runs (resume
+after an interruption, torchrun with 2 Gloo processes) that give the same table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from suite_helpers import cell_table, sample_table, tiny_suite
+
+from unmask.bench.runner import batch_seed, run_suite
+from unmask.bench.store import Store
+from unmask.bench.suite import SuiteError, load_suite, parse_suite
+
+BASE = {"name": "t", "dataset": "digits", "models": ["digits-mlp"],
+        "threats": [{"norm": "linf", "eps": [0.1]}]}
+
+
+def _with(**changes):
+    doc = {k: (list(v) if isinstance(v, list) else v) for k, v in BASE.items()}
+    doc.update(changes)
+    return doc
+
+
+@pytest.mark.parametrize("doc, key, words", [
+    (_with(sede=1), "sede", "did you mean 'seed'"),
+    (_with(n=0), "n", ">= 1"),
+    (_with(n="100"), "n", "integer"),
+    (_with(dataset="mnist"), "dataset", "mnist5k"),
+    (_with(models=[]), "models", "non-empty"),
+    (_with(models=["digits-mpl"]), "models[0].name", "Did you mean digits-mlp"),
+    (_with(models=["digits-mlp", {"name": "mnist-cnn"}]), "models[1].name", "mnist5k"),
+    (_with(models=[{"name": "digits-mlp", "optinal": True}]), "models[0].optinal", "unknown"),
+    (_with(models=["not a module:fn"]), "models[0].name", "module:function"),
+    (_with(models=["digits-mlp", "digits-mlp"]), "models[1]", "twice"),
+    (_with(threats=[{"norm": "l1", "eps": 0.1}]), "threats[0].norm", "'linf'"),
+    (_with(threats=[{"norm": "linf", "eps": [0.1, -0.2]}]), "threats[0].eps[1]", ">= 0"),
+    (_with(threats=[{"norm": "linf"}]), "threats[0].eps", "required"),
+    (_with(attacks={"preset": "fast"}), "attacks.preset", "'standard'"),
+    (_with(attacks={"list": [{"name": "pgd", "stepz": 3}]}), "attacks.list[0].stepz",
+     "options: steps"),
+    (_with(attacks={"list": ["fgsm", {"name": "pgd", "steps": 0}]}), "attacks.list[1]",
+     "positive"),
+    (_with(attacks={"list": ["cw"]}), "attacks.list[0].name", "unknown attack"),
+    (_with(masking={"enabeld": True}), "masking.enabeld", "did you mean 'enabled'"),
+    (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
+    (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
+    (_with(quick={"n": -1}), "quick.n", ">= 1"),
+])
+def test_validation_names_the_offending_key(doc, key, words):
+    with pytest.raises(SuiteError) as err:
+        parse_suite(doc, source="s.toml")
+    assert err.value.key == key
+    assert str(err.value).startswith(f"s.toml: {key}: ")
+    assert words in str(err.value)
+
+
+def test_toml_syntax_error_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = 'x'\nmodels = [\n")
+    with pytest.raises(SuiteError, match="not valid TOML"):
+        load_suite(bad)
+    with pytest.raises(FileNotFoundError):
+        load_suite(tmp_path / "nope.toml")
+
+
+def test_suite_is_data_not_code(tmp_path):
+    # A module:function model is imported only when the suite runs, never on load.
+    path = tmp_path / "s.toml"
+    path.write_text(textwrap.dedent("""
+        name = "u"
+        dataset = "digits"
+        models = ["os:system"]
+        [[threats]]
+        norm = "linf"
+        eps = 0.1
+    """))
+    suite = load_suite(path)
+    assert suite.models[0].is_user
+
+
+def test_default_suite_ships_and_round_trips():
+    suite = load_suite(None)
+    assert suite.name == "default" and suite.dataset == "mnist5k"
+    assert "mnist-cnn" in [m.key for m in suite.models]
+    assert suite.attacks.preset == "standard" and suite.masking.follow_up
+    assert suite.explain.enabled and suite.backdoor.enabled
+    assert {m.key for m in suite.models if m.optional} >= {"mnist-cnn-pgdat", "mnist-cnn-badnets"}
+    assert load_suite("default").to_dict() == suite.to_dict()
+    quick = suite.quick()
+    assert quick.is_quick and quick.n <= 100 and quick.attacks.preset == "quick"
+    assert quick.masking.fast and not quick.masking.follow_up
+    assert quick.config_hash() != suite.config_hash()
+    for s in (suite, quick):
+        assert parse_suite(s.to_dict()).to_dict() == s.to_dict()
+
+
+def test_batch_seed_depends_on_seed_and_batch_only():
+    assert batch_seed(0, 1) == batch_seed(0, 1)
+    assert len({batch_seed(s, b) for s in range(3) for b in range(5)}) == 15
+    assert 0 <= batch_seed(7, 3) < 2 ** 63
+
+
+def test_run_records_unavailable_sections(tmp_path, zoo_cache):
+    suite = load_suite(tiny_suite(tmp_path / "s.toml",
+                                  models='"digits-mlp", { name = "digits-nope", optional = true }',
+                                  masking=True,
+                                  extra='[explain]\nmethods = ["saliency"]\n'
+                                        'metrics = ["deletion_insertion", "trigger_localisation"]'
+                                        '\nn = 8\n[backdoor]\nmodels = ["digits-mlp"]\n'))
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    assert summary.status == "finished"
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        sections = {(r["model"], r["section"]): r for r in st.rows("sections", summary.run_id)}
+        assert sections[("digits-nope", "model")]["status"] == "unavailable"
+        assert "not registered" in sections[("digits-nope", "model")]["reason"]
+        # digits-mlp is not backdoored: asked for, so recorded, not dropped
+        assert sections[("digits-mlp", "backdoor")]["status"] == "unavailable"
+        masking = st.rows("masking", summary.run_id)
+        missing_masking = [r for r in st.rows("sections", summary.run_id)
+                           if r["section"] == "masking"]
+        assert len(masking) + len(missing_masking) == 2  # one per threat, run or explained
+        for m in masking:
+            assert m["verdict"] in ("clean", "suspicious", "masked")
+        metrics = {(e["method"], e["metric"]) for e in st.rows("explanations", summary.run_id)}
+        assert ("saliency", "deletion_auc") in metrics
+        cells = st.rows("cells", summary.run_id)
+        assert {c["attack"] for c in cells} == {"fgsm", "pgd", "worst-case"}
+        for c in cells:
+            assert c["ci_low"] <= c["robust_accuracy"] <= c["ci_high"]
+            assert c["robust"] <= c["clean_correct"] <= c["n"] == 48
+
+
+def test_resume_after_interruption_gives_the_same_table(tmp_path, zoo_cache, monkeypatch):
+    from unmask.attacks.pgd import PGD
+
+    suite = load_suite(tiny_suite(tmp_path / "s.toml"))
+    store = tmp_path / "r.sqlite"
+    full = run_suite(suite, store=store, progress=False)
+
+    real = PGD._attack
+    calls = {"n": 0}
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the first batch of the second cell (3 batches per cell)
+            raise KeyboardInterrupt
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(PGD, "_attack", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, store=store, progress=False)
+    monkeypatch.setattr(PGD, "_attack", real)
+    with Store(store, readonly=True) as st:
+        interrupted = st.latest_run()
+        assert interrupted.status == "interrupted"
+        assert st.finished_units(interrupted.run_id) == {"attack/digits-mlp/linf:0.05"}
+    resumed = run_suite(store=store, resume=interrupted.run_id, progress=False)
+    assert resumed.run_id == interrupted.run_id and resumed.status == "finished"
+    assert resumed.units_skipped == 1 and resumed.units_run == 1
+    with Store(store, readonly=True) as st:
+        assert cell_table(st, resumed.run_id) == cell_table(st, full.run_id)
+        assert sample_table(st, resumed.run_id) == sample_table(st, full.run_id)
+        assert st.run(resumed.run_id).status == "finished"
+
+
+def test_torchrun_two_gloo_processes_give_the_single_process_table(tmp_path, zoo_cache):
+    path = tiny_suite(tmp_path / "s.toml")
+    store = tmp_path / "r.sqlite"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNMASK_CACHE": zoo_cache,
+           "UNMASK_DEVICE": "cpu"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    single = subprocess.run([sys.executable, "-m", "unmask.bench", "run", str(path),
+                             "--store", str(store), "--no-progress"], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert single.returncode == 0, single.stderr
+    dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc-per-node", "2", "-m", "unmask.bench", "run", str(path),
+                           "--store", str(store), "--no-progress"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert dist.returncode == 0, dist.stdout[-3000:] + dist.stderr[-3000:]
+    with Store(store, readonly=True) as st:
+        runs = st.runs()
+        assert [r.world_size for r in runs] == [1, 2]
+        assert [r.status for r in runs] == ["finished", "finished"]
+        assert cell_table(st, runs[1].run_id) == cell_table(st, runs[0].run_id)
+        assert sample_table(st, runs[1].run_id) == sample_table(st, runs[0].run_id)
