@@ -195,7 +195,8 @@ def wilson(successes: int, n: int, z: float = 1.959963984540054) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval contains p exactly; rounding may put an end a hair inside it at 0 or n.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))
 
 
 def _json(value: Any) -> str:

@@ -1,0 +1,208 @@
+"""Leaderboard, report, regression check and the pytest helper, on tiny digits-mlp runs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from suite_helpers import WEAK_MODULE, tiny_suite
+
+from unmask.bench import Threat, data, zoo
+from unmask.bench import leaderboard as lb
+from unmask.bench.check import compare, newcombe
+from unmask.bench.cli import main
+from unmask.bench.runner import run_suite
+from unmask.bench.store import Store, wilson
+from unmask.bench.suite import load_suite
+from unmask.bench.testing import assert_robust_accuracy
+
+EXPLAIN = ('[explain]\nmethods = ["saliency"]\nmetrics = ["deletion_insertion"]\nn = 8\n'
+           'maps = 2\n')
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, zoo_cache):
+    """Run 1: the tiny suite; run 2: the same with a deliberately weakened model under the
+    same name."""
+    root = tmp_path_factory.mktemp("lb")
+    (root / "weakmod.py").write_text(WEAK_MODULE)
+    store = root / "r.sqlite"
+    good = load_suite(tiny_suite(root / "good.toml", masking=True, extra=EXPLAIN))
+    run_suite(good, store=store, progress=False)
+    weak = load_suite(tiny_suite(root / "weak.toml",
+                                 models='{ name = "weakmod:weak_digits", label = "digits-mlp" }'))
+    import sys
+
+    sys.path.insert(0, str(root))
+    try:
+        run_suite(weak, store=store, progress=False)
+    finally:
+        sys.path.remove(str(root))
+    return root, store
+
+
+def test_leaderboard_rows_carry_the_evidence(runs):
+    _, store = runs
+    with Store(store, readonly=True) as st:
+        df = lb.leaderboard_frame(st, 1)
+    assert list(df["threat"]) == ["linf:0.05", "linf:0.1"]
+    for col in ("rank", "clean_accuracy", "after fgsm", "after pgd", "robust_accuracy", "ci_low",
+                "ci_high", "masking", "failing_checks", "broken_by", "sal del", "n", "seed",
+                "runtime_s", "checkpoint_sha256", "versions"):
+        assert col in df.columns, col
+    row = df.iloc[0]
+    assert row["ci_low"] <= row["robust_accuracy"] <= row["ci_high"]
+    assert row["after fgsm"] >= row["after pgd"] >= row["robust_accuracy"]
+    assert row["n"] == 48 and row["seed"] == 0
+    assert row["checkpoint_sha256"] == zoo.card("digits-mlp")["sha256"]
+    assert row["masking"] in ("clean", "suspicious", "masked", "unavailable")
+    assert "robust" in row["broken_by"] and "torch" in row["versions"]
+    assert isinstance(row["robust_accuracy"], float)
+
+
+def test_masked_models_are_marked_and_not_ranked(tmp_path):
+    from test_store import _cell, _run
+
+    with Store(tmp_path / "r.sqlite") as st:
+        run_id = _run(st, config={"models": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
+        with st.unit(run_id, "u") as tx:
+            tx.add_cells([_cell("a", robust=2), _cell("b", robust=8), _cell("c", robust=5)])
+            tx.add_masking({"model": "b", "norm": "linf", "eps": 0.1, "verdict": "masked",
+                            "failing": ["black-box beats white-box"], "next_attack": "square",
+                            "robust_accuracy_before": 0.8, "robust_accuracy_after": 0.1,
+                            "n": 10, "wall_seconds": 1.0, "report": "{}"})
+        df = lb.leaderboard_frame(st, run_id)
+        assert list(df["model"]) == ["c", "a", "b"]
+        assert list(df["rank"].astype(object).where(df["rank"].notna(), None)) == [1, 2, None]
+        md = lb.render(st, run_id, "md")
+        assert "b (masked, not ranked)" in md and "black-box beats white-box" in md
+        assert "follow-up attack: 0.100" in md
+        html = lb.render(st, run_id, "html")
+        assert '<tr class="masked">' in html
+
+
+def test_formats_and_report(runs, tmp_path):
+    _, store = runs
+    with Store(store, readonly=True) as st:
+        csv = lb.render(st, 1, "csv")
+        df = pd.read_csv(pd.io.common.StringIO(csv))
+        assert df["robust_accuracy"].dtype.kind == "f"
+        assert "\\begin{tabular}" in lb.render(st, 1, "latex")
+        with pytest.raises(ValueError, match="md, csv"):
+            lb.render(st, 1, "xlsx")
+        paths = lb.write_report(st, 1, tmp_path / "out")
+    names = {p.name for p in paths}
+    assert {"leaderboard.md", "leaderboard.csv", "leaderboard.html", "report.html",
+            "robust_vs_eps_linf.png", "explain_digits-mlp.png"} <= names
+    html = (tmp_path / "out" / "report.html").read_text()
+    for src in __import__("re").findall(r'<img src="([^"]+)"', html):
+        assert (tmp_path / "out" / src).stat().st_size > 1000, src
+    assert 'id="leaderboard"' in html and "Masking diagnosis" in html
+
+
+def test_cli_leaderboard_report_and_runs(runs, tmp_path, capsys):
+    _, store = runs
+    assert main(["leaderboard", "--store", str(store), "--run", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "| rank | model |" in out and "digits-mlp" in out
+    assert main(["leaderboard", "--store", str(store), "--out", str(tmp_path / "l.csv")]) == 0
+    assert (tmp_path / "l.csv").read_text().startswith("rank,model,threat")
+    assert main(["leaderboard", "--store", str(store), "--runs"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["report", "--store", str(store), "--run", "1", "--out-dir",
+                 str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "report.html").exists()
+    bad = tmp_path / "bad.sqlite"
+    bad.write_bytes(b"garbage" * 100)
+    assert main(["leaderboard", "--store", str(bad)]) == 2
+    assert "not an SQLite database" in capsys.readouterr().err
+
+
+def test_check_passes_against_itself_and_fails_on_a_weakened_model(runs, tmp_path, capsys):
+    _, store = runs
+    baseline = tmp_path / "baselines" / "default.json"
+    assert main(["check", "--store", str(store), "--run", "1", "--baseline", str(baseline)]) == 2
+    assert "--write" in capsys.readouterr().err
+    assert main(["check", "--store", str(store), "--run", "1", "--baseline", str(baseline),
+                 "--write"]) == 0
+    doc = json.loads(baseline.read_text())
+    assert doc["kind"] == "unmask-baseline" and doc["seed"] == 0 and len(doc["cells"]) == 6
+    capsys.readouterr()
+    assert main(["check", "--store", str(store), "--run", "1", "--baseline", str(baseline)]) == 0
+    assert "PASSED" in capsys.readouterr().out
+    assert main(["check", "--store", str(store), "--run", "2", "--baseline", str(baseline)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "FAIL" in out and "dropped beyond tolerance" in out
+
+
+def test_check_tolerance_is_statistical():
+    # 80/100 vs 75/100 is noise; 80/100 vs 50/100 is not; the same gap passes at n=20
+    # and fails at n=2000.
+    assert newcombe(75, 100, 80, 100)[2] > 0
+    assert newcombe(50, 100, 80, 100)[2] < 0
+    assert newcombe(15, 20, 16, 20)[2] > 0
+    assert newcombe(1500, 2000, 1600, 2000)[2] < 0
+
+    def base(robust, n):
+        lo, hi = wilson(robust, n)
+        return {"cells": [{"model": "m", "norm": "linf", "eps": 0.1, "attack": "worst-case",
+                           "n": n, "clean_correct": n, "robust": robust, "clean_accuracy": 1.0,
+                           "robust_accuracy": robust / n, "ci_low": lo, "ci_high": hi}],
+                "masking": [{"model": "m", "norm": "linf", "eps": 0.1, "verdict": "clean"}]}
+
+    assert compare(base(80, 100), base(75, 100)).passed
+    assert not compare(base(80, 100), base(50, 100)).passed
+    assert not compare(base(50, 100), base(80, 100)).passed
+    assert compare(base(50, 100), base(80, 100), only_drops=True).passed
+    worse = base(80, 100)
+    worse["masking"][0]["verdict"] = "masked"
+    res = compare(base(80, 100), worse)
+    assert not res.passed and res.failures[0].quantity == "masking"
+    gone = base(80, 100)
+    gone["cells"] = []
+    assert compare(base(80, 100), gone).missing
+
+
+def test_assert_robust_accuracy(digits_mlp):
+    x, y = data.load("digits", "test")
+    res = assert_robust_accuracy(digits_mlp, (x, y), Threat("linf", 0.05), "quick",
+                                 at_least=0.5, n=48, batch_size=16)
+    assert 0.5 <= res.ci_high and res.n == 48
+    with pytest.raises(AssertionError, match="below the required 0.9900"):
+        assert_robust_accuracy(digits_mlp, (x, y), Threat("linf", 0.1), "quick",
+                               at_least=0.99, n=48, batch_size=16)
+
+
+def test_report_renders_in_headless_chromium(runs, tmp_path):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("headless Chromium not found (Debian package 'chromium'; .ci/run "
+                    "installs it)")
+    _, store = runs
+    with Store(store, readonly=True) as st:
+        lb.write_report(st, 1, tmp_path / "out")
+    report = (tmp_path / "out" / "report.html").resolve()
+    # The DOM after load: every <img> complete with a natural width, the table rendered.
+    probe = tmp_path / "out" / "probe.html"
+    probe.write_text(report.read_text().replace(
+        "</body>",
+        "<script>window.addEventListener('load', () => {"
+        "const imgs = [...document.images];"
+        "const ok = imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);"
+        "const rows = document.querySelectorAll('#leaderboard tbody tr').length;"
+        "document.title = 'PROBE ' + (ok ? 'images-ok' : 'images-broken') + ' rows=' + rows;"
+        "});</script></body>"))
+    common = [browser, "--headless", "--no-sandbox", "--disable-gpu",
+              "--allow-file-access-from-files"]
+    dom = subprocess.run([*common, "--virtual-time-budget=5000", "--dump-dom",
+                          probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "PROBE images-ok rows=2" in dom.stdout, dom.stderr[-2000:]
+    shot = tmp_path / "out" / "report.png"
+    subprocess.run([*common, f"--screenshot={shot}", "--window-size=1400,2000",
+                    report.as_uri()], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
+    Path(tmp_path / "out" / "probe.html").unlink()

@@ -1,0 +1,185 @@
+"""The results store: schema, one transaction per unit, clear errors on corrupted or foreign
+files, concurrent writers, the Wilson interval."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from unmask.bench.store import SCHEMA_VERSION, Store, StoreError, default_path, wilson
+
+
+def _run(st: Store, **kw) -> int:
+    args = dict(suite="s", config={"name": "s"}, config_hash="h", seed=0, quick=False,
+                git_commit=None, versions={"torch": "x"}, device="cpu")
+    args.update(kw)
+    return st.start_run(**args)
+
+
+def _cell(model="m", attack="worst-case", robust=3, n=10):
+    lo, hi = wilson(robust, n)
+    return {"model": model, "norm": "linf", "eps": 0.1, "attack": attack, "position": 0, "n": n,
+            "clean_correct": 9, "robust": robust, "clean_accuracy": 0.9,
+            "robust_accuracy": robust / n, "ci_low": lo, "ci_high": hi,
+            "robust_accuracy_std": 0.0, "attacked": 9, "broken": 9 - robust, "forwards": 100,
+            "backwards": 50, "wall_seconds": 0.1, "stochastic": 0, "checkpoint_sha256": "ab",
+            "model_source": "zoo"}
+
+
+def test_schema_and_round_trip(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as st:
+        run_id = _run(st)
+        with st.unit(run_id, "attack/m/linf:0.1", 1.5) as tx:
+            tx.add_cells([_cell()])
+            tx.add_samples([{"model": "m", "norm": "linf", "eps": 0.1, "sample": 0, "label": 3,
+                             "clean_correct": 1, "robust": 0, "broken_by": "pgd",
+                             "margin": -0.5}])
+        with st.unit(run_id, "masking/m/linf:0.1") as tx:
+            tx.add_masking({"model": "m", "norm": "linf", "eps": 0.1, "verdict": "clean",
+                            "failing": [], "next_attack": None, "robust_accuracy_before": None,
+                            "robust_accuracy_after": None, "n": 10, "wall_seconds": 1.0,
+                            "report": {"checks": []}})
+        with st.unit(run_id, "backdoor/m") as tx:
+            tx.add_backdoor("m", {"attack_success_rate": 0.97, "reference_accuracy": None,
+                                  "nan": float("nan")})
+        st.set_status(run_id, "finished")
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    with Store(path, readonly=True) as st:
+        assert st.schema_version() == SCHEMA_VERSION
+        run = st.latest_run()
+        assert run.status == "finished" and run.versions == {"torch": "x"}
+        assert run.wall_seconds is not None and run.wall_seconds >= 0
+        assert st.finished_units(run_id) == {"attack/m/linf:0.1", "masking/m/linf:0.1",
+                                             "backdoor/m"}
+        cell = st.rows("cells", run_id)[0]
+        assert isinstance(cell["robust_accuracy"], float) and cell["robust"] == 3
+        bd = {r["metric"]: r["value"] for r in st.rows("backdoor", run_id)}
+        assert bd == {"attack_success_rate": 0.97, "reference_accuracy": None, "nan": None}
+        with pytest.raises(StoreError, match="read-only"):
+            _run(st)
+        with pytest.raises(ValueError, match="no run 99"):
+            st.run(99)
+
+
+def test_a_failed_unit_leaves_nothing_behind(tmp_path):
+    with Store(tmp_path / "r.sqlite") as st:
+        run_id = _run(st)
+        with pytest.raises(RuntimeError), st.unit(run_id, "attack/m/linf:0.1") as tx:
+            tx.add_cells([_cell()])
+            raise RuntimeError("interrupted mid-unit")
+        assert st.rows("cells", run_id) == []
+        assert st.finished_units(run_id) == set()
+
+
+def test_default_path(tmp_path, monkeypatch):
+    monkeypatch.delenv("UNMASK_STORE", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_path() == tmp_path / "results" / "unmask.sqlite"
+    monkeypatch.setenv("UNMASK_STORE", str(tmp_path / "env.sqlite"))
+    assert default_path() == tmp_path / "env.sqlite"
+    assert default_path(tmp_path / "x.sqlite") == tmp_path / "x.sqlite"
+
+
+def test_missing_store_for_reading(tmp_path):
+    with pytest.raises(FileNotFoundError, match="unmask run"):
+        Store(tmp_path / "none.sqlite", readonly=True)
+
+
+def test_not_sqlite_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.sqlite"
+    path.write_bytes(b"this is a CSV file, not a database\n" * 50)
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        Store(path)
+
+
+def test_corrupted_store_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as st:
+        run_id = _run(st)
+        with st.unit(run_id, "u") as tx:
+            tx.add_cells([_cell(model=f"m{i}") for i in range(300)])
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    blob = bytearray(path.read_bytes())
+    assert len(blob) > 8192
+    blob[4096:] = b"\xff" * (len(blob) - 4096)  # keep the header, destroy the pages
+    path.write_bytes(bytes(blob))
+    with pytest.raises(StoreError, match="damaged"):
+        Store(path)
+    with pytest.raises(StoreError, match="damaged"):
+        Store(path, readonly=True)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path):
+    path = tmp_path / "other.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE invoices (id INTEGER, total REAL)")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="another application.*invoices"):
+        Store(path)
+    assert sqlite3.connect(path).execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 1
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "r.sqlite"
+    Store(path).close()
+    con = sqlite3.connect(path)
+    con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'",
+                (str(SCHEMA_VERSION + 1),))
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="newer unmask"):
+        Store(path)
+
+
+def test_concurrent_writers_do_not_corrupt_the_store(tmp_path):
+    path = tmp_path / "r.sqlite"
+    script = textwrap.dedent("""
+        import sys
+        from unmask.bench.store import Store, wilson
+        who = sys.argv[2]
+        with Store(sys.argv[1]) as st:
+            run_id = st.start_run(suite=who, config={}, config_hash="h", seed=0, quick=False,
+                                  git_commit=None, versions={}, device="cpu")
+            for i in range(40):
+                with st.unit(run_id, f"u{i}") as tx:
+                    tx.add_section(who, "s", "unavailable", str(i), detail=str(i))
+            st.set_status(run_id, "finished")
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(path), f"w{i}"], env=env,
+                              stderr=subprocess.PIPE, text=True) for i in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 0, err
+    with Store(path, readonly=True) as st:
+        runs = st.runs()
+        assert sorted(r.suite for r in runs) == ["w0", "w1", "w2"]
+        for r in runs:
+            assert r.status == "finished"
+            assert len(st.finished_units(r.run_id)) == 40
+            assert len(st.rows("sections", r.run_id)) == 40
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (10, 10), (3, 10), (500, 1000), (1, 1)])
+def test_wilson_interval(k, n):
+    lo, hi = wilson(k, n)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert hi - lo > 0
+    if k == 0:
+        assert lo == 0.0
+    if k == n:
+        assert hi == 1.0
+
+
+def test_wilson_matches_a_known_value():
+    lo, hi = wilson(81, 263)  # Wilson (1927) / Newcombe (1998) worked example
+    assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
