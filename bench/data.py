@@ -108,7 +108,9 @@ def _stratified_split(y: np.ndarray, test_size: int, seed: int) -> tuple[np.ndar
 
     idx = np.arange(len(y))
     train_idx, test_idx = train_test_split(idx, test_size=test_size, stratify=y, random_state=seed)
-    return np.sort(train_idx), np.sort(test_idx)
+    # The shuffled order of the split is kept on purpose: load(..., n=k) then gives a
+    # class-balanced-in-expectation subset instead of k images of digit 0.
+    return train_idx, test_idx
 
 
 _MEMO: dict[tuple, tuple[Tensor, Tensor]] = {}
@@ -181,7 +183,7 @@ def _digits(split: str) -> tuple[Tensor, Tensor]:
 def _split_cache_path(name: str) -> Path:
     root = os.environ.get("UNMASK_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
-    return base / "data" / f"{name}-split{MNIST5K_SPLIT_SEED}.safetensors"
+    return base / "data" / f"{name}-split{MNIST5K_SPLIT_SEED}-shuffled.safetensors"
 
 
 def _save_split_cache(path: Path, parts: dict[str, Tensor]) -> None:

@@ -1,0 +1,42 @@
+"""``unmask perf``: attack throughput as a ratio to the model's raw forward+backward speed."""
+
+from __future__ import annotations
+
+import argparse
+
+from .cli import command
+from .cli_attack import add_model_args, load_model_and_data
+
+
+@command("perf")
+def _perf_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("perf", help="attack throughput vs the model's raw speed",
+                       description="Measure R_fb (forward+backward img/s), R_f (forward img/s) "
+                                   "and each attack's evaluations/s and efficiency, interleaved "
+                                   "in one process.")
+    add_model_args(p, n=256)
+    p.set_defaults(eps=0.1)
+    p.add_argument("--steps", type=int, default=20, help="PGD/APGD steps (default 20)")
+    p.add_argument("--queries", type=int, default=500, help="Square queries (default 500)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.set_defaults(handler=_perf)
+
+
+def _perf(args: argparse.Namespace) -> int:
+    from ..attacks import APGD, FGSM, PGD, Square
+    from .core import Threat
+    from .perf import measure
+
+    threat = Threat(args.norm, args.eps)
+    model, _, x, y = load_model_and_data(args)
+    attacks = {"fgsm": FGSM(threat), f"pgd-{args.steps}": PGD(threat, steps=args.steps),
+               f"apgd-ce-{args.steps}": APGD(threat, steps=args.steps),
+               f"square-{args.queries}": Square(threat, queries=args.queries)}
+    report = measure(model, x, y, attacks, repeats=args.repeats, seed=args.seed)
+    print(f"{args.model} {threat}, {len(y)} samples\n")
+    print(report.table())
+    if args.json:
+        with open(args.json, "w") as fh:
+            fh.write(report.to_json())
+    return 0
