@@ -88,12 +88,16 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
         batch_size: int = 128, lr: float = 1e-3, weight_decay: float = 0.0,
         optimizer: str = "adam", generator: torch.Generator | int | None = 0,
         progress: bool = True, checkpoint_dir: str | os.PathLike | None = None,
-        desc: str = "train") -> nn.Module:
+        desc: str = "train", on_batch: Callable[[float], None] | None = None) -> nn.Module:
     """Train ``model`` on ``(x, y)`` minimising ``loss_fn(model, xb, yb, generator)``.
 
     Batches are shuffled with ``generator``. With ``checkpoint_dir``, model, optimiser and
     generator state are saved (atomically) after every epoch and an interrupted run resumes
     from the last finished epoch. The learning rate follows a cosine schedule.
+
+    ``on_batch(progress)`` is called before every batch with the training progress in epochs
+    (``epoch + batch / batches_per_epoch``), also after a resume, so schedules that live in
+    the loss (an eps warm-up) need no state of their own in the checkpoint.
     """
     if epochs < 0:
         raise ValueError(f"epochs must be >= 0, got {epochs}")
@@ -134,6 +138,8 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
         for b in range(steps_per_epoch):
             idx = order[b * batch_size:(b + 1) * batch_size]
             xb, yb = x[idx].to(device), y[idx].to(device)
+            if on_batch is not None:
+                on_batch(epoch + b / steps_per_epoch)
             loss = loss_fn(model, xb, yb, generator)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,34 @@
 """unmask.defenses: training recipes, inference-time defenses, gradient-masking diagnosis."""
 
+from . import defense_zoo  # noqa: F401 - registers the defended zoo entries
+from .adversarial import (
+    AdversarialLoss,
+    FastAdversarialLoss,
+    Method,
+    PGDAdversarialLoss,
+    adversarial_training,
+    robustness_metrics,
+)
 from .backdoor import DetectionResult, activation_clustering, spectral_signatures
 from .backdoor_report import BackdoorReport, evaluate_backdoor
 from .fine_pruning import FinePruningResult, fine_pruning
+from .gradreg import GradientPenaltyLoss, PenaltyNorm, gradient_regularization
+from .inference import (
+    JPEG,
+    Defended,
+    GaussianNoiseInput,
+    InputQuantization,
+    JPEGCompression,
+    LowTemperature,
+    ProbabilityOutput,
+    Quantize,
+    RandomNoise,
+    ScaleLogits,
+    Softmax,
+)
 from .masking import CheckResult, MaskingKind, MaskingReport, Verdict, diagnose
 from .strip import StripResult, strip, strip_entropy
+from .trades import TradesLoss
 
 __all__: list[str] = []
 __all__ += [  # backdoor detection and mitigation
@@ -25,4 +49,29 @@ __all__ += [  # gradient-masking diagnosis
     "MaskingReport",
     "Verdict",
     "diagnose",
+]
+__all__ += [  # training recipes
+    "AdversarialLoss",
+    "FastAdversarialLoss",
+    "GradientPenaltyLoss",
+    "Method",
+    "PGDAdversarialLoss",
+    "PenaltyNorm",
+    "TradesLoss",
+    "adversarial_training",
+    "gradient_regularization",
+    "robustness_metrics",
+]
+__all__ += [  # inference-time defenses (masking controls)
+    "Defended",
+    "GaussianNoiseInput",
+    "InputQuantization",
+    "JPEG",
+    "JPEGCompression",
+    "LowTemperature",
+    "ProbabilityOutput",
+    "Quantize",
+    "RandomNoise",
+    "ScaleLogits",
+    "Softmax",
 ]
