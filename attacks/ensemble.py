@@ -204,7 +204,7 @@ class Ensemble:
         best_rate = rates.clone() if rates is not None else None
         costs: dict[str, AttackCost] = {}
         bar = tqdm(list(zip(self.labels, self.attacks)), desc=f"ensemble {self.threat}",
-                   disable=not self.progress, leave=False)
+                   disable=None if self.progress else True, leave=False)
         for label, attack in bar:
             idx = robust.nonzero().flatten()
             if not idx.numel():

@@ -131,8 +131,9 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
             log.info("resuming %s from epoch %d of %d", desc, start, epochs)
 
     model.train()
-    bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=desc, disable=not progress,
-               leave=False, unit="batch")
+    # disable=None: tqdm draws only on a terminal, so CI logs are not flooded.
+    bar = tqdm(total=(epochs - start) * steps_per_epoch, desc=desc,
+               disable=None if progress else True, leave=False, unit="batch")
     for epoch in range(start, epochs):
         order = torch.randperm(len(x), generator=generator)
         for b in range(steps_per_epoch):
