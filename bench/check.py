@@ -105,6 +105,7 @@ class CheckResult:
     differences: list[Difference] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[Difference]:
@@ -124,6 +125,13 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
     """Compare ``current`` with ``baseline`` (both in baseline form, see
     :func:`baseline_from_store`)."""
     result = CheckResult()
+    if baseline.get("config_hash") and current.get("config_hash") \
+            and baseline["config_hash"] != current["config_hash"]:
+        result.notes.append(
+            f"the run's suite configuration ({current.get('suite')}"
+            f"{', quick' if current.get('quick') else ''}) differs from the baseline's "
+            f"({baseline.get('suite')}{', quick' if baseline.get('quick') else ''}): "
+            "differences may come from the configuration, not the model")
     cur = {_key(c): c for c in current["cells"]}
     base_keys = set()
     for b in baseline["cells"]:
@@ -191,6 +199,7 @@ def format_result(result: CheckResult) -> str:
 
     header = ("", "model", "threat", "attack", "quantity", "baseline", "current", "diff",
               "95% CI of diff", "note")
+    lines += [f"note: {n}" for n in result.notes]
     if fails:
         lines += ["", "regressions:", _table([row(d) for d in fails], header)]
     if result.missing:

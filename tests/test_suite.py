@@ -189,3 +189,53 @@ def test_torchrun_two_gloo_processes_give_the_single_process_table(tmp_path, zoo
         assert [r.status for r in runs] == ["finished", "finished"]
         assert cell_table(st, runs[1].run_id) == cell_table(st, runs[0].run_id)
         assert sample_table(st, runs[1].run_id) == sample_table(st, runs[0].run_id)
+
+
+def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
+    import signal
+    import time
+
+    path = tiny_suite(tmp_path / "s.toml")
+    store = tmp_path / "r.sqlite"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "UNMASK_CACHE": zoo_cache,
+           "UNMASK_DEVICE": "cpu"}
+    # A slow first cell (PGD with many restarts) so the signal lands mid-run.
+    slow = tmp_path / "slow.toml"
+    slow.write_text(path.read_text().replace('preset = "quick"\n\n',
+                                             'list = ["fgsm", { name = "pgd", steps = 100, '
+                                             'restarts = 6 }]\n\n', 1))
+    proc = subprocess.Popen([sys.executable, "-m", "unmask.bench", "run", str(slow), "--store",
+                             str(store), "--no-progress"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        time.sleep(0.2)
+        if store.exists():
+            try:
+                with Store(store, readonly=True) as st:
+                    if st.runs() and st.finished_units(1):
+                        break
+            except Exception:  # the writer may be mid-transaction; look again
+                continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    with Store(store, readonly=True) as st:
+        run = st.run(1)
+        assert run.status == "interrupted"
+        done = st.finished_units(1)
+    assert 1 <= len(done) < 2
+    resumed = subprocess.run([sys.executable, "-m", "unmask.bench", "run", "--resume", "1",
+                              "--store", str(store), "--no-progress"], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "1 skipped" in resumed.stdout
+    full = subprocess.run([sys.executable, "-m", "unmask.bench", "run", str(slow), "--store",
+                           str(store), "--no-progress"], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert full.returncode == 0, full.stderr
+    with Store(store, readonly=True) as st:
+        assert st.run(1).status == "finished"
+        assert cell_table(st, 1) == cell_table(st, 2)
+        assert sample_table(st, 1) == sample_table(st, 2)
