@@ -584,6 +584,10 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     for t in (masking_t, explain_t, backdoor_t, quick_t):
         t.done()
     top.done()
+    for i, m in enumerate(quick.models):
+        if m not in {s.key for s in models}:
+            raise SuiteError(f"quick.models[{i}]", f"{m!r} is not one of the suite's models",
+                             source)
     for i, m in enumerate(backdoor.models):
         if m not in {s.key for s in models}:
             raise SuiteError(f"backdoor.models[{i}]", f"{m!r} is not one of the suite's models",

@@ -49,6 +49,7 @@ def _with(**changes):
     (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
     (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
     (_with(quick={"n": -1}), "quick.n", ">= 1"),
+    (_with(quick={"models": ["mnist-cnn"]}), "quick.models[0]", "not one of"),
 ])
 def test_validation_names_the_offending_key(doc, key, words):
     with pytest.raises(SuiteError) as err:
