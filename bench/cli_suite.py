@@ -113,6 +113,8 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
+    import pandas as pd
+
     from .leaderboard import leaderboard_frame
     from .store import Store
 
@@ -124,7 +126,7 @@ def _print_summary(summary) -> None:
     if len(df):
         rows = []
         for _, r in df.iterrows():
-            rows.append((r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
+            rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
                          f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
                          r["masking"], r["broken_by"]))
         print(_table(rows, ("rank", "model", "threat", "clean", "worst-case robust [95% CI]",
