@@ -183,7 +183,8 @@ def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int
     bar = tqdm(mine, desc=desc, disable=not progress, leave=False, unit="batch")
     for b in bar:
         s, e = spans[b]
-        out.append(_run_batch(ensemble, model, x[s:e], y[s:e], seed, b, progress))
+        out.append(_run_batch(ensemble, model, x[s:e].clone(), y[s:e].clone(), seed, b,
+                              progress))
     bar.close()
     return out
 
@@ -226,7 +227,9 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
         per_draw = [sum(vals) / n for vals in zip(*[p["draws"] for p in parts])]
         robust_acc = sum(per_draw) / len(per_draw)
         std = (sum((v - robust_acc) ** 2 for v in per_draw) / len(per_draw)) ** 0.5
-    lo, hi = wilson(n_robust, n)
+    # A randomised model's robust accuracy is the mean over draws; its interval is that of
+    # the same share of n samples.
+    lo, hi = wilson(round(robust_acc * n) if stochastic else n_robust, n)
     cells.append({**common, "attack": WORST_CASE, "position": len(labels), "robust": n_robust,
                   "robust_accuracy": robust_acc, "ci_low": lo, "ci_high": hi,
                   "robust_accuracy_std": std, "attacked": n_clean, "broken": n_clean - n_robust,
@@ -415,7 +418,9 @@ class _Runner:
         n = min(m.n, int(x.shape[0]))
         start = time.perf_counter()
         try:
-            out = integrations.diagnose_masking(loaded.model, x[:n], y[:n], threat,
+            # Copies: a section must never be able to change the samples of the next one.
+            out = integrations.diagnose_masking(loaded.model, x[:n].clone(), y[:n].clone(),
+                                                threat,
                                                 follow_up=m.follow_up, fast=m.fast,
                                                 generator=make_generator(self.suite.seed))
         except integrations.Unavailable as err:
@@ -445,7 +450,8 @@ class _Runner:
         start = time.perf_counter()
         try:
             rows, maps, problems = integrations.explain_model(
-                loaded.model, x[:n], y[:n], methods=e.methods, metrics=e.metrics,
+                loaded.model, x[:n].clone(), y[:n].clone(), methods=e.methods,
+                metrics=e.metrics,
                 ig_steps=e.ig_steps, maps=e.maps, seed=self.suite.seed, threat=threat,
                 backdoor=backdoor)
         except integrations.Unavailable as err:
@@ -468,7 +474,7 @@ class _Runner:
         start = time.perf_counter()
         try:
             metrics = integrations.backdoor_metrics(
-                loaded.model, loaded.entry, x, y, device=self.device,
+                loaded.model, loaded.entry, x.clone(), y.clone(), device=self.device,
                 defenses=self.suite.backdoor.defenses, seed=self.suite.seed)
         except integrations.Unavailable as err:
             self._section(unit, spec.key, "backdoor", "unavailable", str(err))
