@@ -6,7 +6,8 @@ halved at checkpoints when the attack stalls: at checkpoint w_j the step is halv
 iterate reset to the best point found) when (1) the loss grew in at most rho = 0.75 of the
 steps since the previous checkpoint, or (2) the step was not halved at the previous
 checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
-shrink by 0.03 N down to 0.06 N. Early exit happens at the checkpoints.
+shrink by 0.03 N down to 0.06 N. Early exit happens at the checkpoints and at the shared
+compaction points.
 
 ``APGDT`` runs targeted APGD with the targeted DLR loss against each of the ``n_targets``
 classes with the highest clean logits (after the predicted one), on the samples still robust.
@@ -28,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ..bench.core import Threat, margin
-from .base import Attack, register_attack, resolve_loss, steepest_step
+from .base import Attack, compaction_points, register_attack, resolve_loss, steepest_step
 from .losses import dlr_loss
 from .pgd import _positive_int
 
@@ -61,6 +62,9 @@ def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker
         cum += k
         checks.append((cum, k))
     check_at = dict(checks)
+    # Early exit at the checkpoints and at the shared geometric points: every state tensor is
+    # per sample, so the active set can shrink at any step.
+    compact_at = set(check_at) | compaction_points(steps)
 
     xa, ya = x[idx], y[idx]
     lt = loss_targets[idx] if loss_targets is not None else None
@@ -104,19 +108,19 @@ def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker
             grad = torch.where(reduce.view(view), grad_best, grad)
             reduced_last, loss_best_last_check = reduce, loss_best.clone()
             increases = torch.zeros_like(increases)
-            if i < steps:
-                keep = tracker.robust(idx)
-                if not bool(keep.all()):  # host read: only at checkpoints
-                    idx, xa, ya = idx[keep], xa[keep], ya[keep]
-                    lt = lt[keep] if lt is not None else None
-                    st = st[keep] if st is not None else None
-                    (x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best, loss_prev,
-                     increases, reduced_last, loss_best_last_check) = (
-                        t[keep] for t in (x_cur, x_prev, grad, step, loss_best, x_best_loss,
-                                          grad_best, loss_prev, increases, reduced_last,
-                                          loss_best_last_check))
-                    if not idx.numel():
-                        return
+        if i in compact_at and i < steps:
+            keep = tracker.robust(idx)
+            if not bool(keep.all()):  # host read: only at the compaction points
+                idx, xa, ya = idx[keep], xa[keep], ya[keep]
+                lt = lt[keep] if lt is not None else None
+                st = st[keep] if st is not None else None
+                (x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best, loss_prev,
+                 increases, reduced_last, loss_best_last_check) = (
+                    t[keep] for t in (x_cur, x_prev, grad, step, loss_best, x_best_loss,
+                                      grad_best, loss_prev, increases, reduced_last,
+                                      loss_best_last_check))
+                if not idx.numel():
+                    return
 
 
 @register_attack("apgd")

@@ -296,7 +296,7 @@ def test_host_reads_only_at_compaction_points(monkeypatch, digits_mlp, digits_te
     assert pgd_reads <= budget < steps
     counts["n"] = 0
     APGD(Threat("linf", 0.02), steps=steps)(digits_mlp, x[:64], y[:64])
-    assert counts["n"] <= len(checkpoint_intervals(steps)) + 25
+    assert counts["n"] <= len(compaction_points(steps)) + len(checkpoint_intervals(steps)) + 25
 
 
 def test_early_exit_broken_samples_stop_costing(digits_mlp, digits_test):
