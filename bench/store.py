@@ -255,15 +255,15 @@ class Store:
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if readonly:
-                uri = f"file:{self.path.resolve()}?mode=ro"
-                self.conn = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_S,
-                                            isolation_level=None)
-            else:
-                self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
-                                            isolation_level=None)
+            # Readers open the file normally and switch to query_only: a mode=ro connection
+            # cannot take part in WAL recovery and was seen to report a healthy store,
+            # interrupted mid-run and resumed, as "malformed".
+            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                        isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            if readonly:
+                self.conn.execute("PRAGMA query_only = ON")
             if not readonly:
                 self.conn.execute("PRAGMA journal_mode = WAL")
                 self.conn.execute("PRAGMA synchronous = NORMAL")

@@ -273,7 +273,7 @@ def test_l2_pgd_finds_minimal_distance_of_binary_linear_classifier():
 def test_host_reads_only_at_compaction_points(monkeypatch, digits_mlp, digits_test):
     """The step loop must not synchronise: host reads happen only at the fixed points."""
     x, y = digits_test
-    steps = 200
+    steps = 120
     counts = {"n": 0}
     original = torch.Tensor.__bool__
 
@@ -290,12 +290,12 @@ def test_host_reads_only_at_compaction_points(monkeypatch, digits_mlp, digits_te
             return _orig(self, *a, **k)
 
         monkeypatch.setattr(torch.Tensor, name, wrapped)
-    PGD(Threat("linf", 0.02), steps=steps, step_size=0.001)(digits_mlp, x[:64], y[:64])
+    PGD(Threat("linf", 0.02), steps=steps, step_size=0.001)(digits_mlp, x[:32], y[:32])
     pgd_reads = counts["n"]
     budget = len(compaction_points(steps)) + 25  # plus validation before the loop
     assert pgd_reads <= budget < steps
     counts["n"] = 0
-    APGD(Threat("linf", 0.02), steps=steps)(digits_mlp, x[:64], y[:64])
+    APGD(Threat("linf", 0.02), steps=steps)(digits_mlp, x[:32], y[:32])
     assert counts["n"] <= len(compaction_points(steps)) + len(checkpoint_intervals(steps)) + 25
 
 
