@@ -27,6 +27,7 @@ import enum
 import logging
 import math
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -219,9 +220,11 @@ def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Thre
 def robustness_metrics(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
                        steps: int = 20, samples: int | None = 500,
                        generator: torch.Generator | int | None = 0) -> dict[str, Any]:
-    """Clean and PGD robust accuracy for a zoo card: ``samples`` evenly spaced samples of
-    ``(x, y)`` (test splits are often sorted by class, so not the first ones), PGD with
-    ``steps`` steps and one restart, cross-entropy loss."""
+    """Clean, FGSM and PGD robust accuracy for a zoo card: ``samples`` evenly spaced samples
+    of ``(x, y)``, PGD with ``steps`` steps and one restart, cross-entropy loss. FGSM far above
+    PGD is the signature of single-step training overfitting to its own attack (Wong et al.'s
+    catastrophic overfitting; Tramer et al. 2018)."""
+    from ..attacks.fgsm import FGSM
     from ..attacks.pgd import PGD
 
     start = time.perf_counter()
@@ -234,14 +237,18 @@ def robustness_metrics(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
     result = PGD(threat, steps=steps)(model, x, y, generator=make_generator(generator))
     return {"clean_accuracy": accuracy(model, x, y),
             "robust_accuracy": result.robust_accuracy(),
+            "fgsm_robust_accuracy": FGSM(threat)(model, x, y).robust_accuracy(),
             "attack": f"pgd-{steps}", **threat.to_dict(), "eval_samples": len(y),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 
 
 def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Threat, *,
                       eval_dataset: str | None, eval_samples: int, eval_steps: int,
-                      train_seconds: float) -> dict[str, Any]:
-    """The metrics a recipe returns for the zoo card."""
+                      train_seconds: float, eval_other_eps: Sequence[float] = ()
+                      ) -> dict[str, Any]:
+    """The metrics a recipe returns for the zoo card: the loss's settings, the training time
+    and, with ``eval_dataset``, :func:`robustness_metrics` at the threat's eps (and, as
+    ``robust_accuracy_by_eps``, at each of ``eval_other_eps``)."""
     metrics: dict[str, Any] = {**loss_config, "train_seconds": round(train_seconds, 3),
                                "threads": torch.get_num_threads()}
     if eval_dataset is not None:
@@ -251,6 +258,13 @@ def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Thr
         metrics["eval_dataset"] = eval_dataset
         metrics.update(robustness_metrics(model, x_test, y_test, threat, steps=eval_steps,
                                           samples=eval_samples))
+        other = []
+        for eps in eval_other_eps:
+            m = robustness_metrics(model, x_test, y_test, Threat(threat.norm, eps),
+                                   steps=eval_steps, samples=eval_samples)
+            other.append({k: m[k] for k in ("eps", "robust_accuracy", "fgsm_robust_accuracy")})
+        if other:
+            metrics["robust_accuracy_by_eps"] = other
         log.info("%s: clean %.3f, %s robust %.3f at %s", loss_config.get("method"),
                  metrics["clean_accuracy"], metrics["attack"], metrics["robust_accuracy"], threat)
     return metrics
@@ -258,7 +272,7 @@ def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Thr
 
 def _recipe(method: Method, model, x, y, *, epochs, batch_size, lr, generator, progress,
             checkpoint_dir, norm, eps, steps, step_size, beta, warmup_epochs, eval_dataset,
-            eval_samples, eval_steps, **options):
+            eval_samples, eval_steps, eval_other_eps=(), **options):
     threat = Threat(norm, eps)
     loss = _make_loss(method, threat, steps=steps, step_size=step_size, beta=beta,
                       warmup_epochs=warmup_epochs)
@@ -268,7 +282,8 @@ def _recipe(method: Method, model, x, y, *, epochs, batch_size, lr, generator, p
                             checkpoint_dir=checkpoint_dir, **options)
     return model, evaluate_for_card(model, loss.config(), threat, eval_dataset=eval_dataset,
                                     eval_samples=eval_samples, eval_steps=eval_steps,
-                                    train_seconds=time.perf_counter() - start)
+                                    train_seconds=time.perf_counter() - start,
+                                    eval_other_eps=eval_other_eps)
 
 
 @register_recipe("pgd-at")
@@ -280,8 +295,9 @@ def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
     """PGD adversarial training (Madry et al. 2018) as a zoo recipe.
 
     The threat is given as ``norm`` and ``eps`` (JSON-able recipe options). With
-    ``eval_dataset`` the card gets clean and PGD-``eval_steps`` robust accuracy on
-    ``eval_samples`` test samples. Returns ``(model, metrics)``.
+    ``eval_dataset`` the card gets clean, FGSM and PGD-``eval_steps`` robust accuracy on
+    ``eval_samples`` test samples (also at each eps of the option ``eval_other_eps``).
+    Returns ``(model, metrics)``.
     """
     return _recipe(Method.PGD, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,

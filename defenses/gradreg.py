@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -96,9 +97,11 @@ def grad_reg(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size:
              lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
              lam: float = 0.3, penalty_norm: str = "l1", norm: str = "linf", eps: float = 0.3,
              eval_dataset: str | None = None, eval_samples: int = 500, eval_steps: int = 20,
+             eval_other_eps: Sequence[float] = (),
              **options: Any) -> tuple[nn.Module, dict[str, Any]]:
-    """Gradient regularisation as a zoo recipe. ``norm``/``eps`` only set the threat of the
-    card's robust accuracy (with ``eval_dataset``). Returns ``(model, metrics)``."""
+    """Gradient regularisation as a zoo recipe. ``norm``/``eps`` (and ``eval_other_eps``) only
+    set the threats of the card's robust accuracy (with ``eval_dataset``). Returns
+    ``(model, metrics)``."""
     loss = GradientPenaltyLoss(lam, penalty_norm)
     start = time.perf_counter()
     model = train_with_loss(model, x, y, loss, epochs=epochs, batch_size=batch_size, lr=lr,
@@ -107,4 +110,5 @@ def grad_reg(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size:
     return model, evaluate_for_card(model, loss.config(), Threat(norm, eps),
                                     eval_dataset=eval_dataset, eval_samples=eval_samples,
                                     eval_steps=eval_steps,
-                                    train_seconds=time.perf_counter() - start)
+                                    train_seconds=time.perf_counter() - start,
+                                    eval_other_eps=eval_other_eps)
