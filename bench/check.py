@@ -63,7 +63,7 @@ def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
 
 def write_baseline(baseline: dict[str, Any], path: Path) -> Path:
     """Write ``baseline`` atomically as indented JSON."""
-    from .zoo import _atomic_write
+    from .fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), (json.dumps(baseline, indent=2, sort_keys=True) + "\n").encode())
     return Path(path)

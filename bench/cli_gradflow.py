@@ -33,8 +33,9 @@ def _gradflow_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _gradflow(args: argparse.Namespace) -> int:
-    from ..explain.gradflow import _atomic_write, audit
+    from ..explain.gradflow import audit
     from . import data, zoo
+    from .fileio import atomic_write as _atomic_write
 
     _known(args.model, zoo.list(), "model")
     if args.n < 1:

@@ -233,7 +233,7 @@ def render(store: Store, run_id: int, fmt: str = "md") -> str:
 
 
 def write_text(path: Path, text: str) -> Path:
-    from .zoo import _atomic_write
+    from .fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), text.encode("utf-8"))
     return Path(path)
@@ -308,7 +308,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_bytes(path: Path, payload: bytes) -> Path:
-    from .zoo import _atomic_write
+    from .fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), payload)
     return Path(path)

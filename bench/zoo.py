@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -44,6 +43,7 @@ from torch import nn
 from . import data as data_mod
 from .archs import build as build_arch
 from .core import Normalize, select_device
+from .fileio import atomic_write
 from .registry import Registry
 from .training import RECIPES, accuracy, seeded_init
 
@@ -212,21 +212,7 @@ def versions() -> dict[str, str]:
 
 
 def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            # mkstemp creates the file 0600; a cache is readable like any other file.
-            with contextlib.suppress(OSError, AttributeError):
-                os.fchmod(fh.fileno(), 0o644)
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, payload, fsync=True)
 
 
 @contextlib.contextmanager

@@ -45,6 +45,7 @@ from ..bench.core import (
     normal,
     uniform,
 )
+from ..bench.fileio import json_safe
 
 __all__ = ["diagnose", "MaskingReport", "CheckResult", "Verdict", "MaskingKind"]
 
@@ -113,7 +114,7 @@ class CheckResult:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "value": self.value, "rule": self.rule,
                 "passed": self.passed, "severity": self.severity.value, "kind": self.kind.value,
-                "source": self.source, "evidence": _json_safe(self.evidence),
+                "source": self.source, "evidence": json_safe(self.evidence),
                 "skipped": self.skipped}
 
 
@@ -138,7 +139,7 @@ class MaskingReport:
                 "threat": self.threat.to_dict(), "n": self.n, "seconds": round(self.seconds, 3),
                 "gradient_flow": self.gradient_flow, "collapse_at": self.collapse_at,
                 "checks": [c.to_dict() for c in self.checks],
-                "follow_up": _json_safe(self.follow_up)}
+                "follow_up": json_safe(self.follow_up)}
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -162,20 +163,6 @@ class MaskingReport:
             lines.append(f"follow-up ({f['attack']}): robust accuracy {f['before']:.3f} -> "
                          f"{f['after']:.3f} on {f['n']} samples")
         return "\n".join(lines)
-
-
-def _json_safe(obj):
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Tensor):
-        return _json_safe(obj.tolist())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, enum.Enum):
-        return obj.value
-    return obj
 
 
 # --- helpers ---------------------------------------------------------------------------------

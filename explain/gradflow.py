@@ -28,10 +28,8 @@ import json
 import logging
 import math
 import os
-import tempfile
 import textwrap
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +38,7 @@ from torch import Tensor, nn
 
 from ..bench.core import check_inputs, check_logits, margin, model_mode, parse_enum
 from ..bench.core import warn_if_train_mode as _warn_if_train_mode
+from ..bench.fileio import atomic_write, json_safe
 from .gradtrace import Tracer, merge_calls, trace
 
 __all__ = [
@@ -280,7 +279,7 @@ class GradFlowReport:
 
     def to_json(self, per_sample: bool = False, indent: int | None = 2) -> str:
         """JSON text; NaN/Inf become null (strict JSON)."""
-        return json.dumps(_json_safe(self.to_dict(per_sample)), indent=indent)
+        return json.dumps(json_safe(self.to_dict(per_sample)), indent=indent)
 
     def plot(self, path: str | os.PathLike | None = None, *, title: str | None = None):
         """Gradient-norm profile over depth (log scale), collapse and explosion marked.
@@ -291,7 +290,7 @@ class GradFlowReport:
         if path is not None:
             buf = io.BytesIO()
             fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-            _atomic_write(Path(path), buf.getvalue())
+            atomic_write(path, buf.getvalue())
         return fig
 
 
@@ -309,29 +308,6 @@ def _fmt(v: float | None) -> str:
 
 def _pct(v: float | None) -> str:
     return "" if v is None else f"{100 * v:.0f}%"
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _atomic_write(path: Path, payload: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # --- the audit ----------------------------------------------------------------------------------

@@ -14,15 +14,14 @@ default). Usage::
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from ..bench.fileio import atomic_write
 from .metrics import DeletionInsertionResult
 
 __all__ = ["plot_attributions", "plot_curves"]
@@ -35,15 +34,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
     fmt = out.suffix.lstrip(".").lower() or "png"
     out.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format=fmt, dpi=fig.dpi, bbox_inches="tight")
-        os.replace(tmp, out)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, lambda fh: fig.savefig(fh, format=fmt, dpi=fig.dpi, bbox_inches="tight"))
     return out
 
 
