@@ -93,6 +93,9 @@ MONOTONE_SLACK = 0.02
 RISING_SHARE = 0.10
 # Doubling steps and restarts changes success by more than this share of samples.
 CONVERGENCE_DELTA = 0.02
+# The black-box check runs Square on at most this many PGD survivors: the share it estimates
+# has a standard error below 5 points at 100 samples, enough for a 1% flag on real gaps.
+SQUARE_SAMPLES, SQUARE_SAMPLES_FAST = 100, 40
 # Binarization test (Zimmermann et al. 2022): the share of guaranteed-breakable tasks the
 # attack may fail before it is declared defeated; the paper treats any failure as a warning
 # and high failure rates as a sign of masking.
@@ -382,16 +385,21 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
     # 10. black-box beats white-box
     rob_idx = robust_after_pgd.nonzero().flatten()
     square_broken = torch.zeros_like(pgd_broken)
+    share = 0.0
     if rob_idx.numel():
-        r_sq = Square(threat, queries=queries)(model, xc[rob_idx], yc[rob_idx], generator=g)
-        square_broken[rob_idx] = r_sq.success
-    share = float(square_broken.float().mean())
+        # Square is the expensive check; a fixed-size subsample of the survivors estimates
+        # the share as well as all of them would, within binomial noise.
+        sq_idx = rob_idx[: (SQUARE_SAMPLES_FAST if fast else SQUARE_SAMPLES)]
+        r_sq = Square(threat, queries=queries)(model, xc[sq_idx], yc[sq_idx], generator=g)
+        square_broken[sq_idx] = r_sq.success
+        share = float(r_sq.success.float().mean()) * rob_idx.numel() / n_att
     checks.append(CheckResult(
         "black-box beats white-box", share,
         f"share broken by Square-{queries} but not PGD-{steps} > {BEATS_SHARE}",
         share <= BEATS_SHARE, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
         "Athalye et al. 2018; AutoAttack checks.py (Square vs white-box)",
-        {"samples": idx[square_broken][:20]}))
+        {"samples": idx[square_broken][:20],
+         "square_attacked": min(int(rob_idx.numel()), SQUARE_SAMPLES_FAST if fast else SQUARE_SAMPLES)}))
 
     # 11. transfer beats white-box
     if surrogate is None:
