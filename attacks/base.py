@@ -219,7 +219,9 @@ class Attack:
         warn_if_train_mode(model, stacklevel=4)
         with model_mode(model):
             with torch.no_grad():
-                logits = check_logits(model(x), x.shape[0])
+                # Under EOT the clean verdict is in expectation too: one lucky draw of a
+                # randomised model must not exempt a sample from the attack.
+                logits = check_logits(oracle.logits(model, x, generator), x.shape[0])
             num_classes = logits.shape[1]
             if int(y.max()) >= num_classes:
                 raise ValueError(f"labels go up to {int(y.max())} but the model returns "
@@ -227,6 +229,7 @@ class Attack:
             targets = check_targets(targets, y, num_classes)
             self._check_classes(num_classes, targets is not None)
             tracker = Tracker(x.detach(), margin(logits.float(), y, targets))
+            tracker.forwards.fill_(oracle.samples)
             idx = tracker.robust(torch.arange(x.shape[0], device=x.device)).nonzero().flatten()
             if idx.numel() and self.threat.eps > 0:
                 self._attack(model, x.detach(), y, targets, generator, tracker, idx, oracle)
