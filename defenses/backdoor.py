@@ -135,15 +135,21 @@ def features(model: nn.Module, x: Tensor, *, layer: str | nn.Module | None = Non
             raise ValueError(f"layer {mod.__class__.__name__} does not produce a tensor")
         captured.append(t.detach().flatten(1).float().cpu())
 
+    run_with_hook(model, module, hook, x, batch_size)
+    return torch.cat(captured)
+
+
+def run_with_hook(model: nn.Module, module: nn.Module, hook, x: Tensor, batch_size: int) -> None:
+    """Run ``model`` over ``x`` in eval mode, batched, with a forward hook on ``module``
+    (removed afterwards, also on error)."""
     device = _device(model)
     handle = module.register_forward_hook(hook)
     try:
-        with model_mode(model):
+        with model_mode(model), torch.no_grad():
             for i in range(0, len(x), batch_size):
                 model(x[i:i + batch_size].to(device))
     finally:
         handle.remove()
-    return torch.cat(captured)
 
 
 # --- metrics -----------------------------------------------------------------------------------

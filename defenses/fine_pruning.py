@@ -39,9 +39,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import prune
 
-from ..bench.core import check_inputs, make_generator, model_mode
+from ..bench.core import check_inputs, make_generator
 from ..bench.training import accuracy, cross_entropy_loss, fit
-from .backdoor import resolve_layer
+from .backdoor import resolve_layer, run_with_hook
 
 __all__ = ["FinePruningResult", "fine_pruning"]
 
@@ -80,14 +80,7 @@ def _mean_activation(model: nn.Module, module: nn.Module, x: Tensor, batch_size:
         dims = [d for d in range(output.dim()) if d != 1]
         total.append(output.detach().float().clamp_min(0).mean(dims).cpu() * output.shape[0])
 
-    device = next(model.parameters()).device
-    handle = module.register_forward_hook(hook)
-    try:
-        with model_mode(model):
-            for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size].to(device))
-    finally:
-        handle.remove()
+    run_with_hook(model, module, hook, x, batch_size)
     return torch.stack(total).sum(0) / len(x)
 
 
