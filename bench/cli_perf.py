@@ -19,22 +19,29 @@ def _perf_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=20, help="PGD/APGD steps (default 20)")
     p.add_argument("--queries", type=int, default=500, help="Square queries (default 500)")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--channels-last", action="store_true",
+                   help="run the model in channels_last memory format (see docs/performance.md)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(handler=_perf)
 
 
 def _perf(args: argparse.Namespace) -> int:
+    import torch
+
     from ..attacks import APGD, FGSM, PGD, Square
     from .core import Threat
     from .perf import measure
 
     threat = Threat(args.norm, args.eps)
     model, _, x, y = load_model_and_data(args)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     attacks = {"fgsm": FGSM(threat), f"pgd-{args.steps}": PGD(threat, steps=args.steps),
                f"apgd-ce-{args.steps}": APGD(threat, steps=args.steps),
                f"square-{args.queries}": Square(threat, queries=args.queries)}
     report = measure(model, x, y, attacks, repeats=args.repeats, seed=args.seed)
-    print(f"{args.model} {threat}, {len(y)} samples\n")
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"{args.model} {threat}, {len(y)} samples{layout}\n")
     print(report.table())
     if args.json:
         with open(args.json, "w") as fh:

@@ -173,6 +173,8 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
         evals = res.n_forward if kind == "forward" else res.n_backward
         perf.append(AttackPerf(name, kind, times[name], evals, nominal, res.robust_accuracy()))
     env = {"device": str(x.device), "threads": torch.get_num_threads(), "dtype": str(x.dtype),
+           "channels_last": any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
+                                and not p.is_contiguous() for p in model.parameters()),
            "versions": versions()}
     if x.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(x.device)

@@ -284,6 +284,12 @@ def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loade
     return _Loaded(model, card.get("sha256"), "zoo", zoo.get(spec.name))
 
 
+def _channels_last(model: nn.Module) -> nn.Module:
+    """The model with its 4-d parameters and buffers in channels_last memory format (the
+    checkpoint hash is taken before: the values do not change, only their layout)."""
+    return model.to(memory_format=torch.channels_last)
+
+
 class _Runner:
     def __init__(self, suite: Suite, store: Store | None, run_id: int, done: set[str],
                  dist: _Dist, device: torch.device, progress: bool) -> None:
@@ -377,6 +383,8 @@ class _Runner:
         except integrations.Unavailable as err:
             self._section(f"model/{key}", key, "model", "unavailable", str(err))
             return
+        if self.suite.channels_last:
+            loaded.model = _channels_last(loaded.model)
         s = self.suite
         for norm, eps in s.threat_list():
             threat = Threat(norm, eps)

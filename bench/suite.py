@@ -11,6 +11,8 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     n = 500                      # samples evaluated (the first n of the split)
     batch_size = 250             # fixed batches: results do not depend on sharding
     seed = 0
+    channels_last = false        # run conv models in channels_last memory format (faster on
+                                 # CPUs and GPUs; results agree to float rounding)
     models = ["mnist-cnn", "mypkg.models:build_model"]   # zoo names or module:function
 
     [[models]]                   # or tables, with options
@@ -173,6 +175,7 @@ class Suite:
     batch_size: int = 250
     seed: int = 0
     device: str | None = None
+    channels_last: bool = False
     data_options: dict[str, Any] = field(default_factory=dict)
     attacks: AttackSpec = AttackSpec()
     masking: MaskingSpec = MaskingSpec()
@@ -567,6 +570,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
             select_device(device)
         except ValueError as err:
             raise top.error("device", str(err)) from None
+    channels_last = top.flag("channels_last", False)
     data_options = top.raw("data_options", {})
     if not isinstance(data_options, Mapping):
         raise top.error("data_options", f"expected a table, got {_tname(data_options)}")
@@ -593,7 +597,8 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
             raise SuiteError(f"backdoor.models[{i}]", f"{m!r} is not one of the suite's models",
                              source)
     return Suite(name=name, description=description, dataset=dataset, split=split, n=n,
-                 batch_size=batch_size, seed=seed, device=device, data_options=dict(data_options),
+                 batch_size=batch_size, seed=seed, device=device, channels_last=channels_last,
+                 data_options=dict(data_options),
                  models=models, threats=threats, attacks=attacks, masking=masking,
                  explain=explain, backdoor=backdoor, quick_spec=quick, source=source)
 

@@ -240,3 +240,42 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
         assert st.run(1).status == "finished"
         assert cell_table(st, 1) == cell_table(st, 2)
         assert sample_table(st, 1) == sample_table(st, 2)
+
+
+def test_channels_last_gives_the_same_table(tmp_path, mnist_cnn):
+    """channels_last changes the layout of a conv model's weights, not the numbers: the same
+    samples break (counts may differ only where rounding flips a sample at the boundary)."""
+    tables = []
+    for cl in (False, True):
+        path = tmp_path / f"cl{cl}.toml"
+        path.write_text(textwrap.dedent(f"""
+            name = "cl"
+            dataset = "mnist5k"
+            n = 64
+            batch_size = 32
+            channels_last = {str(cl).lower()}
+            models = ["mnist-cnn"]
+            [[threats]]
+            norm = "linf"
+            eps = [0.1]
+            [attacks]
+            preset = "quick"
+            [masking]
+            enabled = false
+            [explain]
+            enabled = false
+            [backdoor]
+            enabled = false
+            """))
+        suite = load_suite(path)
+        assert suite.channels_last is cl
+        summary = run_suite(suite, store=tmp_path / f"cl{cl}.sqlite", progress=False)
+        with Store(tmp_path / f"cl{cl}.sqlite", readonly=True) as st:
+            tables.append({(r["attack"]): (r["clean_correct"], r["robust"])
+                           for r in st.rows("cells", summary.run_id)})
+    assert tables[0].keys() == tables[1].keys() == {"fgsm", "pgd", "worst-case"}
+    for attack, (clean, robust) in tables[0].items():
+        clean_cl, robust_cl = tables[1][attack]
+        assert clean_cl == clean and abs(robust_cl - robust) <= 1, attack
+    # the checkpoint's own layout is untouched for the next user of the zoo model
+    assert all(p.is_contiguous() for p in mnist_cnn.parameters())
