@@ -50,6 +50,9 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check-only", action="store_true",
                    help="validate the suite file and print what it would run")
+    p.add_argument("--report", nargs="?", const="results", default=None, metavar="DIR",
+                   help="when the run finishes, also write what `unmask report` writes "
+                        "(leaderboard files, figures, report.html) to DIR (default: results)")
     _store_arg(p)
     p.set_defaults(handler=_run)
 
@@ -109,6 +112,12 @@ def _run(args: argparse.Namespace) -> int:
     if rank != 0:
         return 0
     _print_summary(summary)
+    if args.report is not None:
+        from . import leaderboard as lb
+
+        with _open_readonly(summary.store) as st:
+            for path in lb.write_report(st, summary.run_id, Path(args.report)):
+                print(f"wrote {path}")
     return 0
 
 

@@ -34,6 +34,7 @@ import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +45,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from . import integrations
-from .core import Threat, make_generator, select_device
+from .core import ProbabilityOutputWarning, Threat, make_generator, select_device
 from .store import WORST_CASE, Store, wilson
 from .suite import ModelSpec, Suite, parse_suite, resolve_user_model
 
@@ -495,6 +496,23 @@ class _Runner:
             tx.add_backdoor(spec.key, metrics)
 
 
+def _once_per_run(category: type[Warning]) -> None:
+    """Show each ``category`` warning text once (inside a ``catch_warnings`` block, which
+    restores the hook): a suite runs known controls (mnist-cnn-probs) through every section,
+    and the "once" filter action dedupes only per calling module."""
+    seen: set[str] = set()
+    show = warnings.showwarning
+
+    def once(message, cat, *args, **kwargs):
+        if issubclass(cat, category):
+            if str(message) in seen:
+                return
+            seen.add(str(message))
+        show(message, cat, *args, **kwargs)
+
+    warnings.showwarning = once
+
+
 def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = None,
               resume: int | None = None, device: str | torch.device | None = None,
               progress: bool = True) -> RunSummary:
@@ -543,7 +561,9 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
         assert suite is not None
         runner = _Runner(suite, st, run_id, set(done_list), dist, dev, progress)
         try:
-            runner.run()
+            with warnings.catch_warnings():
+                _once_per_run(ProbabilityOutputWarning)
+                runner.run()
             status = "finished"
         except KeyboardInterrupt:
             status = "interrupted"

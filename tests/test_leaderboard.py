@@ -122,6 +122,16 @@ def test_cli_leaderboard_report_and_runs(runs, tmp_path, capsys):
     assert "not an SQLite database" in capsys.readouterr().err
 
 
+def test_cli_run_with_report_writes_the_report(tmp_path, capsys, zoo_cache):
+    suite = tiny_suite(tmp_path / "s.toml")
+    out = tmp_path / "rep"
+    assert main(["run", str(suite), "--store", str(tmp_path / "r.sqlite"), "--no-progress",
+                 "--report", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "finished" in printed and f"wrote {out / 'report.html'}" in printed
+    assert (out / "leaderboard.md").read_text().count("digits-mlp") == 2  # one row per eps
+
+
 def test_check_passes_against_itself_and_fails_on_a_weakened_model(runs, tmp_path, capsys):
     _, store = runs
     baseline = tmp_path / "baselines" / "default.json"
