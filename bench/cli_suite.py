@@ -43,7 +43,7 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="suite file, or the name of a shipped suite (default: default)")
     p.add_argument("--quick", action="store_true",
                    help="the suite's smoke variant: fewer samples, the quick ensemble, a fast "
-                        "masking diagnosis (about a minute with trained models)")
+                        "masking diagnosis (under a minute with trained models)")
     p.add_argument("--resume", type=int, metavar="RUN_ID",
                    help="resume an interrupted run: finished cells are skipped")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the suite's, else best)")

@@ -36,6 +36,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-autoattack", action="store_true")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the (shared) model in channels_last memory format")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     try:
@@ -48,6 +50,8 @@ def main(argv=None) -> int:
     from .core import Threat
 
     model = zoo.load(args.model, device="cpu")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
     threat = Threat("linf", args.eps)
     alpha = 2.5 * args.eps / args.steps
@@ -67,6 +71,7 @@ def main(argv=None) -> int:
             acc_theirs = float((model(x_adv).argmax(1) == y).float().mean())
     out = {"model": args.model, "n": args.n, "eps": args.eps, "steps": args.steps,
            "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "channels_last": args.channels_last,
            "torchattacks": torchattacks.__version__,
            "pgd": {"unmask_s": statistics.median(t_ours), "torchattacks_s": statistics.median(t_theirs),
                    "speedup": statistics.median(t_theirs) / statistics.median(t_ours),
