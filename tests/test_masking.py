@@ -135,3 +135,33 @@ def test_thresholds_are_named_constants():
 def test_bad_threat_type(mnist_cnn, batch):
     with pytest.raises(TypeError, match="Threat"):
         diagnose(mnist_cnn, *batch, 0.3)
+
+
+def test_noise_follow_up_is_judged_in_expectation(mnist_cnn, batch):
+    """A randomised defense: PGD's own bookkeeping counts a lucky draw as a break, so the
+    follow-up re-scores every x_adv over fresh draws, and EOT-APGD takes the expected robust
+    accuracy down to the undefended model's (~0 at eps 0.3)."""
+    from unmask.defenses.inference import RandomNoise
+
+    x, y = batch
+    r = diagnose(RandomNoise(mnist_cnn, std=0.3, seed=0).eval(), x[:24], y[:24], THREAT,
+                 fast=True, follow_up=True, generator=0, audit_flow=False)
+    assert r.verdict is Verdict.MASKED and not _check(r, "randomness").passed
+    f = r.follow_up
+    assert f["attack"].startswith("EOT16-APGD-CE") and f["draws"] == masking_mod.FOLLOW_UP_DRAWS
+    assert 0 <= f["after_expected"] <= f["before_expected"] <= 1
+    assert f["after"] <= f["before"]
+    assert f["after_expected"] <= 0.05
+    assert "in expectation over 32 draws" in r.table()
+
+
+def test_shattered_without_a_bpda_target_gets_dlr_and_square():
+    from unmask.bench.core import Threat as T
+    from unmask.defenses.masking import CheckResult, MaskingKind, _report
+
+    failing = CheckResult("black-box beats white-box", 0.05, "rule", False, Verdict.SUSPICIOUS,
+                          MaskingKind.SHATTERED, "src")
+    r = _report([failing], T("linf", 0.3), 10, 0.0, None, None, bpda_target=False)
+    assert r.recommended_attack.startswith("Square") and "APGD-DLR" in r.recommended_attack
+    r = _report([failing], T("linf", 0.3), 10, 0.0, None, "0", bpda_target=True)
+    assert "BPDA" in r.recommended_attack
