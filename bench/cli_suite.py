@@ -99,6 +99,14 @@ def _run(args: argparse.Namespace) -> int:
     rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress and sys.stderr.isatty() or (
         not args.no_progress and os.environ.get("UNMASK_PROGRESS") == "1")
+    if not progress and not args.no_progress:
+        # No terminal for progress bars (a log file, CI): a line per saved unit instead.
+        import logging
+
+        for name in ("unmask.bench.runner", "unmask.bench.zoo"):  # saved units, training
+            logger = logging.getLogger(name)
+            if logger.getEffectiveLevel() > logging.INFO:
+                logger.setLevel(logging.INFO)
     try:
         summary = run_suite(suite, store=args.store, resume=args.resume, device=args.device,
                             progress=progress)

@@ -320,6 +320,7 @@ class _Runner:
         with self.store.unit(self.run_id, unit, seconds) as tx:
             yield tx
         self.done.add(unit)
+        log.info("saved %s (%.1fs)", unit, seconds)
         self.summary_run += 1
 
     def _section(self, unit: str, model: str, section: str, status: str, reason: str,
