@@ -15,7 +15,7 @@ from .backdoor_zoo import backdoor_recipe  # registers the "backdoor" recipe and
 from .base import ATTACKS, Attack, GradientOracle, Tracker, register_attack
 from .bpda import BPDA
 from .branch_pgd import BranchAttackResult, BranchPGD
-from .ensemble import PRESETS, Ensemble, EnsembleResult
+from .ensemble import PRESETS, Ensemble, EnsembleResult, attack_in_precision
 from .eot import EOT, success_rate
 from .fgsm import FGSM
 from .losses import Loss
@@ -45,6 +45,7 @@ __all__: list[str] = [
     "EOT",
     "Ensemble",
     "EnsembleResult",
+    "attack_in_precision",
     "FGSM",
     "GaussianNoise",
     "GradientOracle",

@@ -41,6 +41,9 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack", default="quick", choices=ATTACK_CHOICES,
                    help="an attack, or an ensemble preset (default quick)")
     p.add_argument("--steps", type=int, help="iterations (PGD/APGD) or queries (Square)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="search precision (autocast); verdicts stay the fp32 model's "
+                        "(default fp32; see docs/performance.md)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(handler=_attack)
 
@@ -48,7 +51,7 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
 def _attack(args: argparse.Namespace) -> int:
     import torch
 
-    from ..attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square
+    from ..attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, attack_in_precision
     from .core import Threat
 
     threat = Threat(args.norm, args.eps)
@@ -56,11 +59,14 @@ def _attack(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     if args.attack in ("quick", "standard"):
-        result = Ensemble.preset(args.attack, threat, progress=True)(model, x, y, generator=g)
+        result = Ensemble.preset(args.attack, threat, precision=args.precision,
+                                 progress=True)(model, x, y, generator=g)
         summary = result.to_dict()
         rows = [(k, c.attacked, c.broken, c.forwards, c.backwards, f"{c.seconds:.1f}")
+                + ((c.rejected,) if args.precision != "fp32" else ())
                 for k, c in result.costs.items()]
-        print(_table(rows, ("attack", "attacked", "broken", "forwards", "backwards", "seconds")))
+        print(_table(rows, ("attack", "attacked", "broken", "forwards", "backwards", "seconds")
+                     + (("rejected",) if args.precision != "fp32" else ())))
         robust = result.robust_accuracy
     else:
         kw = {} if args.steps is None else (
@@ -70,11 +76,13 @@ def _attack(args: argparse.Namespace) -> int:
                   "square": lambda: Square(threat, **kw)}[args.attack]()
         with torch.no_grad():
             clean = (model(x).argmax(1) == y)
-        result = attack(model, x, y, generator=g)
+        result, rejected = attack_in_precision(attack, model, x, y, precision=args.precision,
+                                               generator=g)
         robust = result.robust_accuracy()
         summary = {"attack": result.config, "n": len(y), "clean_accuracy": float(clean.float().mean()),
                    "robust_accuracy": robust, "forwards": result.n_forward,
-                   "backwards": result.n_backward}
+                   "backwards": result.n_backward, "precision": args.precision,
+                   "rejected": rejected}
     seconds = time.perf_counter() - start
     summary.update(model=args.model, sha256=card["sha256"], seed=args.seed, seconds=seconds)
     print(f"\n{args.model} {threat}: clean accuracy {summary['clean_accuracy']:.4f}, robust accuracy "

@@ -9,6 +9,9 @@ Measures, in one process and interleaved over ``--repeats`` rounds:
 * the whole evaluation: unmask's ``standard`` ensemble vs ``torchattacks.AutoAttack``
   (version "standard"), with robust accuracy of each (unmask's must be no higher).
 
+``--precision bf16`` runs unmask's search under bf16 autocast (judged by the fp32 model, which
+torchattacks attacks as is); ``--channels-last`` puts the shared model in channels_last for both.
+
 torchattacks is not a dependency of unmask: ``pip install torchattacks`` to run this.
 """
 
@@ -38,6 +41,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-autoattack", action="store_true")
     parser.add_argument("--channels-last", action="store_true",
                         help="the (shared) model in channels_last memory format")
+    parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+                        help="unmask's search precision (autocast); verdicts stay fp32")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     try:
@@ -45,7 +50,7 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("torchattacks is not installed: pip install torchattacks")
 
-    from ..attacks import PGD, Ensemble
+    from ..attacks import PGD, Ensemble, attack_in_precision
     from . import data, zoo
     from .core import Threat
 
@@ -60,9 +65,10 @@ def main(argv=None) -> int:
                               random_start=True)
     t_ours, t_theirs, acc_ours, acc_theirs = [], [], None, None
     for r in range(args.repeats):
-        s, res = _time(lambda r=r: ours(model, x, y, generator=torch.Generator().manual_seed(r)))
+        s, (res, _) = _time(lambda r=r: attack_in_precision(
+            ours, model, x, y, precision=args.precision, generator=torch.Generator().manual_seed(r)))
         t_ours.append(s)
-        acc_ours = res.robust_accuracy()
+        acc_ours = res.robust_accuracy()  # the fp32 model's verdict, as for torchattacks
         with torch.random.fork_rng():  # torchattacks draws its start from the global RNG
             torch.manual_seed(r)
             s, x_adv = _time(lambda: theirs(x, y))
@@ -71,7 +77,7 @@ def main(argv=None) -> int:
             acc_theirs = float((model(x_adv).argmax(1) == y).float().mean())
     out = {"model": args.model, "n": args.n, "eps": args.eps, "steps": args.steps,
            "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "channels_last": args.channels_last,
+           "channels_last": args.channels_last, "precision": args.precision,
            "torchattacks": torchattacks.__version__,
            "pgd": {"unmask_s": statistics.median(t_ours), "torchattacks_s": statistics.median(t_theirs),
                    "speedup": statistics.median(t_theirs) / statistics.median(t_ours),
@@ -81,7 +87,7 @@ def main(argv=None) -> int:
           f"torchattacks {out['pgd']['torchattacks_s']:.2f}s (robust {acc_theirs:.3f}): "
           f"{out['pgd']['speedup']:.2f}x")
     if not args.skip_autoattack:
-        s_ours, ens = _time(lambda: Ensemble.preset("standard", threat)(
+        s_ours, ens = _time(lambda: Ensemble.preset("standard", threat, precision=args.precision)(
             model, x, y, generator=torch.Generator().manual_seed(0)))
         aa = torchattacks.AutoAttack(model, norm="Linf", eps=args.eps, version="standard",
                                      n_classes=10, seed=0)
@@ -91,6 +97,7 @@ def main(argv=None) -> int:
         out["standard"] = {"unmask_s": s_ours, "torchattacks_autoattack_s": s_theirs,
                            "speedup": s_theirs / s_ours,
                            "unmask_robust_accuracy": ens.robust_accuracy,
+                           "unmask_costs": {k: c.to_dict() for k, c in ens.costs.items()},
                            "autoattack_robust_accuracy": acc_aa}
         print(f"standard ensemble: unmask {s_ours:.1f}s (robust {ens.robust_accuracy:.3f}) vs "
               f"torchattacks AutoAttack {s_theirs:.1f}s (robust {acc_aa:.3f}): "

@@ -28,6 +28,8 @@ __all__ = [
     "Threat",
     "AttackResult",
     "Normalize",
+    "Precision",
+    "Autocast",
     "ProbabilityOutputWarning",
     "check_images",
     "check_labels",
@@ -316,6 +318,50 @@ class Normalize(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
+
+
+class Precision(str, enum.Enum):
+    """The arithmetic a model runs in: full fp32, or autocast to bf16 / fp16."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
+
+
+class Autocast(nn.Module):
+    """``model`` run under ``torch.autocast`` in reduced precision; logits come back in fp32.
+
+    Matrix products and convolutions run in bf16 (or fp16) on the device of the input:
+    on GPUs and on CPUs with AVX-512 BF16 or AMX this is 1.5-3x faster than fp32 (measured in
+    docs/performance.md). Logits differ from the fp32 model's by rounding (about 0.05 on the
+    MNIST zoo), so a sample near the decision boundary can change its verdict: unmask uses it to
+    *search* for adversarial examples and judges them with the fp32 model
+    (``Ensemble(..., precision="bf16")``), never to report the model's accuracy.
+
+    Usage: ``fast = Autocast(model, "bf16"); logits = fast(x)``
+    """
+
+    def __init__(self, model: nn.Module, precision: str | Precision = "bf16") -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        self.precision = parse_enum(Precision, precision, "precision")
+        if self.precision is Precision.FP32:
+            raise ValueError("Autocast needs a reduced precision ('bf16' or 'fp16'); "
+                             "use the model itself for fp32")
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.precision.dtype):
+            out = self.model(x)
+        return out.float()
+
+    def extra_repr(self) -> str:
+        return f"precision={self.precision.value}"
 
 
 def select_device(preferred: str | torch.device | None = None) -> torch.device:

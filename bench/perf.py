@@ -13,6 +13,11 @@ module measures, on the same model object and inputs:
 Reference and attack blocks are interleaved over ``repeats`` rounds; medians and the
 spread (min..max) are reported with device, threads, dtype and versions.
 
+A faster variant of the model (``Autocast(model, "bf16")``, ``torch.compile(model)``) is
+measured as the model itself, so efficiency stays a ratio to its own speed; pass the original
+as ``judge`` and each attack's robust accuracy is that of the original model on the returned
+``x_adv``, so a precision change that weakens the search shows in the table.
+
 Usage: ``report = measure(model, x, y, {"pgd": PGD(threat, steps=10)}); print(report.table())``
 """
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import model_mode
+from .core import margin, model_mode
 
 __all__ = ["measure", "PerfReport", "AttackPerf", "reference_rates", "nominal_evaluations"]
 
@@ -146,8 +151,13 @@ class PerfReport:
 
 
 def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], *,
-            repeats: int = 5, ref_iters: int = 10, seed: int = 0) -> PerfReport:
-    """Interleave reference and attack timings over ``repeats`` rounds (see module doc)."""
+            repeats: int = 5, ref_iters: int = 10, seed: int = 0,
+            judge: nn.Module | None = None, environment: Mapping[str, Any] | None = None,
+            ) -> PerfReport:
+    """Interleave reference and attack timings over ``repeats`` rounds (see module doc).
+
+    ``judge``: the model whose verdict on each ``x_adv`` gives the robust accuracy (default:
+    the attack's own); ``environment``: extra facts for the report (precision, compile)."""
     from .zoo import versions
 
     if repeats < 1:
@@ -171,11 +181,15 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
         res = results[name]
         nominal, kind = nominal_evaluations(attack, x.shape[0])
         evals = res.n_forward if kind == "forward" else res.n_backward
-        perf.append(AttackPerf(name, kind, times[name], evals, nominal, res.robust_accuracy()))
+        robust = res.robust_accuracy()
+        if judge is not None:
+            with model_mode(judge), torch.no_grad():
+                robust = float((margin(judge(res.x_adv), y) >= 0).float().mean())
+        perf.append(AttackPerf(name, kind, times[name], evals, nominal, robust))
     env = {"device": str(x.device), "threads": torch.get_num_threads(), "dtype": str(x.dtype),
            "channels_last": any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                                 and not p.is_contiguous() for p in model.parameters()),
-           "versions": versions()}
+           "versions": versions(), **(environment or {})}
     if x.device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(x.device)
     return PerfReport(r_fb, r_f, perf, x.shape[0], env)

@@ -25,6 +25,8 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
 
     [attacks]
     preset = "standard"          # or: list = ["fgsm", { name = "pgd", steps = 40 }]
+    precision = "fp32"           # "bf16": search under autocast (faster on bf16 hardware),
+                                 # every verdict still the fp32 model's
 
     [masking]
     enabled = true
@@ -58,6 +60,8 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from .core import Precision
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -119,6 +123,7 @@ class AttackSpec:
     preset: str | None = "standard"
     attacks: tuple[dict[str, Any], ...] = ()
     draws: int = 16
+    precision: str = "fp32"  # the attacks' search precision; verdicts are always fp32's
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,8 @@ class Suite:
         att = d["attacks"]
         d["attacks"] = ({"preset": att["preset"], "draws": att["draws"]} if att["preset"]
                         else {"list": [dict(a) for a in att["attacks"]], "draws": att["draws"]})
+        if att["precision"] != "fp32":  # absent for fp32: earlier runs keep their config hash
+            d["attacks"]["precision"] = att["precision"]
         for key in ("device",):
             if d[key] is None:
                 d.pop(key)
@@ -230,7 +237,8 @@ class Suite:
         return dataclasses.replace(
             self, n=min(self.n, q.n), batch_size=q.batch_size or min(self.batch_size, q.n),
             threats=tuple(threats), models=models or self.models,
-            attacks=AttackSpec(preset=q.preset, draws=self.attacks.draws),
+            attacks=AttackSpec(preset=q.preset, draws=self.attacks.draws,
+                               precision=self.attacks.precision),
             masking=dataclasses.replace(self.masking, fast=q.masking_fast, follow_up=False,
                                         n=min(self.masking.n, q.masking_n)),
             explain=dataclasses.replace(self.explain, n=min(self.explain.n, q.explain_n),
@@ -245,12 +253,13 @@ class Suite:
 
         threat = Threat(norm, eps)
         if self.attacks.preset is not None:
-            return Ensemble.preset(self.attacks.preset, threat, draws=self.attacks.draws)
+            return Ensemble.preset(self.attacks.preset, threat, draws=self.attacks.draws,
+                                   precision=self.attacks.precision)
         built = []
         for spec in self.attacks.attacks:
             opts = {k: v for k, v in spec.items() if k != "name"}
             built.append(ATTACKS.get(spec["name"])(threat, **opts))
-        return Ensemble(built, draws=self.attacks.draws)
+        return Ensemble(built, draws=self.attacks.draws, precision=self.attacks.precision)
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -469,6 +478,7 @@ def _attack_names() -> dict[str, Any]:
 
 def _attacks(t: _Table) -> AttackSpec:
     draws = t.integer("draws", 16, minimum=1)
+    precision = t.text("precision", "fp32", choices=[p.value for p in Precision])
     if t.has("preset") and t.has("list"):
         raise t.error("list", "give either 'preset' or 'list', not both")
     if t.has("list"):
@@ -502,9 +512,9 @@ def _attacks(t: _Table) -> AttackSpec:
             except (TypeError, ValueError) as err:
                 raise SuiteError(key, str(err), t.source) from None
             specs.append(dict(spec))
-        return AttackSpec(preset=None, attacks=tuple(specs), draws=draws)
+        return AttackSpec(preset=None, attacks=tuple(specs), draws=draws, precision=precision)
     preset = t.text("preset", "standard", choices=PRESETS)
-    return AttackSpec(preset=preset, draws=draws)
+    return AttackSpec(preset=preset, draws=draws, precision=precision)
 
 
 def _masking(t: _Table) -> MaskingSpec:

@@ -471,3 +471,57 @@ def test_ensemble_standard_preset_and_stochastic_reporting(digits_mlp, digits_te
         warnings.simplefilter("error")
         det = Ensemble.preset("quick", threat)(digits_mlp, x, y)
     assert not det.stochastic and det.robust_accuracy_std == 0.0
+
+
+class FoolsOnlyUnderAutocast(nn.Module):
+    """Classifies like ``inner`` in fp32; under autocast every logit vector is reversed, so
+    any search run in reduced precision 'breaks' every sample the fp32 model gets right."""
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out.flip(1) if torch.is_autocast_enabled(x.device.type) else out
+
+
+def test_ensemble_reduced_precision_search_is_judged_in_fp32(digits_mlp, digits_test):
+    x, y = digits_test
+    x, y = x[:40], y[:40]
+    threat = Threat("linf", 0.1)
+    attacks = [FGSM(threat), PGD(threat, steps=10)]
+    fp32 = Ensemble(attacks)(digits_mlp, x, y, generator=_gen())
+    bf16 = Ensemble(attacks, precision="bf16")(digits_mlp, x, y, generator=_gen())
+    assert bf16.config["precision"] == "bf16" and "precision" not in fp32.config
+    with torch.no_grad():
+        correct = digits_mlp(bf16.x_adv).argmax(1) == y
+    assert torch.equal(bf16.robust, correct)  # every verdict is the fp32 model's
+    assert bool(threat.contains(bf16.x_adv, x).all())
+    assert abs(bf16.robust_accuracy - fp32.robust_accuracy) <= 0.1
+
+    # A candidate that fools only the reduced-precision model is rejected and the sample is
+    # attacked again in fp32: a rounding artefact never costs a break.
+    liar = FoolsOnlyUnderAutocast(digits_mlp).eval()
+    res = Ensemble(attacks, precision="bf16")(liar, x, y, generator=_gen())
+    assert res.costs["fgsm"].rejected == res.costs["fgsm"].attacked > 0
+    assert res.costs["pgd"].rejected == res.costs["pgd"].attacked
+    # FGSM has no randomness: its fp32 retry is exactly the fp32 ensemble's FGSM.
+    assert res.costs["fgsm"].broken == fp32.costs["fgsm"].broken
+    with torch.no_grad():
+        assert torch.equal(res.robust, digits_mlp(res.x_adv).argmax(1) == y)
+    assert abs(res.robust_accuracy - fp32.robust_accuracy) <= 0.1
+    assert res.to_dict()["costs"]["pgd"]["rejected"] == res.costs["pgd"].attacked
+
+    # Score-based search stays in fp32 (bf16 rounding swamps the margin differences it
+    # compares): nothing to reject, and the same result as the fp32 ensemble's.
+    square = [Square(threat, queries=30)]
+    sq16 = Ensemble(square, precision="bf16")(liar, x, y, generator=_gen())
+    sq32 = Ensemble(square)(digits_mlp, x, y, generator=_gen())
+    assert sq16.costs["square"].rejected == 0
+    assert torch.equal(sq16.robust, sq32.robust) and torch.equal(sq16.x_adv, sq32.x_adv)
+
+
+def test_ensemble_rejects_unknown_precision():
+    with pytest.raises(ValueError, match="'bf16'"):
+        Ensemble([FGSM(Threat("linf", 0.1))], precision="int8")

@@ -134,3 +134,69 @@ def test_unknown_subcommand_is_a_usage_error(capsys):
         main(["zoo", "explode"])
     assert err.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_attack_in_bf16_reports_the_fp32_verdict(capsys, tmp_path, digits_mlp):
+    import torch
+
+    from unmask.bench import data
+
+    out_json = tmp_path / "a.json"
+    assert main(["attack", "digits-mlp", "--attack", "pgd", "--steps", "5", "--eps", "0.1",
+                 "--n", "64", "--precision", "bf16", "--device", "cpu",
+                 "--json", str(out_json)]) == 0
+    summary = json.loads(out_json.read_text())
+    assert summary["precision"] == "bf16" and summary["n"] == 64
+    assert "robust accuracy" in capsys.readouterr().out
+    # The reported number is the fp32 model's on the examples the bf16 search returned: it is
+    # between the fp32 PGD result's and clean accuracy, not the bf16 model's own.
+    assert 0.0 <= summary["robust_accuracy"] <= summary["clean_accuracy"]
+    x, y = data.load("digits", "test", n=64)
+    from unmask.attacks import PGD
+    from unmask.bench import Threat
+
+    fp32 = PGD(Threat("linf", 0.1), steps=5)(digits_mlp, x, y, generator=torch.Generator().manual_seed(0))
+    assert abs(summary["robust_accuracy"] - fp32.robust_accuracy()) <= 0.1
+
+
+def test_perf_reports_rates_efficiency_and_the_settings(capsys, tmp_path, digits_mlp):
+    out_json = tmp_path / "perf.json"
+    assert main(["perf", "digits-mlp", "--n", "32", "--steps", "3", "--queries", "10",
+                 "--repeats", "2", "--precision", "bf16", "--device", "cpu",
+                 "--json", str(out_json)]) == 0
+    out = capsys.readouterr().out
+    assert "bf16 autocast" in out and "R_fb" in out and "efficiency" in out
+    report = json.loads(out_json.read_text())
+    assert report["environment"]["precision"] == "bf16"
+    assert report["environment"]["compiled"] is False
+    assert report["R_fb"] > 0 and report["R_f"] > 0 and report["batch"] == 32
+    rows = {r["attack"]: r for r in report["attacks"]}
+    assert set(rows) == {"fgsm", "pgd-3", "apgd-ce-3", "square-10"}
+    assert rows["square-10"]["kind"] == "forward" and rows["pgd-3"]["kind"] == "gradient"
+    for r in rows.values():
+        assert r["evals_per_s"] > 0 and r["efficiency"] > 0
+        assert 0.0 <= r["robust_accuracy"] <= 1.0
+    # Every PGD step is one gradient evaluation per sample still in play.
+    assert 0 < rows["pgd-3"]["evaluations"] <= 3 * 32
+
+
+def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, digits_mlp):
+    from unmask.bench import variants
+
+    out_json = tmp_path / "v.json"
+    assert variants.main(["--model", "digits-mlp", "--n", "24", "--steps", "3", "--queries", "8",
+                          "--repeats", "2", "--json", str(out_json)]) == 0
+    assert "channels_last+bf16" in capsys.readouterr().out
+    report = json.loads(out_json.read_text())
+    v = report["variants"]
+    assert set(v) == {"fp32", "channels_last", "channels_last+bf16"}
+    assert v["fp32"]["R_fb_speedup"] == 1.0 and v["fp32"]["attacks"]["pgd-3"]["speedup"] == 1.0
+    for entry in v.values():
+        assert len(entry["R_fb_all"]) == 2 and entry["R_f"] > 0
+        for a in entry["attacks"].values():
+            assert 0.0 <= a["robust_accuracy_fp32_verdict"] <= 1.0 and a["seconds"] > 0
+    # channels_last changes no number (an MLP has no 4-d weights; a conv model's agree to
+    # float rounding): same seed, same verdicts.
+    for label in ("pgd-3", "square-8"):
+        assert (v["channels_last"]["attacks"][label]["robust_accuracy_fp32_verdict"]
+                == v["fp32"]["attacks"][label]["robust_accuracy_fp32_verdict"])

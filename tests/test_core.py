@@ -13,8 +13,10 @@ from torch import nn
 from unmask.bench import core
 from unmask.bench.core import (
     AttackResult,
+    Autocast,
     Norm,
     Normalize,
+    Precision,
     ProbabilityOutputWarning,
     Threat,
     check_images,
@@ -461,3 +463,28 @@ def test_public_names_exist():
     for name in core.__all__:
         assert hasattr(core, name), name
     assert math.isfinite(Threat("l2", 0.5).eps)
+
+
+def test_autocast_runs_reduced_precision_and_returns_fp32_logits():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = torch.rand(8, 1, 4, 4)
+    fast = Autocast(model, "bf16")
+    out = fast(x)
+    assert out.dtype == torch.float32 and out.shape == (8, 5)
+    with torch.no_grad():
+        ref = model(x)
+    # bf16 keeps 8 bits of mantissa: close to fp32, but not equal (the product ran in bf16).
+    assert torch.allclose(out, ref, atol=0.05) and not torch.equal(out, ref)
+    assert Autocast(model, Precision.BF16).precision is Precision.BF16
+    assert "precision=bf16" in repr(fast)
+
+
+def test_autocast_rejects_fp32_bad_names_and_non_modules():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="reduced precision"):
+        Autocast(model, "fp32")
+    with pytest.raises(ValueError, match="'bf16'"):
+        Autocast(model, "int8")
+    with pytest.raises(TypeError, match="nn.Module"):
+        Autocast(lambda x: x, "bf16")

@@ -45,6 +45,7 @@ def _with(**changes):
     (_with(attacks={"list": ["fgsm", {"name": "pgd", "steps": 0}]}), "attacks.list[1]",
      "positive"),
     (_with(attacks={"list": ["cw"]}), "attacks.list[0].name", "unknown attack"),
+    (_with(attacks={"precision": "int8"}), "attacks.precision", "'bf16'"),
     (_with(masking={"enabeld": True}), "masking.enabeld", "did you mean 'enabled'"),
     (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
     (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
@@ -97,6 +98,19 @@ def test_default_suite_ships_and_round_trips():
     assert quick.config_hash() != suite.config_hash()
     for s in (suite, quick):
         assert parse_suite(s.to_dict()).to_dict() == s.to_dict()
+
+
+def test_attack_precision_key_builds_the_ensemble_and_keeps_fp32_hashes():
+    fp32 = parse_suite(_with())
+    bf16 = parse_suite(_with(attacks={"preset": "quick", "precision": "bf16"}))
+    assert fp32.attacks.precision == "fp32" and "precision" not in fp32.to_dict()["attacks"]
+    assert bf16.to_dict()["attacks"]["precision"] == "bf16"
+    assert parse_suite(bf16.to_dict()).to_dict() == bf16.to_dict()
+    assert bf16.quick().attacks.precision == "bf16"
+    assert bf16.build_attacks("linf", 0.1).precision.value == "bf16"
+    assert fp32.build_attacks("linf", 0.1).precision.value == "fp32"
+    assert parse_suite(_with(attacks={"preset": "quick", "precision": "fp32"})).config_hash() == \
+        parse_suite(_with(attacks={"preset": "quick"})).config_hash()
 
 
 def test_batch_seed_depends_on_seed_and_batch_only():
@@ -200,17 +214,19 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
     store = tmp_path / "r.sqlite"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "UNMASK_CACHE": zoo_cache,
            "UNMASK_DEVICE": "cpu"}
-    # A slow first cell (PGD with many restarts) so the signal lands mid-run.
+    # Slow cells (PGD with many restarts) so the signal lands while the second one runs:
+    # the first is saved seconds before the second can be (a fast second cell made this
+    # test flaky on a loaded machine).
     slow = tmp_path / "slow.toml"
     slow.write_text(path.read_text().replace('preset = "quick"\n\n',
-                                             'list = ["fgsm", { name = "pgd", steps = 100, '
-                                             'restarts = 6 }]\n\n', 1))
+                                             'list = ["fgsm", { name = "pgd", steps = 300, '
+                                             'restarts = 10 }]\n\n', 1))
     proc = subprocess.Popen([sys.executable, "-m", "unmask.bench", "run", str(slow), "--store",
                              str(store), "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.05)
         if store.exists():
             try:
                 with Store(store, readonly=True) as st:
