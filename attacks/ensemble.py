@@ -15,7 +15,7 @@ passes on the same input. Then every candidate example is judged by its success 
 highest rate, and robust accuracy is reported as the mean and standard deviation over draws.
 
 Reduced-precision search: ``precision="bf16"`` (or ``"fp16"``) runs the gradient attacks on
-the model under autocast, 2-3x faster where the hardware has bf16 units, and judges each
+the model under autocast, about 2x faster where the hardware has bf16 units, and judges each
 candidate with the fp32 model: a sample counts as broken only when the fp32 model misclassifies
 its ``x_adv``. A candidate that fools the bf16 model only is attacked again in fp32
 (``costs[label].rejected`` counts them). Score-based attacks (Square) always run in fp32: they
