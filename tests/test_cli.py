@@ -200,3 +200,26 @@ def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, di
     for label in ("pgd-3", "square-8"):
         assert (v["channels_last"]["attacks"][label]["robust_accuracy_fp32_verdict"]
                 == v["fp32"]["attacks"][label]["robust_accuracy_fp32_verdict"])
+
+
+def test_device_sweep_script_covers_batch_layout_and_precision(capsys, tmp_path):
+    import torch
+
+    from unmask.bench import sweep
+
+    out_json = tmp_path / "sweep.json"
+    assert sweep.main(["--width", "4", "--batches", "8,12", "--train-epochs", "0", "--steps",
+                       "2", "--repeats", "1", "--device", "cpu", "--json", str(out_json)]) == 0
+    report = json.loads(out_json.read_text())
+    rows = report["rows"]
+    assert {(r["batch"], r["layout"], r["precision"]) for r in rows} == {
+        (b, layout, p) for b in (8, 12) for layout in ("contiguous", "channels_last")
+        for p in ("fp32", "bf16")}
+    for r in rows:
+        assert r["R_fb"] > 0 and r["pgd_seconds"] > 0 and 0.0 <= r["robust_accuracy"] <= 1.0
+        assert r["syncs"] is None  # counted on CUDA only
+    assert report["device"] == "cpu" and report["arch"] == "preact-resnet18"
+    # Batches larger than the test split repeat its samples; 3 x 32 x 32 from 1 x 28 x 28.
+    x = sweep.cifar_sized(torch.rand(2, 1, 28, 28))
+    assert x.shape == (2, 3, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1
+    assert "channels_last" in capsys.readouterr().out
