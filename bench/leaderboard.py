@@ -202,10 +202,16 @@ def _header_lines(store: Store, run_id: int) -> list[str]:
     run = store.run(run_id)
     wall = f"{run.wall_seconds:.1f}s" if run.wall_seconds is not None else "unfinished"
     versions = ", ".join(f"{k} {v}" for k, v in sorted(run.versions.items()))
-    return [f"suite {run.suite}{' (quick)' if run.quick else ''}, run {run_id}, {run.status}",
-            f"seed {run.seed}; device {run.device} x {run.world_size}; wall {wall}; "
-            f"commit {run.git_commit or 'unknown'}",
-            f"versions: {versions}"]
+    lines = [f"suite {run.suite}{' (quick)' if run.quick else ''}, run {run_id}, {run.status}",
+             f"seed {run.seed}; device {run.device} x {run.world_size}; wall {wall}; "
+             f"commit {run.git_commit or 'unknown'}",
+             f"versions: {versions}"]
+    attacks = run.config.get("attacks") if isinstance(run.config, dict) else None
+    precision = attacks.get("precision") if isinstance(attacks, dict) else None
+    if precision and precision != "fp32":  # a reader comparing tables must see it
+        lines.append(f"attack search precision: {precision} autocast for gradient attacks; "
+                     "every verdict is the fp32 model's (docs/performance.md)")
+    return lines
 
 
 def render(store: Store, run_id: int, fmt: str = "md") -> str:
@@ -224,7 +230,8 @@ def render(store: Store, run_id: int, fmt: str = "md") -> str:
             text += ["", "## Not run", "", _markdown(missing)]
         return "\n".join(text) + "\n"
     if fmt == "html":
-        return _html_page("unmask leaderboard", _html_table(shown, store, run_id))
+        header = "".join(f"<p>{html.escape(h)}</p>" for h in _header_lines(store, run_id))
+        return _html_page("unmask leaderboard", header + _html_table(shown, store, run_id))
     if fmt == "latex":
         if shown.empty:
             return "% no results\n"

@@ -83,6 +83,19 @@ def test_masked_models_are_marked_and_not_ranked(tmp_path):
         assert "follow-up attack: 0.100" in md
         html = lb.render(st, run_id, "html")
         assert '<tr class="masked">' in html
+        assert "search precision" not in md  # fp32: nothing to say
+
+
+def test_a_reduced_precision_search_is_stated_in_the_header(tmp_path):
+    from test_store import _cell, _run
+
+    with Store(tmp_path / "r.sqlite") as st:
+        run_id = _run(st, config={"models": [{"name": "a"}],
+                                  "attacks": {"preset": "standard", "precision": "bf16"}})
+        with st.unit(run_id, "u") as tx:
+            tx.add_cells([_cell("a", robust=2)])
+        for fmt in ("md", "html"):
+            assert "attack search precision: bf16" in lb.render(st, run_id, fmt)
 
 
 def test_formats_and_report(runs, tmp_path):
