@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..bench.core import (
+    AttackResult,
     Autocast,
     Precision,
     Threat,
@@ -149,9 +150,18 @@ def is_stochastic(model: nn.Module, x: Tensor, logits: Tensor | None = None) -> 
     return not torch.equal(first, model(x))
 
 
+def _search_model(attack: Attack, model: nn.Module, precision: Precision) -> nn.Module:
+    """The model ``attack`` searches on: under autocast for gradient attacks in reduced
+    precision; score-based attacks compare margins between queries and keep fp32."""
+    if precision is Precision.FP32 or attack.gradient_free:
+        return model
+    return Autocast(model, precision)
+
+
 def attack_in_precision(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, *,
                         precision: str | Precision,
-                        generator: torch.Generator | int | None = None) -> tuple[Any, int]:
+                        generator: torch.Generator | int | None = None
+                        ) -> tuple[AttackResult, int]:
     """Run ``attack``'s search in ``precision`` and judge its result with ``model`` (fp32).
 
     Gradient attacks search on ``Autocast(model, precision)``; the returned
@@ -161,10 +171,10 @@ def attack_in_precision(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, 
     as they are. Returns ``(result, rejected)``, the number of candidates the fp32 model
     rejected. For deterministic models (a randomised model is judged by the ensemble's draws).
     """
-    precision = parse_enum(Precision, precision, "precision")
-    if precision is Precision.FP32 or attack.gradient_free:
-        return attack(model, x, y, generator=generator), 0
-    res = attack(Autocast(model, precision), x, y, generator=generator)
+    search = _search_model(attack, model, parse_enum(Precision, precision, "precision"))
+    res = attack(search, x, y, generator=generator)
+    if search is model:
+        return res, 0
     with model_mode(model), torch.no_grad():  # the verdict is the fp32 model's
         judged = margin(model(res.x_adv), y)
     res.forwards = res.forwards + 1
@@ -264,9 +274,9 @@ class Ensemble:
             bar.set_postfix(attack=label, robust=f"{idx.numel()}/{n}")
             start = time.perf_counter()
             if stochastic:  # judged below by the fp32 model's success rate over draws
-                search = (model if self.precision is Precision.FP32 or attack.gradient_free
-                          else Autocast(model, self.precision))
-                res, rejected = attack(search, x[idx], y[idx], generator=generator), 0
+                res = attack(_search_model(attack, model, self.precision), x[idx], y[idx],
+                             generator=generator)
+                rejected = 0
             else:
                 res, rejected = attack_in_precision(attack, model, x[idx], y[idx],
                                                     precision=self.precision, generator=generator)

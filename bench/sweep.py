@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import time
 import warnings
 
@@ -135,10 +136,10 @@ def main(argv=None) -> int:
                     s, _ = _timed(attack, device)
                     secs.append(s)
                 _sync(device)
-                r_fb = sorted(fb)[len(fb) // 2]
-                seconds = sorted(secs)[len(secs) // 2]
+                r_fb = statistics.median(fb)
+                seconds = statistics.median(secs)
                 row = {"batch": batch, "layout": layout, "precision": precision,
-                       "R_fb": r_fb, "R_f": sorted(f)[len(f) // 2], "pgd_seconds": seconds,
+                       "R_fb": r_fb, "R_f": statistics.median(f), "pgd_seconds": seconds,
                        "pgd_efficiency": res.n_backward / seconds / r_fb,
                        "robust_accuracy": res.robust_accuracy(), "rejected": rejected,
                        "syncs": syncs,
