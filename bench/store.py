@@ -49,7 +49,6 @@ SCHEMA_VERSION = 1
 APPLICATION = "unmask"
 WORST_CASE = "worst-case"
 DEFAULT_RELATIVE = Path("results") / "unmask.sqlite"
-_SQLITE_MAGIC = b"SQLite format 3\x00"
 # Seconds a writer waits for another writer's transaction before giving up.
 BUSY_TIMEOUT_S = 120.0
 
@@ -251,32 +250,46 @@ class Store:
     def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
-        _check_header(self.path, must_exist=readonly)
+        _check_path(self.path, must_exist=readonly)
         if not readonly:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Readers open the file normally and switch to query_only: a mode=ro connection
+        # cannot take part in WAL recovery. The file is never opened outside SQLite (see
+        # _check_path), and a connection is closed on every failed open (see below).
+        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                    isolation_level=None)
         try:
-            # Readers open the file normally and switch to query_only: a mode=ro connection
-            # cannot take part in WAL recovery and was seen to report a healthy store,
-            # interrupted mid-run and resumed, as "malformed".
-            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
-                                        isolation_level=None)
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+            # A read first: a file that is not SQLite fails here, before anything is written.
+            self.conn.execute("PRAGMA schema_version").fetchone()
             if readonly:
                 self.conn.execute("PRAGMA query_only = ON")
-            if not readonly:
+            else:
                 self.conn.execute("PRAGMA journal_mode = WAL")
                 self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_integrity()
             if not readonly:
                 self._init_schema()
             self._check_owner()
-        except sqlite3.DatabaseError as err:
+        except BaseException as err:
+            # Close on every failure, not only SQLite's: a Python sqlite3 connection sits in a
+            # reference cycle (its statement cache), so a dropped one stays open until the
+            # cyclic collector runs, and an open, forgotten connection is what let another
+            # process delete the WAL under this one (see _check_path).
             with contextlib.suppress(Exception):
                 self.conn.close()
-            raise StoreError(f"{self.path} is not a usable unmask results store: the file is "
-                             f"damaged or not an SQLite database ({err}). Move it away or pass "
-                             "another --store PATH.") from None
+            if isinstance(err, sqlite3.DatabaseError):
+                raise StoreError(self._damaged_message(err)) from None
+            raise
+
+    def _damaged_message(self, err: sqlite3.DatabaseError) -> str:
+        if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_NOTADB or \
+                "not a database" in str(err):
+            return (f"{self.path} is not an unmask results store: it is not an SQLite database "
+                    "(wrong file header). Move it away or pass another --store PATH.")
+        return (f"{self.path} is not a usable unmask results store: the file is damaged "
+                f"({err}). Move it away or pass another --store PATH.")
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None, *, readonly: bool = False) -> Store:
@@ -509,7 +522,16 @@ def _number(value: Any) -> float | None:
     return out if math.isfinite(out) else None
 
 
-def _check_header(path: Path, *, must_exist: bool) -> None:
+def _check_path(path: Path, *, must_exist: bool) -> None:
+    """Refuse a missing store (for reading) or a directory, without opening the file.
+
+    The file itself is only ever opened through SQLite. POSIX advisory locks belong to the
+    process, and closing *any* descriptor of a file drops all of them: a header check with
+    ``open()`` here silently released the locks of another connection this process still had
+    open, so a writer in another process took the database for unused on closing, deleted
+    the WAL and its index, and this process's next connection read through the stale index
+    and called a healthy store "malformed" (tests/test_store.py reproduces it).
+    """
     if not path.exists():
         if must_exist:
             raise FileNotFoundError(f"no results store at {path}; run a suite first "
@@ -517,11 +539,6 @@ def _check_header(path: Path, *, must_exist: bool) -> None:
         return
     if path.is_dir():
         raise StoreError(f"{path} is a directory, not a results store file")
-    with open(path, "rb") as fh:
-        head = fh.read(len(_SQLITE_MAGIC))
-    if head and head != _SQLITE_MAGIC:
-        raise StoreError(f"{path} is not an unmask results store: it is not an SQLite database "
-                         "(wrong file header). Move it away or pass another --store PATH.")
 
 
 def open_store(path: str | os.PathLike | None = None, *, readonly: bool = False) -> Store:

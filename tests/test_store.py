@@ -93,9 +93,83 @@ def test_missing_store_for_reading(tmp_path):
 
 def test_not_sqlite_is_a_clear_error(tmp_path):
     path = tmp_path / "r.sqlite"
-    path.write_bytes(b"this is a CSV file, not a database\n" * 50)
-    with pytest.raises(StoreError, match="not an SQLite database"):
-        Store(path)
+    data = b"this is a CSV file, not a database\n" * 50
+    path.write_bytes(data)
+    for readonly in (False, True):
+        with pytest.raises(StoreError, match="not an SQLite database"):
+            Store(path, readonly=readonly)
+    assert path.read_bytes() == data  # refused before anything was written
+
+
+def _open_connections(path) -> list[sqlite3.Connection]:
+    import gc
+
+    found = []
+    for obj in gc.get_objects():
+        if type(obj) is sqlite3.Connection:
+            try:
+                files = [row[2] for row in obj.execute("PRAGMA database_list")]
+            except sqlite3.ProgrammingError:  # closed
+                continue
+            if str(path) in files:
+                found.append(obj)
+    return found
+
+
+def test_a_refused_open_leaves_no_connection_open(tmp_path):
+    """A Python sqlite3 connection sits in a reference cycle, so one dropped on an error stays
+    open until the cyclic collector runs; every failed open must close its own."""
+    path = tmp_path / "empty.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.close()
+    for _ in range(3):
+        with pytest.raises(StoreError, match="empty database"):
+            Store(path, readonly=True)
+    foreign = tmp_path / "foreign.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE users(name TEXT)")
+    con.close()
+    with pytest.raises(StoreError, match="another application"):
+        Store(foreign)
+    assert _open_connections(path) == [] and _open_connections(foreign) == []
+
+
+_WRITER = textwrap.dedent("""
+    import sys
+    from unmask.bench.store import Store, wilson
+    lo, hi = wilson(3, 10)
+    cell = {"model": "m", "norm": "linf", "eps": 0.1, "attack": "worst-case", "position": 0,
+            "n": 10, "clean_correct": 9, "robust": 3, "clean_accuracy": 0.9,
+            "robust_accuracy": 0.3, "ci_low": lo, "ci_high": hi, "robust_accuracy_std": 0.0,
+            "attacked": 9, "broken": 6, "forwards": 100, "backwards": 50, "wall_seconds": 0.1,
+            "stochastic": 0, "checkpoint_sha256": "ab" * 300, "model_source": "zoo"}
+    with Store(sys.argv[1]) as st:
+        run_id = st.start_run(suite="s", config={"name": "s"}, config_hash="h", seed=0,
+                              quick=False, git_commit=None, versions={}, device="cpu")
+        with st.unit(run_id, "u") as tx:
+            tx.add_cells([{**cell, "model": f"m{i}"} for i in range(int(sys.argv[2]))])
+""")
+
+
+def test_a_store_held_open_survives_writers_in_other_processes(tmp_path):
+    """The regression behind a CI failure: a notebook (or a test) keeps a store open while it
+    opens and closes others on the same file, and runs write to it from other processes. An
+    ``open()`` of the file in this process used to drop the held connection's POSIX locks, a
+    writer then deleted the WAL and its index on closing, and the next reader here read the
+    new WAL through the stale index: "database disk image is malformed" on a healthy file."""
+    path = tmp_path / "r.sqlite"
+    writes = [(path, 20), (path, 300), (path, 30)]
+    subprocess.run([sys.executable, "-c", _WRITER, *map(str, writes[0])], check=True)
+    with Store(path, readonly=True) as held:
+        assert len(held.runs()) == 1
+        with Store(path, readonly=True) as other:
+            assert len(other.runs()) == 1
+        for args in writes[1:]:
+            subprocess.run([sys.executable, "-c", _WRITER, *map(str, args)], check=True)
+        with Store(path, readonly=True) as fresh:
+            assert [len(fresh.rows("cells", r.run_id)) for r in fresh.runs()] == [20, 300, 30]
+        assert [len(held.rows("cells", r.run_id)) for r in held.runs()] == [20, 300, 30]
 
 
 def test_corrupted_store_is_a_clear_error(tmp_path):
