@@ -369,13 +369,18 @@ class Store:
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         if self.readonly:
             raise StoreError(f"{self.path} was opened read-only")
-        self.conn.execute("BEGIN IMMEDIATE")
+        # BEGIN and COMMIT inside the try, and the rollback keyed on the connection's own
+        # state: a Ctrl-C can land between any two statements here (right after BEGIN, or
+        # right after COMMIT), and must leave neither an open transaction behind (the run's
+        # "interrupted" status could then not be written) nor a rollback of a committed unit.
         try:
+            self.conn.execute("BEGIN IMMEDIATE")
             yield self.conn
+            self.conn.execute("COMMIT")
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
             raise
-        self.conn.execute("COMMIT")
 
     @contextlib.contextmanager
     def unit(self, run_id: int, unit: str, wall_seconds: float = 0.0) -> Iterator[UnitWriter]:

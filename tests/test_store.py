@@ -116,6 +116,43 @@ def _open_connections(path) -> list[sqlite3.Connection]:
     return found
 
 
+class _InterruptAfter:
+    """A connection that raises KeyboardInterrupt right after a given statement ran, the way a
+    Ctrl-C lands between two statements."""
+
+    def __init__(self, conn, statement):
+        self._conn, self._statement = conn, statement
+
+    def execute(self, sql, *args):
+        out = self._conn.execute(sql, *args)
+        if sql == self._statement:
+            raise KeyboardInterrupt
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._conn, name)
+
+
+@pytest.mark.parametrize("statement", ["BEGIN IMMEDIATE", "COMMIT"])
+def test_ctrl_c_between_statements_leaves_no_open_transaction(tmp_path, statement):
+    path = tmp_path / "r.sqlite"
+    with Store(path) as st:
+        run_id = _run(st)
+        real = st.conn
+        st.conn = _InterruptAfter(real, statement)
+        with pytest.raises(KeyboardInterrupt):
+            with st.unit(run_id, "u") as tx:
+                tx.add_cells([_cell()])
+        st.conn = real
+        assert not real.in_transaction
+        st.set_status(run_id, "interrupted")  # what the runner writes next
+    with Store(path, readonly=True) as st:
+        assert st.run(run_id).status == "interrupted"
+        # interrupted after COMMIT: the unit is saved; after BEGIN: nothing of it is
+        assert st.finished_units(run_id) == ({"u"} if statement == "COMMIT" else set())
+        assert len(st.rows("cells", run_id)) == (1 if statement == "COMMIT" else 0)
+
+
 def test_a_refused_open_leaves_no_connection_open(tmp_path):
     """A Python sqlite3 connection sits in a reference cycle, so one dropped on an error stays
     open until the cyclic collector runs; every failed open must close its own."""
