@@ -256,8 +256,12 @@ class Store:
         # Readers open the file normally and switch to query_only: a mode=ro connection
         # cannot take part in WAL recovery. The file is never opened outside SQLite (see
         # _check_path), and a connection is closed on every failed open (see below).
-        self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
-                                    isolation_level=None)
+        try:
+            self.conn = sqlite3.connect(str(self.path), timeout=BUSY_TIMEOUT_S,
+                                        isolation_level=None)
+        except sqlite3.Error as err:
+            raise StoreError(f"cannot open the results store {self.path} ({err}); check the "
+                             "path and its permissions, or pass another --store PATH") from None
         try:
             self.conn.row_factory = sqlite3.Row
             self.conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")

@@ -101,6 +101,15 @@ def test_not_sqlite_is_a_clear_error(tmp_path):
     assert path.read_bytes() == data  # refused before anything was written
 
 
+def test_a_file_sqlite_cannot_open_is_a_clear_error(tmp_path, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise sqlite3.OperationalError("unable to open database file")
+
+    monkeypatch.setattr(sqlite3, "connect", refuse)
+    with pytest.raises(StoreError, match="cannot open the results store .*permissions"):
+        Store(tmp_path / "r.sqlite")
+
+
 def _open_connections(path) -> list[sqlite3.Connection]:
     import gc
 
