@@ -42,6 +42,8 @@ __all__ = [
     "normal",
     "model_mode",
     "parse_enum",
+    "DRAWS",
+    "robust_by_majority",
 ]
 
 
@@ -292,6 +294,19 @@ def margin(logits: Tensor, y: Tensor, targets: Tensor | None = None) -> Tensor:
     tgt = logits.gather(1, targets[:, None]).squeeze(1)
     other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
     return other - tgt
+
+
+# One definition of robustness for a randomised model, used by the ensemble, the suite runner,
+# the masking diagnosis, the pytest helper and the leaderboard: a sample is robust when the
+# model classifies it correctly on a strict majority of DRAWS fresh forward passes. A tie
+# counts as broken (the defense must win, not draw), and so does a NaN rate. 32 draws put the
+# standard error of one sample's rate at <= 9 points, so a majority call errs only near 50%.
+DRAWS = 32
+
+
+def robust_by_majority(fooled_rate: Tensor) -> Tensor:
+    """Bool ``N``: robust where the share of draws fooled is below one half (NaN: broken)."""
+    return fooled_rate < 0.5
 
 
 class Normalize(nn.Module):
