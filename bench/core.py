@@ -44,6 +44,7 @@ __all__ = [
     "parse_enum",
     "DRAWS",
     "robust_by_majority",
+    "SampleOutcomes",
 ]
 
 
@@ -307,6 +308,78 @@ DRAWS = 32
 def robust_by_majority(fooled_rate: Tensor) -> Tensor:
     """Bool ``N``: robust where the share of draws fooled is below one half (NaN: broken)."""
     return fooled_rate < 0.5
+
+
+@dataclass(frozen=True)
+class SampleOutcomes:
+    """Who broke each of ``n`` samples: the per-sample record every evaluation of the same
+    samples produces (the ensemble, the masking diagnosis with its follow-up), so that the
+    reported robust accuracy can be the worst case over every attack that ran.
+
+    Attributes:
+        broken_by: per sample ``"clean"`` (misclassified without attack), the label of the
+            first attack whose adversarial example, re-checked on the model in fp32 and inside
+            the threat ball, is misclassified; or None (robust).
+        fooled_rate: randomised models only: per sample the share of :data:`DRAWS` fresh draws
+            fooled by its best adversarial example (robust iff :func:`robust_by_majority`).
+
+    Usage: ``worst = ensemble_outcomes.merge(diagnosis_outcomes); worst.robust_accuracy``
+    """
+
+    broken_by: tuple[str | None, ...]
+    fooled_rate: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "broken_by", tuple(self.broken_by))
+        if self.fooled_rate is not None:
+            rate = tuple(float(r) for r in self.fooled_rate)
+            if len(rate) != len(self.broken_by):
+                raise ValueError(f"fooled_rate has {len(rate)} entries for "
+                                 f"{len(self.broken_by)} samples")
+            object.__setattr__(self, "fooled_rate", rate)
+
+    @property
+    def n(self) -> int:
+        return len(self.broken_by)
+
+    @property
+    def broken(self) -> Tensor:
+        return torch.tensor([b is not None for b in self.broken_by], dtype=torch.bool)
+
+    @property
+    def robust_accuracy(self) -> float:
+        return sum(b is None for b in self.broken_by) / self.n if self.n else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Samples broken per label (``"clean"`` included), in order of first appearance."""
+        out: dict[str, int] = {}
+        for b in self.broken_by:
+            if b is not None:
+                out[b] = out.get(b, 0) + 1
+        return out
+
+    def merge(self, other: SampleOutcomes) -> SampleOutcomes:
+        """The per-sample worst case of two records of the same samples: broken when either
+        broke it (this record's label wins where both did); the higher fooled rate."""
+        if other.n != self.n:
+            raise ValueError(f"cannot merge outcomes of {self.n} and {other.n} samples")
+        broken_by = tuple(a if a is not None else b
+                          for a, b in zip(self.broken_by, other.broken_by))
+        rate = None
+        if self.fooled_rate is not None or other.fooled_rate is not None:
+            mine = self.fooled_rate or tuple(float(b is not None) for b in self.broken_by)
+            theirs = other.fooled_rate or tuple(float(b is not None) for b in other.broken_by)
+            rate = tuple(max(a, b) for a, b in zip(mine, theirs))
+        return SampleOutcomes(broken_by, rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"broken_by": list(self.broken_by),
+                "fooled_rate": None if self.fooled_rate is None else list(self.fooled_rate)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleOutcomes:
+        return cls(tuple(d["broken_by"]), None if d.get("fooled_rate") is None
+                   else tuple(d["fooled_rate"]))
 
 
 class Normalize(nn.Module):

@@ -488,3 +488,27 @@ def test_autocast_rejects_fp32_bad_names_and_non_modules():
         Autocast(model, "int8")
     with pytest.raises(TypeError, match="nn.Module"):
         Autocast(lambda x: x, "bf16")
+
+
+def test_robust_by_majority_counts_ties_and_nan_as_broken():
+    from unmask.bench.core import robust_by_majority
+
+    rate = torch.tensor([0.0, 0.49, 0.5, 1.0, float("nan")])
+    assert robust_by_majority(rate).tolist() == [True, True, False, False, False]
+
+
+def test_sample_outcomes_merge_is_the_per_sample_worst_case():
+    from unmask.bench.core import SampleOutcomes
+
+    ens = SampleOutcomes(("clean", None, None, "apgd-ce"))
+    diag = SampleOutcomes((None, "follow-up:square", None, "diagnosis:pgd"))
+    worst = ens.merge(diag)
+    assert worst.broken_by == ("clean", "follow-up:square", None, "apgd-ce")
+    assert worst.robust_accuracy == 0.25
+    assert worst.robust_accuracy <= min(ens.robust_accuracy, diag.robust_accuracy)
+    assert worst.counts() == {"clean": 1, "follow-up:square": 1, "apgd-ce": 1}
+    assert SampleOutcomes.from_dict(worst.to_dict()) == worst
+    rated = SampleOutcomes((None, None), (0.25, 0.0)).merge(SampleOutcomes((None, "eot"), (0.1, 0.75)))
+    assert rated.fooled_rate == (0.25, 0.75)
+    with pytest.raises(ValueError, match="merge"):
+        ens.merge(SampleOutcomes((None,)))
