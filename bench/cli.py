@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "unmask.bench.cli_defenses",
     "unmask.bench.cli_suite",
     "unmask.bench.cli_perf",
+    "unmask.bench.cli_export",
 )
 _COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
 
