@@ -80,7 +80,10 @@ def row_outcomes(samples: list[dict[str, Any]], report) -> tuple[SampleOutcomes,
 def _broken_by(outcomes: SampleOutcomes, order: list[str]) -> dict[str, int]:
     counts = outcomes.counts()
     robust = outcomes.n - sum(counts.values())
-    keys = ["clean"] + order + [k for k in counts if k not in order and k != "clean"]
+    rest = [k for k in counts if k not in order and k != "clean"]
+    # the ensemble's labels, then the diagnosis's, then the follow-up's
+    rest.sort(key=lambda k: (k.startswith("diagnosis:") + 2 * k.startswith("follow-up:")))
+    keys = ["clean"] + order + rest
     out = {k: counts[k] for k in keys if counts.get(k)}
     if robust:
         out["robust"] = robust

@@ -307,13 +307,29 @@ def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loade
     return _Loaded(model, card.get("sha256"), "zoo", zoo.get(spec.name))
 
 
+@contextlib.contextmanager
+def _rng_untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Leave every random stream as it was: the global ones and the generators a module owns
+    (a randomised defense's noise), so a probe pass does not shift the draws of the
+    evaluation that follows (the suite's numbers equal the pytest helper's)."""
+    owned = [(g, g.get_state()) for mod in model.modules() for g in vars(mod).values()
+             if isinstance(g, torch.Generator)]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for g, state in owned:
+                g.set_state(state)
+
+
 def probe_model(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
     """One forward pass on ``x`` (a batch of the suite's samples): the output must be finite
     ``N x K`` logits with a class for every label. Raises ``ValueError`` naming ``name`` and
     what was wrong, so the row shows it instead of an attack crashing on it later."""
     from .core import model_mode
 
-    with model_mode(model), torch.no_grad():
+    with model_mode(model), torch.no_grad(), _rng_untouched(model, x.device):
         out = model(x)
     if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
