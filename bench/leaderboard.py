@@ -283,8 +283,12 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
 
 
 def sections_frame(store: Store, run_id: int) -> pd.DataFrame:
-    """Everything the suite asked for that did not run, with the reason."""
-    rows = store.rows("sections", run_id)
+    """Everything the suite asked for that did not run, with the reason (models dropped from
+    a resumed run left out)."""
+    config = store.run(run_id).config
+    in_run = {m.get("label") or m["name"] for m in (config.get("models", [])
+                                                     if isinstance(config, dict) else [])}
+    rows = [r for r in store.rows("sections", run_id) if not in_run or r["model"] in in_run]
     return pd.DataFrame([{k: r[k] for k in ("model", "section", "detail", "status", "reason")}
                          for r in rows], columns=["model", "section", "detail", "status",
                                                   "reason"])

@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -223,6 +224,10 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
     n = len(robust)
     if n != int(y.shape[0]):
         raise RuntimeError(f"gathered {n} samples, expected {int(y.shape[0])}")
+    bad = sum(not math.isfinite(m) for m in margins)
+    if bad:  # NaN is no robustness: the cell is an error, not a number
+        raise ValueError(f"model {model!r} returned non-finite logits (NaN or Inf) during the "
+                         f"attacks: no finite margin for {bad} of {n} samples")
     stochastic = any(p["stochastic"] for p in parts)
     n_clean = sum(bool(c) for c in clean)
     common = {"model": model, "norm": norm, "eps": float(eps), "n": n,
@@ -499,9 +504,12 @@ class _Runner:
             return
         all_parts = [p for rank_parts in gathered for p in rank_parts]
         failed = sorted((p for p in all_parts if "error" in p), key=lambda p: p["b"])
+        if failed:
+            message = f"{failed[0]['error']} (in batch {failed[0]['b']})"
+            log.warning("attacks on %s at %s failed: %s", spec.key, threat, message)
+            self._section(unit, spec.key, "attack", "error", message, str(threat))
+            return
         try:
-            if failed:
-                raise RuntimeError(f"batch {failed[0]['b']}: {failed[0]['error']}")
             cells, samples = merge_cell(all_parts, ensemble.labels, y, model=spec.key,
                                         norm=threat.norm.value, eps=threat.eps,
                                         sha256=loaded.sha256, source=loaded.source)

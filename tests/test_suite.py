@@ -9,7 +9,7 @@ import sys
 import textwrap
 
 import pytest
-from suite_helpers import cell_table, sample_table, tiny_suite
+from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
 
 from unmask.bench.runner import batch_seed, run_suite
 from unmask.bench.store import Store
@@ -295,3 +295,119 @@ def test_channels_last_gives_the_same_table(tmp_path, mnist_cnn):
         assert clean_cl == clean and abs(robust_cl - robust) <= 1, attack
     # the checkpoint's own layout is untouched for the next user of the zoo model
     assert all(p.is_contiguous() for p in mnist_cnn.parameters())
+
+
+@pytest.fixture
+def user_models(tmp_path):
+    """tmp_path on sys.path with the broken user models of suite_helpers importable."""
+    (tmp_path / "brokenmod.py").write_text(BROKEN_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in [m for m in sys.modules if m == "brokenmod"]:
+        del sys.modules[name]
+
+
+def _sections(st, run_id):
+    return {(r["model"], r["section"], r["detail"]): (r["status"], r["reason"])
+            for r in st.rows("sections", run_id)}
+
+
+def test_one_broken_model_never_stops_a_run(tmp_path, zoo_cache, user_models):
+    from unmask.bench import leaderboard as lb
+
+    models = ('"digits-mlp", { name = "brokenmod:raises", label = "raises" }, '
+              '{ name = "brokenmod:wrong_shape", label = "shape" }, '
+              '{ name = "brokenmod:nan_logits", label = "nan" }, '
+              '{ name = "brokenmod:fails_later", label = "later" }')
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", models=models))
+    store = tmp_path / "r.sqlite"
+    summary = run_suite(suite, store=store, progress=False)
+    assert summary.status == "finished"
+    with Store(store, readonly=True) as st:
+        sections = _sections(st, summary.run_id)
+        cells = {(c["model"], c["eps"]) for c in st.rows("cells", summary.run_id)}
+        df = lb.leaderboard_frame(st, summary.run_id)
+        before = cell_table(st, summary.run_id)
+    assert cells == {("digits-mlp", 0.05), ("digits-mlp", 0.1)}  # the good model finished
+    status, reason = sections[("raises", "model", "")]
+    assert status == "error" and reason == "RuntimeError: cannot build this model"
+    assert "returned (16, 1, 3)" in sections[("shape", "model", "")][1]
+    assert "non-finite logits" in sections[("nan", "model", "")][1]
+    assert "100.0%" in sections[("nan", "model", "")][1]
+    for eps in ("0.05", "0.1"):  # this one fails inside the attacks, per cell
+        assert sections[("later", "attack", f"linf:{eps}")][1].startswith(
+            "RuntimeError: forward failed on call")
+    # every broken model has its rows, each saying the error, none ranked
+    bad = df[df["model"] != "digits-mlp"]
+    assert len(bad) == 8 and bad["rank"].isna().all()
+    assert (bad["status"].str.startswith("error: ")).all()
+    assert set(bad.loc[bad["model"] == "raises", "status"]) == \
+        {"error: RuntimeError: cannot build this model"}
+
+    # --resume drops the broken models (--skip); nothing stored is lost or rerun
+    keep = ["raises", "shape", "nan", "later"]
+    resumed = run_suite(store=store, resume=summary.run_id, skip=keep[1:], progress=False)
+    assert resumed.units_run == 0  # 'raises' is tried again and fails again
+    with Store(store, readonly=True) as st:
+        assert cell_table(st, summary.run_id) == before
+        df = lb.leaderboard_frame(st, summary.run_id)
+        assert set(df["model"]) == {"digits-mlp", "raises"}
+        assert [m["label"] for m in st.run(summary.run_id).config["models"][1:]] == ["raises"]
+    with pytest.raises(ValueError, match="not a model of the run"):
+        run_suite(store=store, resume=summary.run_id, skip=["nope"], progress=False)
+
+    # an edited suite replaces the broken model under the same key; the good one is kept
+    fixed = load_suite(tiny_suite(tmp_path / "fixed.toml", models=(
+        '"digits-mlp", { name = "brokenmod:good", label = "raises" }')))
+    resumed = run_suite(fixed, store=store, resume=summary.run_id, progress=False)
+    assert resumed.status == "finished" and resumed.units_run == 2
+    assert resumed.units_skipped == 2  # digits-mlp's two cells
+    with Store(store, readonly=True) as st:
+        # the error is gone with its cause; the dropped models' stay in the store, off the page
+        assert {k[0] for k in _sections(st, summary.run_id)} == {"shape", "nan", "later"}
+        assert lb.sections_frame(st, summary.run_id).empty
+        df = lb.leaderboard_frame(st, summary.run_id)
+        assert (df["status"] == "ok").all() and len(df) == 4
+        assert [r for r in cell_table(st, summary.run_id) if r[0] == "digits-mlp"] == \
+            [r for r in before if r[0] == "digits-mlp"]
+    changed = load_suite(tiny_suite(tmp_path / "changed.toml", models='"digits-mlp"'))
+    changed = __import__("dataclasses").replace(changed, n=40)
+    with pytest.raises(ValueError, match="changes n"):
+        run_suite(changed, store=store, resume=summary.run_id, progress=False)
+
+
+def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
+    from unmask.bench.cli import main
+
+    path = tiny_suite(tmp_path / "s.toml", models=(
+        '"digits-mlp", { name = "brokenmod:raises", label = "raises" }'))
+    store = str(tmp_path / "r.sqlite")
+    assert main(["run", str(path), "--store", store, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "error: raises model: RuntimeError: cannot build this model" in out
+    assert main(["run", "--resume", "1", "--skip", "raises", "--store", store,
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "raises" not in out and "2 skipped" in out
+    assert main(["run", "--skip", "raises", "--store", store]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_non_finite_margins_make_the_cell_an_error():
+    import torch
+
+    from unmask.bench.runner import merge_cell
+
+    part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
+            "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
+            "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
+                              "seconds": 0.0}}, "stochastic": False, "draws": None,
+            "seconds": 0.0}
+    with pytest.raises(ValueError, match="non-finite logits .* for 1 of 2 samples"):
+        merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf", eps=0.1,
+                   sha256=None, source="user")
+    part["margin"] = [0.5, -0.1]
+    cells, _ = merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf",
+                          eps=0.1, sha256=None, source="user")
+    assert cells[-1]["robust_accuracy"] == 0.5
