@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
@@ -411,3 +412,56 @@ def test_non_finite_margins_make_the_cell_an_error():
     cells, _ = merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf",
                           eps=0.1, sha256=None, source="user")
     assert cells[-1]["robust_accuracy"] == 0.5
+
+
+def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
+    """The ensemble, the suite runner, the pytest helper and the leaderboard report the same
+    robust accuracy of a randomised model: the share of samples correct on a strict majority
+    of DRAWS fresh draws (robust_by_majority), with the Wilson interval over samples."""
+    import torch
+    from brokenmod import noisy
+
+    from unmask.attacks import Ensemble
+    from unmask.bench import Threat, data
+    from unmask.bench import leaderboard as lb
+    from unmask.bench.core import DRAWS, make_generator, robust_by_majority
+    from unmask.bench.store import wilson
+    from unmask.bench.testing import assert_robust_accuracy
+
+    path = tiny_suite(tmp_path / "s.toml", models='{ name = "brokenmod:noisy", label = "noisy" }')
+    path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert suite.attacks.draws == DRAWS
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        worst = next(c for c in st.rows("cells", summary.run_id) if c["attack"] == "worst-case")
+        row = lb.leaderboard_frame(st, summary.run_id).iloc[0]
+        md = lb.render(st, summary.run_id, "md")
+    assert worst["stochastic"] == 1
+
+    threat = Threat("linf", 0.1)
+    x, y = data.load("digits", "test", n=48)
+    model = noisy()
+    ensemble = Ensemble.preset("quick", threat)
+    assert ensemble.draws == DRAWS
+    robust = []
+    for b, start in enumerate(range(0, 48, 16)):
+        res = ensemble(model, x[start:start + 16], y[start:start + 16],
+                       generator=make_generator(batch_seed(0, b)))
+        assert res.stochastic
+        # per sample: robust iff the best candidate fooled fewer than half the draws
+        assert torch.equal(res.robust, robust_by_majority(res.success_rate))
+        assert res.robust_accuracy == float(res.robust.float().mean())
+        robust.append(res.robust)
+    n_robust = int(torch.cat(robust).sum())
+    helper = assert_robust_accuracy(noisy(), (x, y), threat, "quick", at_least=0.0, n=48,
+                                    batch_size=16, seed=0)
+    assert 0 < n_robust < 48  # a real test: some samples broken, some not
+    assert worst["robust"] == n_robust
+    assert worst["robust_accuracy"] == helper.robust_accuracy == row["robust_accuracy"] \
+        == n_robust / 48
+    assert (worst["ci_low"], worst["ci_high"]) == (helper.ci_low, helper.ci_high) == \
+        (row["ci_low"], row["ci_high"]) == wilson(n_robust, 48)
+    assert f"robust on a majority of {DRAWS} draws" in md
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "robust_by_majority" in readme and f"{DRAWS} fresh draws" in readme
