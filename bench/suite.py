@@ -538,7 +538,7 @@ def _attacks(t: _Table) -> AttackSpec:
 
 # Attacks that wrap another one (``attack = "apgd"``): their own options, and the inner
 # attacks they accept (gradient attacks only: EOT and BPDA replace a gradient).
-WRAPPERS = {"eot": ("samples", "eval_draws"), "bpda": ()}
+WRAPPERS = {"eot": ("samples", "eval_draws"), "bpda": ("approximations",)}
 
 
 def _split_wrapper(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:

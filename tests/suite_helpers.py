@@ -119,6 +119,12 @@ def good():
     return _Wrap("good")
 
 
+def quantized(bits=2):
+    from unmask.defenses import InputQuantization
+
+    return InputQuantization(zoo.load("digits-mlp", device="cpu", progress=False), bits=bits)
+
+
 def noisy(std=0.3):
     from unmask.defenses import RandomNoise
 

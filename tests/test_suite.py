@@ -48,6 +48,20 @@ def _with(**changes):
     (_with(attacks={"list": ["cw"]}), "attacks.list[0].name", "unknown attack"),
     (_with(attacks={"precision": "int8"}), "attacks.precision", "'bf16'"),
     (_with(masking={"enabeld": True}), "masking.enabeld", "did you mean 'enabled'"),
+    (_with(masking={"surrogate": "mnist-cnn"}), "masking.surrogate", "trained on 'mnist5k'"),
+    (_with(masking={"surrogate": "digits-mpl"}), "masking.surrogate", "unknown zoo model"),
+    (_with(attacks={"list": [{"name": "eot"}]}), "attacks.list[0].attack",
+     "eot wraps a gradient attack: give attack = one of apgd"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "square"}]}), "attacks.list[0].attack",
+     "got 'square'; expected one of"),
+    (_with(attacks={"list": [{"name": "eot", "attack": "apgd", "sample": 4}]}),
+     "attacks.list[0].sample", "options: samples, eval_draws, steps"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "pgd", "sample": 4}]}),
+     "attacks.list[0].sample", "options: approximations, steps"),
+    (_with(attacks={"list": [{"name": "eot", "attack": "pgd", "samples": 0}]}),
+     "attacks.list[0]", "positive"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "pgd", "steps": 0}]}),
+     "attacks.list[0]", "positive"),
     (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
     (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
     (_with(quick={"n": -1}), "quick.n", ">= 1"),
@@ -465,3 +479,81 @@ def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
     assert f"robust on a majority of {DRAWS} draws" in md
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     assert "robust_by_majority" in readme and f"{DRAWS} fresh draws" in readme
+
+
+def test_suites_list_eot_and_bpda(tmp_path, zoo_cache, user_models):
+    from unmask.attacks import BPDA, EOT
+
+    path = tiny_suite(tmp_path / "s.toml", models=(
+        '"digits-mlp", { name = "brokenmod:quantized", label = "quantized" }'))
+    path.write_text(path.read_text().replace(
+        'preset = "quick"', 'list = ["fgsm", { name = "eot", attack = "apgd", samples = 2, '
+        'steps = 5 }, { name = "bpda", attack = "pgd", steps = 7 }]').replace(
+        "eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert parse_suite(suite.to_dict()).to_dict() == suite.to_dict()
+    ensemble = suite.build_attacks("linf", 0.1)
+    fgsm, eot, bpda = ensemble.attacks
+    assert isinstance(eot, EOT) and eot.samples == 2 and eot.attack.steps == 5
+    assert isinstance(bpda, BPDA) and bpda.attack.steps == 7
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        # BPDA approximates the quantisation; on a model with nothing to approximate it is
+        # that cell's error, with BPDA's message
+        assert [c["attack"] for c in st.rows("cells", summary.run_id)] == \
+            ["fgsm", "eot-apgd-ce", "bpda-pgd", "worst-case"]
+        assert {c["model"] for c in st.rows("cells", summary.run_id)} == {"quantized"}
+        (section,) = st.rows("sections", summary.run_id)
+    assert (section["model"], section["section"], section["status"]) == \
+        ("digits-mlp", "attack", "error")
+    assert section["reason"].startswith("ValueError: BPDA found no preprocessing module")
+
+
+def _transfer_check(store, run_id, model):
+    from unmask.bench import leaderboard as lb
+
+    with Store(store, readonly=True) as st:
+        row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
+    report = lb._parse_report(row)
+    return next(c for c in report.checks if "transfer" in c.name)
+
+
+def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
+                                                                    user_models, monkeypatch):
+    from unmask.bench import integrations
+    from unmask.bench.suite import default_surrogate
+
+    assert default_surrogate("digits") == "digits-mlp"
+    assert default_surrogate("mnist5k") == "mnist-cnn"
+    seen = {}
+    real = integrations.diagnose
+
+    def spy(model, *args, surrogate=None, **kwargs):
+        seen[id(model)] = surrogate
+        return real(model, *args, surrogate=surrogate, **kwargs)
+
+    monkeypatch.setattr(integrations, "diagnose", spy)
+    models = '"digits-mlp", { name = "brokenmod:good", label = "wrapped" }'
+    path = tiny_suite(tmp_path / "s.toml", models=models, masking=True)
+    path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert suite.masking.surrogate == "auto" and "surrogate" not in suite.to_dict()["masking"]
+    store = tmp_path / "r.sqlite"
+    summary = run_suite(suite, store=store, progress=False)
+    assert sorted(s is None for s in seen.values()) == [False, True]
+    # the surrogate is the default zoo model of the dataset; the evidence names it
+    wrapped = _transfer_check(store, summary.run_id, "wrapped")
+    assert wrapped.evidence["surrogate"] == "digits-mlp" and wrapped.skipped is None
+    assert wrapped.value is not None
+    # digits-mlp IS the surrogate: the check says so instead of attacking itself twice
+    itself = _transfer_check(store, summary.run_id, "digits-mlp")
+    assert "the model is the surrogate (digits-mlp)" in itself.skipped
+
+    off = tmp_path / "off.toml"
+    off.write_text(path.read_text().replace("n = 24", 'n = 24\nsurrogate = "none"'))
+    suite = load_suite(off)
+    assert suite.masking.surrogate == "none"
+    seen.clear()
+    summary = run_suite(suite, store=store, progress=False)
+    assert list(seen.values()) == [None, None]
+    assert "surrogate = 'none'" in _transfer_check(store, summary.run_id, "wrapped").skipped
