@@ -155,6 +155,9 @@ def _print_summary(summary) -> None:
     if len(df):
         rows = []
         for _, r in df.iterrows():
+            if r.get("status", "ok") != "ok":  # a failed model or cell: its error, no number
+                rows.append(("-", r["model"], r["threat"], "", r["status"], r["masking"], ""))
+                continue
             rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
                          f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
                          r["masking"], r["broken_by"]))

@@ -63,6 +63,21 @@ def test_leaderboard_rows_carry_the_evidence(runs):
     assert row["masking"] in ("clean", "suspicious", "masked")
     assert "robust" in row["broken_by"] and "torch" in row["versions"]
     assert isinstance(row["robust_accuracy"], float)
+    # the row's number is the worst case over the ensemble and the diagnosis's own attacks,
+    # recomputed here from what the store holds
+    with Store(store, readonly=True) as st:
+        for _, r in df.iterrows():
+            m_row = next(m for m in st.rows("masking", 1)
+                         if (m["model"], m["norm"], m["eps"]) == ("digits-mlp", r["norm"], r["eps"]))
+            report = lb._parse_report(m_row)
+            assert report is not None and report.outcomes.n == 24  # [masking] n of 48
+            samples = [s for s in st.rows("samples", 1) if s["eps"] == r["eps"]]
+            ensemble_broken = {s["sample"] for s in samples if not s["robust"]}
+            diagnosis_broken = {i for i, b in enumerate(report.outcomes.broken_by)
+                                if b is not None}
+            assert r["robust_accuracy"] == (48 - len(ensemble_broken | diagnosis_broken)) / 48
+            assert r["robust_accuracy"] <= r["ensemble_robust_accuracy"]
+            assert r["worst_case_over"] == "ensemble on 48; diagnosis on the first 24"
 
 
 def _masking_row(model, verdict, *, report="{}", failing=(), after=None, n=10):
