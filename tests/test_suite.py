@@ -557,3 +557,46 @@ def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_
     summary = run_suite(suite, store=store, progress=False)
     assert list(seen.values()) == [None, None]
     assert "surrogate = 'none'" in _transfer_check(store, summary.run_id, "wrapped").skipped
+
+
+def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_path, zoo_cache,
+                                                                        monkeypatch):
+    """The merged number is computed from the stored per-sample outcomes at read time: a run
+    interrupted before its second diagnosis shows that row unranked (the diagnosis did not
+    finish) and, resumed, gives the uninterrupted run's table."""
+    from unmask.bench import integrations
+    from unmask.bench import leaderboard as lb
+
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
+    store = tmp_path / "r.sqlite"
+    full = run_suite(suite, store=store, progress=False)
+    real = integrations.diagnose
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integrations, "diagnose", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, store=store, progress=False)
+    monkeypatch.undo()
+    drop = ["runtime_s"]
+    with Store(store, readonly=True) as st:
+        run_id = st.latest_run().run_id
+        df = lb.leaderboard_frame(st, run_id).set_index("threat")
+    assert df.loc["linf:0.05", "rank"] == 1 and pd_isna(df.loc["linf:0.1", "rank"])
+    assert "did not finish (run interrupted)" in df.loc["linf:0.1", "rank_note"]
+    run_suite(store=store, resume=run_id, progress=False)
+    with Store(store, readonly=True) as st:
+        a = lb.leaderboard_frame(st, full.run_id).drop(columns=drop)
+        b = lb.leaderboard_frame(st, run_id).drop(columns=drop)
+    assert a.equals(b)
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
