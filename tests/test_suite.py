@@ -407,6 +407,16 @@ def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
     assert "raises" not in out and "2 skipped" in out
     assert main(["run", "--skip", "raises", "--store", store]) == 2
     assert "--resume" in capsys.readouterr().err
+    # an edited suite that replaces the broken model under its key
+    fixed = tiny_suite(tmp_path / "fixed.toml", models=(
+        '"digits-mlp", { name = "brokenmod:good", label = "raises" }'))
+    assert main(["run", str(fixed), "--resume", "1", "--store", store, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 units run, 2 skipped" in out and "error:" not in out
+    changed = tmp_path / "changed.toml"
+    changed.write_text(fixed.read_text().replace("seed = 0", "seed = 1"))
+    assert main(["run", str(changed), "--resume", "1", "--store", store]) == 2
+    assert "the edited suite changes seed" in capsys.readouterr().err
 
 
 def test_non_finite_margins_make_the_cell_an_error():
