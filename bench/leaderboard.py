@@ -560,6 +560,10 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         for a in attacks:
             segments.append((a, [next((c["broken"] / c["n"] for c in per[m] if c["attack"] == a),
                                       0.0) for m in models]))
+        if "ensemble_robust_accuracy" in group:  # what the diagnosis and follow-up added
+            segments.append(("diagnosis and follow-up",
+                             (group["ensemble_robust_accuracy"] - group["robust_accuracy"])
+                             .clip(lower=0).tolist()))
         segments.append(("robust", group["robust_accuracy"].tolist()))
         for label, widths in segments:
             ax.barh(models, widths, left=left, label=label)
