@@ -10,9 +10,13 @@ Presets:
   AutoAttack's standard suite.
 
 Randomised models: the ensemble detects a model whose outputs change between two forward
-passes on the same input. Then every candidate example is judged by its success rate over
-``draws`` fresh forward passes (broken when >= 0.5), each sample keeps the candidate with the
-highest rate, and robust accuracy is reported as the mean and standard deviation over draws.
+passes on the same input. Then every candidate example is judged over ``draws`` (default
+:data:`unmask.bench.core.DRAWS`) fresh forward passes, and a sample is robust iff
+:func:`unmask.bench.core.robust_by_majority` holds for the best candidate's fooled rate (correct
+on a strict majority of the draws; a tie or NaN is broken): the one definition the runner, the
+pytest helper and the leaderboard share. Robust accuracy is the share of robust samples (its
+uncertainty: the Wilson interval over samples); the spread of the per-draw accuracy is kept as
+secondary evidence (``robust_accuracy_draws``, ``robust_accuracy_std``).
 
 Reduced-precision search: ``precision="bf16"`` (or ``"fp16"``) runs the gradient attacks on
 the model under autocast, about 2x faster where the hardware has bf16 units, and judges each
@@ -40,6 +44,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..bench.core import (
+    DRAWS,
     AttackResult,
     Autocast,
     Precision,
@@ -50,6 +55,7 @@ from ..bench.core import (
     margin,
     model_mode,
     parse_enum,
+    robust_by_majority,
     warn_if_train_mode,
 )
 from .apgd import APGD, APGDT
@@ -93,7 +99,10 @@ class EnsembleResult:
         margin: float ``N``; the lowest margin found (negative = broken).
         costs: per attack label, an :class:`AttackCost`.
         stochastic: the model's outputs were random; then ``success_rate`` holds each sample's
-            rate over ``draws`` fresh passes and ``robust_accuracy_std`` the spread.
+            fooled rate over ``draws`` fresh passes (robust iff
+            :func:`~unmask.bench.core.robust_by_majority`), ``robust_accuracy_draws`` the
+            accuracy of each draw and ``robust_accuracy_std`` their spread (secondary
+            evidence; the robust accuracy is the share of ``robust`` samples).
     """
 
     x_adv: Tensor
@@ -114,8 +123,7 @@ class EnsembleResult:
 
     @property
     def robust_accuracy(self) -> float:
-        if self.robust_accuracy_draws is not None:
-            return float(self.robust_accuracy_draws.mean())
+        """Share of samples robust (for a randomised model: by majority over the draws)."""
         return float(self.robust.float().mean())
 
     @property
@@ -197,7 +205,7 @@ def attack_in_precision(attack: Attack, model: nn.Module, x: Tensor, y: Tensor, 
 class Ensemble:
     """Run ``attacks`` in order on the samples still robust; the per-sample worst case."""
 
-    def __init__(self, attacks: Sequence[Attack], *, draws: int = 16,
+    def __init__(self, attacks: Sequence[Attack], *, draws: int = DRAWS,
                  precision: str | Precision = "fp32", progress: bool = False) -> None:
         attacks = list(attacks)
         if not attacks:
@@ -254,7 +262,7 @@ class Ensemble:
             stochastic = is_stochastic(model, x, logits)
             if stochastic:
                 rates = success_rate(model, x, y, draws=self.draws, generator=generator)
-                clean_correct = rates < 0.5
+                clean_correct = robust_by_majority(rates)
             else:
                 rates = None
                 clean_correct = margin(logits, y) >= 0
@@ -283,10 +291,10 @@ class Ensemble:
             if stochastic:
                 cand_rate = success_rate(model, res.x_adv, y[idx], draws=self.draws,
                                          generator=generator)
-                better = cand_rate > best_rate[idx]
+                better = (cand_rate > best_rate[idx]) | cand_rate.isnan()
                 best_rate[idx] = torch.where(better, cand_rate, best_rate[idx])
                 x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), res.x_adv, x_adv[idx])
-                broke = cand_rate >= 0.5
+                broke = ~robust_by_majority(cand_rate)
                 extra_forwards = self.draws * idx.numel()
             else:
                 better = res.margin < best_margin[idx]

@@ -45,7 +45,10 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
                    help="the suite's smoke variant: fewer samples, the quick ensemble, a fast "
                         "masking diagnosis (under a minute with trained models)")
     p.add_argument("--resume", type=int, metavar="RUN_ID",
-                   help="resume an interrupted run: finished cells are skipped")
+                   help="resume an interrupted run: finished cells are skipped and failed ones "
+                        "run again; with a SUITE, an edited suite that changes only the models")
+    p.add_argument("--skip", action="append", default=[], metavar="MODEL",
+                   help="with --resume: drop MODEL (its key) from the run (repeatable)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: the suite's, else best)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--check-only", action="store_true",
@@ -75,16 +78,21 @@ def _run(args: argparse.Namespace) -> int:
     from .suite import load_suite
 
     suite = None
+    if args.skip and args.resume is None:
+        raise CLIError("--skip drops models from a resumed run: give --resume RUN_ID")
     if args.resume is not None:
-        if args.suite or args.quick:
-            raise CLIError("--resume continues a stored run with its own suite; give no SUITE "
-                           "or --quick with it")
+        if args.quick:
+            raise CLIError("--resume continues a stored run with its own settings; give no "
+                           "--quick with it")
+        if args.suite:  # an edited suite: only its models may differ from the stored one
+            suite = load_suite(args.suite)
     else:
         suite = load_suite(args.suite)
         if args.quick:
             suite = suite.quick()
     if args.check_only:
-        assert suite is not None
+        if suite is None:
+            raise CLIError("--check-only validates a SUITE file; give one")
         print(f"suite {suite.name} ({suite.source}): valid")
         print(f"  dataset {suite.dataset} ({suite.split}), n={suite.n}, batch {suite.batch_size}, "
               f"seed {suite.seed}")
@@ -109,8 +117,12 @@ def _run(args: argparse.Namespace) -> int:
                 logger.setLevel(logging.INFO)
     try:
         summary = run_suite(suite, store=args.store, resume=args.resume, device=args.device,
-                            progress=progress)
+                            progress=progress, skip=tuple(args.skip))
     except StoreError as err:
+        raise CLIError(str(err)) from None
+    except ValueError as err:  # a resume the stored run cannot take (skip, edited suite)
+        if args.resume is None:
+            raise
         raise CLIError(str(err)) from None
     except KeyboardInterrupt:
         if rank == 0:
@@ -143,6 +155,9 @@ def _print_summary(summary) -> None:
     if len(df):
         rows = []
         for _, r in df.iterrows():
+            if r.get("status", "ok") != "ok":  # a failed model or cell: its error, no number
+                rows.append(("-", r["model"], r["threat"], "", r["status"], r["masking"], ""))
+                continue
             rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
                          f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
                          r["masking"], r["broken_by"]))

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Unavailable", "feature", "diagnose_masking", "explain_model", "backdoor_metrics",
-           "trigger_mask"]
+__all__ = ["Unavailable", "feature", "diagnose", "masking_row", "note_surrogate",
+           "diagnose_masking", "explain_model", "backdoor_metrics", "trigger_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -45,83 +45,53 @@ def feature(module: str, name: str) -> Callable[..., Any]:
 # --- masking diagnosis ------------------------------------------------------------------------
 
 
-def _value(obj: Any) -> Any:
-    return getattr(obj, "value", obj)
+def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat, *, follow_up: bool, fast: bool,
+             generator: torch.Generator, surrogate: nn.Module | None = None):
+    """``unmask.defenses.diagnose`` itself (its typed :class:`MaskingReport`), or
+    :class:`Unavailable` when the masking package is not importable."""
+    run = feature("unmask.defenses", "diagnose")
+    return run(model, x, y, threat, follow_up=follow_up, fast=fast, generator=generator,
+               surrogate=surrogate)
 
 
-def _check_failed(check: Any) -> bool:
-    if isinstance(check, dict):
-        get = check.get
-    else:
-        def get(key, default=None):
-            return getattr(check, key, default)
-    passed = get("passed")
-    if isinstance(passed, bool):
-        return not passed
-    status = _value(get("status") or get("result") or "")
-    return str(status).lower() in ("fail", "failed", "masked", "suspicious", "warn")
+def _transfer_check(report) -> Any:
+    return next((c for c in report.checks if "transfer" in c.name), None)
 
 
-def _check_name(check: Any) -> str:
-    if isinstance(check, dict):
-        return str(check.get("name", "?"))
-    return str(getattr(check, "name", "?"))
+def note_surrogate(report, name: str | None, *, used: bool, is_self: bool, why: str) -> None:
+    """Name the surrogate in the transfer check's evidence: the one used, or why none was
+    (the model is the surrogate itself: a transfer attack from it is the white-box attack
+    the diagnosis already ran, so the check says so instead of running it twice)."""
+    check = _transfer_check(report)
+    if check is None:
+        log.warning("the masking report has no transfer check to name the surrogate in")
+        return
+    check.evidence = {**(check.evidence or {}), "surrogate": name}
+    if is_self:
+        check.skipped = (f"the model is the surrogate ({name}): a transfer attack from it is "
+                         "the white-box attack already run")
+    elif not used:
+        check.skipped = why or check.skipped
 
 
-def _find_number(doc: Any, *names: str) -> float | None:
-    """The first numeric value under any of ``names``, searched depth-first in ``doc``."""
-    if isinstance(doc, dict):
-        for name in names:
-            v = doc.get(name)
-            if isinstance(v, int | float) and not isinstance(v, bool):
-                return float(v)
-        for v in doc.values():
-            found = _find_number(v, *names)
-            if found is not None:
-                return found
-    elif isinstance(doc, list):
-        for v in doc:
-            found = _find_number(v, *names)
-            if found is not None:
-                return found
-    return None
+def masking_row(report) -> dict[str, Any]:
+    """The ``masking`` table's row of a :class:`MaskingReport`: verdict, failing checks, next
+    attack, the follow-up's robust accuracy before/after, and the report itself as JSON
+    (per-sample outcomes included: the leaderboard merges them into the row's number)."""
+    follow = report.follow_up or {}
+    return {"verdict": report.verdict.value, "failing": [c.name for c in report.failed],
+            "next_attack": report.recommended_attack,
+            "robust_accuracy_before": follow.get("before"),
+            "robust_accuracy_after": follow.get("after"),
+            "report": json.dumps(report.to_dict(), sort_keys=True, default=str)}
 
 
 def diagnose_masking(model: nn.Module, x: Tensor, y: Tensor, threat, *, follow_up: bool,
-                     fast: bool, generator: torch.Generator) -> dict[str, Any]:
-    """Run ``unmask.defenses.diagnose`` and flatten its :class:`MaskingReport`.
-
-    Returns ``verdict`` (``clean``/``suspicious``/``masked``), the names of the ``failing``
-    checks, the recommended ``next_attack``, robust accuracy ``before``/``after`` the
-    follow-up attack (when run) and the full ``report`` as JSON.
-    """
-    diagnose = feature("unmask.defenses", "diagnose")
-    report = diagnose(model, x, y, threat, follow_up=follow_up, fast=fast, generator=generator)
-    raw = report.to_json() if hasattr(report, "to_json") else getattr(report, "to_dict", dict)()
-    doc = json.loads(raw) if isinstance(raw, str) else raw
-    verdict = str(_value(getattr(report, "verdict", None) or doc.get("verdict", "unknown")))
-    checks = getattr(report, "checks", None)
-    if checks is None:
-        checks = doc.get("checks", []) if isinstance(doc, dict) else []
-    failed = getattr(report, "failed", None)  # excludes skipped checks
-    if isinstance(failed, list):
-        failing = [_check_name(c) for c in failed]
-    else:
-        failing = [_check_name(c) for c in checks if _check_failed(c)]
-    next_attack = (getattr(report, "next_attack", None) or getattr(report, "recommended", None)
-                   or (doc.get("next_attack") or doc.get("recommended_attack")
-                       if isinstance(doc, dict) else None))
-    follow = doc.get("follow_up") if isinstance(doc, dict) else None
-    if isinstance(follow, dict):
-        before = _find_number(follow, "robust_accuracy_before", "before")
-        after = _find_number(follow, "robust_accuracy_after", "after")
-    else:
-        before = _find_number(doc, "robust_accuracy_before")
-        after = _find_number(doc, "robust_accuracy_after")
-    return {"verdict": verdict, "failing": failing,
-            "next_attack": None if next_attack is None else str(_value(next_attack)),
-            "robust_accuracy_before": before, "robust_accuracy_after": after,
-            "report": json.dumps(doc, sort_keys=True, default=str)}
+                     fast: bool, generator: torch.Generator,
+                     surrogate: nn.Module | None = None) -> dict[str, Any]:
+    """:func:`diagnose` flattened by :func:`masking_row` (the pytest helper's view)."""
+    return masking_row(diagnose(model, x, y, threat, follow_up=follow_up, fast=fast,
+                                generator=generator, surrogate=surrogate))
 
 
 # --- explanations -----------------------------------------------------------------------------

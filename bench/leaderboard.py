@@ -1,11 +1,16 @@
 """The leaderboard and the HTML report of a run, built with pandas from the results store.
 
 One row per model and threat: clean accuracy, each attack's robust accuracy in the cascade,
-the worst case with its 95% Wilson interval, the masking verdict with its failing checks, who
+the row's one robust number (per sample the worst case over the ensemble, the masking
+diagnosis's attacks and its follow-up, :func:`row_outcomes`) with its 95% Wilson interval, the
+masking verdict with its failing checks and the follow-up (named, with its sample count), who
 broke what, explanation scores, backdoor ASR, n, seed, runtime, checkpoint hash and versions.
-Rows are ranked by worst-case robust accuracy within each threat; a model whose diagnosis is
-``masked`` is marked and never ranked (its robust accuracy is not evidence of robustness),
-and a row without a diagnosis says so.
+Rows are ranked by that number within each threat, and only rows whose diagnosis finished: a
+``masked`` row is marked and not ranked (unless the adaptive attack's re-checks passed:
+``adaptive``), and a row without a diagnosis (masking off, interrupted, error) or whose cell
+failed (``error: <message>``) says why it is not ranked. A randomised model's sample is robust
+when it is classified correctly on a strict majority of the draws
+(:func:`unmask.bench.core.robust_by_majority`).
 
 Usage::
 
@@ -25,9 +30,11 @@ from typing import Any
 
 import pandas as pd
 
-from .store import WORST_CASE, Store
+from .core import DRAWS, SampleOutcomes
+from .store import WORST_CASE, Store, wilson
 
-__all__ = ["leaderboard_frame", "render", "write_report", "write_text", "sections_frame"]
+__all__ = ["leaderboard_frame", "render", "write_report", "write_text", "sections_frame",
+           "row_outcomes", "verdict_legend"]
 
 # Explanation metrics shown in the table, with short column names.
 _EXPLAIN_COLUMNS = {"deletion_auc": "del", "insertion_auc": "ins",
@@ -38,22 +45,118 @@ _METHOD_SHORT = {"saliency": "sal", "smoothgrad": "sg", "integrated_gradients": 
                  "input_x_gradient": "ixg"}
 
 
-def _broken_by(samples: list[dict[str, Any]], order: list[str]) -> dict[str, int]:
-    counts: dict[str, int] = defaultdict(int)
-    for s in samples:
-        counts[s["broken_by"] or "robust"] += 1
-    keys = ["clean"] + order + ["robust"]
-    return {k: counts[k] for k in keys if counts.get(k)}
+def _parse_report(row: dict[str, Any] | None):
+    """The stored :class:`~unmask.defenses.MaskingReport` of a masking row, or None when the
+    row holds no full report (an older or hand-written row)."""
+    if row is None:
+        return None
+    try:
+        from ..defenses import MaskingReport
+
+        return MaskingReport.from_dict(json.loads(row["report"]))
+    except Exception:
+        return None
+
+
+def row_outcomes(samples: list[dict[str, Any]], report) -> tuple[SampleOutcomes, int]:
+    """THE robust number of a row: per sample, the worst case over every attack that ran on
+    it. ``samples`` are the ensemble's per-sample rows (in sample order); ``report`` the
+    masking diagnosis (its ``outcomes``: the diagnosis's own attacks and the follow-up, on the
+    first ``m`` samples of the same data). Returns the merged outcomes over all samples and
+    ``m`` (0 without a diagnosis). A sample any attack broke is never robust, so the merged
+    robust accuracy is never above what any attack reached on the same samples."""
+    ordered = sorted(samples, key=lambda r: r["sample"])
+    ensemble = SampleOutcomes(tuple(None if r["robust"] else (r["broken_by"] or "ensemble")
+                                    for r in ordered))
+    outcomes = getattr(report, "outcomes", None)
+    if outcomes is None or not ensemble.n:
+        return ensemble, 0
+    m = min(outcomes.n, ensemble.n)
+    head = SampleOutcomes(ensemble.broken_by[:m]).merge(
+        SampleOutcomes(outcomes.broken_by[:m]))
+    return SampleOutcomes(head.broken_by + ensemble.broken_by[m:]), m
+
+
+def _broken_by(outcomes: SampleOutcomes, order: list[str]) -> dict[str, int]:
+    counts = outcomes.counts()
+    robust = outcomes.n - sum(counts.values())
+    rest = [k for k in counts if k not in order and k != "clean"]
+    # the ensemble's labels, then the diagnosis's, then the follow-up's
+    rest.sort(key=lambda k: (k.startswith("diagnosis:") + 2 * k.startswith("follow-up:")))
+    keys = ["clean"] + order + rest
+    out = {k: counts[k] for k in keys if counts.get(k)}
+    if robust:
+        out["robust"] = robust
+    return out
+
+
+def _threats_of(config: dict[str, Any]) -> list[tuple[str, float]]:
+    out = []
+    for t in config.get("threats", []) if isinstance(config, dict) else []:
+        eps = t.get("eps", [])
+        for e in eps if isinstance(eps, list) else [eps]:
+            out.append((t.get("norm"), float(e)))
+    return out
+
+
+def _follow_up_text(report, m_row: dict[str, Any] | None) -> str:
+    """The follow-up's own figure, naming its attack and sample count."""
+    follow = getattr(report, "follow_up", None)
+    if follow:
+        return (f"follow-up {follow.get('attack', '?')} on {follow.get('n', '?')} samples: "
+                f"{follow['before']:.3f} -> {follow['after']:.3f}")
+    if m_row is not None and m_row.get("robust_accuracy_after") is not None:
+        before = m_row.get("robust_accuracy_before")
+        head = "" if before is None else f"{before:.3f} -> "
+        return (f"follow-up on {m_row['n']} samples: {head}"
+                f"{m_row['robust_accuracy_after']:.3f}")
+    return ""
+
+
+def _masking_state(run, m_row, missing, masking_on: bool) -> dict[str, Any]:
+    """Verdict, whether the row may be ranked, and why not."""
+    if m_row is not None:
+        report = _parse_report(m_row)
+        verdict = m_row["verdict"]
+        rankable = report.rankable if report is not None else verdict != "masked"
+        adaptive = verdict == "masked" and rankable
+        note = ("ranked on the adaptive attack's number (the masking checks passed against it)"
+                if adaptive else "" if rankable else
+                "masked: the number is not evidence of robustness")
+        return {"verdict": verdict, "failing": ", ".join(json.loads(m_row["failing"])),
+                "report": report, "rankable": rankable, "adaptive": adaptive, "note": note}
+    if missing is not None:
+        status, reason = missing["status"], missing["reason"]
+        return {"verdict": f"{status}: {reason}", "failing": "", "report": None,
+                "rankable": False, "adaptive": False,
+                "note": f"no masking diagnosis ({status}: {reason})"}
+    if not masking_on:
+        why = "masking is off in this suite: no diagnosis, so no evidence the number is real"
+    else:
+        why = f"the masking diagnosis did not finish (run {run.status})"
+    return {"verdict": "not run", "failing": "", "report": None, "rankable": False,
+            "adaptive": False, "note": why}
 
 
 def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
-    """The leaderboard of ``run_id`` as a DataFrame (numbers as numbers)."""
+    """The leaderboard of ``run_id`` as a DataFrame (numbers as numbers).
+
+    ``robust_accuracy`` is the row's one robust number (:func:`row_outcomes`): the per-sample
+    worst case over the ensemble, the diagnosis's attacks and its follow-up;
+    ``ensemble_robust_accuracy`` the ensemble's alone. A row is ranked only when its masking
+    diagnosis finished and the report is rankable (not masked, or masked but the adaptive
+    re-checks passed: then ``adaptive`` is true); ``rank_note`` says why not otherwise. A
+    section that failed shows ``error: <message>`` and is never ranked.
+    """
     run = store.run(run_id)
+    config = run.config if isinstance(run.config, dict) else {}
+    masking_on = bool((config.get("masking") or {}).get("enabled", True))
+    draws = (config.get("attacks") or {}).get("draws", DRAWS)
     cells = store.rows("cells", run_id)
     samples = store.rows("samples", run_id)
     masking = {(m["model"], m["norm"], m["eps"]): m for m in store.rows("masking", run_id)}
     sections = store.rows("sections", run_id)
-    masking_missing = {(s["model"], s["detail"]): s for s in sections if s["section"] == "masking"}
+    missing_of = {(s["model"], s["section"], s["detail"]): s for s in sections}
     explanations = store.rows("explanations", run_id)
     backdoor = defaultdict(dict)
     for b in store.rows("backdoor", run_id):
@@ -62,26 +165,36 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
     versions = run.versions
     version_text = ", ".join(f"{k} {versions[k]}" for k in ("unmask", "torch") if k in versions)
     by_sample: dict[tuple, list] = defaultdict(list)
-    for s in samples:
-        by_sample[(s["model"], s["norm"], s["eps"])].append(s)
+    for smp in samples:
+        by_sample[(smp["model"], smp["norm"], smp["eps"])].append(smp)
     groups: dict[tuple, list] = defaultdict(list)
     for c in cells:
         groups[(c["model"], c["norm"], c["eps"])].append(c)
-    model_order = [m.get("label") or m["name"] for m in run.config.get("models", [])]
+    model_order = [m.get("label") or m["name"] for m in config.get("models", [])]
+    in_run = set(model_order)
     rows = []
     for (model, norm, eps), cs in groups.items():
+        if in_run and model not in in_run:
+            continue  # dropped from the run (resume --skip); its rows stay in the store
         cs = sorted(cs, key=lambda c: c["position"])
         worst = next(c for c in cs if c["attack"] == WORST_CASE)
         attacks = [c for c in cs if c["attack"] != WORST_CASE]
         threat = f"{norm}:{eps:g}"
-        m = masking.get((model, norm, eps))
-        if m is not None:
-            verdict = m["verdict"]
-            failing = ", ".join(json.loads(m["failing"]))
-        else:
-            miss = masking_missing.get((model, threat))
-            verdict = "unavailable" if miss is not None else "not run"
-            failing = miss["reason"] if miss is not None else ""
+        m_row = masking.get((model, norm, eps))
+        state = _masking_state(run, m_row, missing_of.get((model, "masking", threat)),
+                               masking_on)
+        merged, m = row_outcomes(by_sample[(model, norm, eps)], state["report"])
+        n = worst["n"]
+        if merged.n == n:
+            robust = n - len([b for b in merged.broken_by if b is not None])
+        else:  # no per-sample rows (hand-written cells): the ensemble's count
+            robust = worst["robust"]
+        lo, hi = wilson(robust, n)
+        follow = _follow_up_text(state["report"], m_row)
+        over = f"ensemble on {n}"
+        if m:
+            what = "diagnosis and follow-up" if follow else "diagnosis"
+            over += f"; {what} on the first {m}" if m < n else f"; {what} on all {m}"
         row: dict[str, Any] = {
             "model": model, "threat": threat, "norm": norm, "eps": eps,
             "clean_accuracy": worst["clean_accuracy"],
@@ -89,13 +202,16 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
         for c in attacks:
             row[f"after {c['attack']}"] = c["robust_accuracy"]
         row.update({
-            "robust_accuracy": worst["robust_accuracy"], "ci_low": worst["ci_low"],
-            "ci_high": worst["ci_high"], "robust_accuracy_std": worst["robust_accuracy_std"],
-            "masking": verdict, "failing_checks": failing,
-            "masking_follow_up": (m["robust_accuracy_after"] if m is not None else None),
+            "robust_accuracy": robust / n, "ci_low": lo, "ci_high": hi,
+            "ensemble_robust_accuracy": worst["robust_accuracy"], "worst_case_over": over,
+            "robust_accuracy_std": worst["robust_accuracy_std"],
+            "draws": draws if worst["stochastic"] else None,
+            "status": "ok", "masking": state["verdict"], "failing_checks": state["failing"],
+            "masking_follow_up": (m_row["robust_accuracy_after"] if m_row is not None else None),
+            "follow_up": follow, "adaptive": state["adaptive"],
+            "_rankable": state["rankable"], "rank_note": state["note"],
             "broken_by": ", ".join(f"{k} {v}" for k, v in
-                                   _broken_by(by_sample[(model, norm, eps)],
-                                              [c["attack"] for c in attacks]).items()),
+                                   _broken_by(merged, [c["attack"] for c in attacks]).items()),
         })
         for e in explanations:
             if e["model"] == model and e["metric"] in _EXPLAIN_COLUMNS:
@@ -107,38 +223,72 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
         runtime = units.get(f"attack/{model}/{threat}", worst["wall_seconds"])
         runtime += units.get(f"masking/{model}/{threat}", 0.0)
         row.update({
-            "n": worst["n"], "seed": run.seed, "runtime_s": runtime,
+            "n": n, "seed": run.seed, "runtime_s": runtime,
             "forwards": worst["forwards"], "backwards": worst["backwards"],
             "stochastic": bool(worst["stochastic"]),
             "checkpoint_sha256": worst["checkpoint_sha256"] or "",
             "source": worst["model_source"] or "", "versions": version_text,
         })
         rows.append(row)
+    # Rows without numbers: a model or a cell that failed. Shown, never ranked.
+    have = {(r["model"], r["threat"]) for r in rows}
+    threats = _threats_of(config)
+    for sec in sections:
+        if sec["status"] != "error" or sec["section"] not in ("model", "attack"):
+            continue
+        if in_run and sec["model"] not in in_run:
+            continue
+        wanted = ([(sec["detail"], None)] if sec["detail"] else
+                  [(f"{nm}:{e:g}", (nm, e)) for nm, e in threats] or [("-", None)])
+        for threat, _ in wanted:
+            if (sec["model"], threat) in have:
+                continue
+            have.add((sec["model"], threat))
+            norm, _, eps = threat.partition(":")
+            message = f"error: {sec['reason']}"
+            rows.append({"model": sec["model"], "threat": threat, "norm": norm,
+                         "eps": float(eps) if eps else float("nan"), "status": message,
+                         "masking": message if sec["section"] == "model" else "not run",
+                         "failing_checks": "", "_rankable": False,
+                         "rank_note": f"{sec['section']} failed: {sec['reason']}",
+                         "broken_by": "", "seed": run.seed, "versions": version_text,
+                         "adaptive": False, "follow_up": "", "worst_case_over": ""})
     df = pd.DataFrame(rows)
     if df.empty:
         return pd.DataFrame(columns=["rank", "model", "threat", "clean_accuracy",
                                      "robust_accuracy", "ci_low", "ci_high", "masking",
                                      "broken_by"])
-    df["_masked"] = df["masking"].eq("masked")
+    for col in ("clean_accuracy", "robust_accuracy", "ci_low", "ci_high",
+                "ensemble_robust_accuracy", "robust_accuracy_std", "masking_follow_up",
+                "backdoor_asr", "runtime_s"):
+        if col in df:
+            df[col] = pd.to_numeric(df[col], errors="coerce")
+    df["_unranked"] = ~df["_rankable"].astype(bool)
     df["_order"] = df["model"].map({m: i for i, m in enumerate(model_order)}).fillna(1e9)
-    df = df.sort_values(["norm", "eps", "_masked", "robust_accuracy", "_order"],
-                        ascending=[True, True, True, False, True], kind="mergesort")
+    df["_missing"] = df["robust_accuracy"].isna()
+    df = df.sort_values(["norm", "eps", "_unranked", "_missing", "robust_accuracy", "_order"],
+                        ascending=[True, True, True, True, False, True], kind="mergesort")
     ranks = []
-    for (_, _), group in df.groupby(["norm", "eps"], sort=False):
+    for (_, _), group in df.groupby(["norm", "eps"], sort=False, dropna=False):
         r = 0
-        for masked in group["_masked"]:
-            if masked:
+        for unranked in group["_unranked"]:
+            if unranked:
                 ranks.append(None)
             else:
                 r += 1
                 ranks.append(r)
     df.insert(0, "rank", pd.array(ranks, dtype="Int64"))
-    return df.drop(columns=["_masked", "_order"]).reset_index(drop=True)
+    return df.drop(columns=["_unranked", "_order", "_missing", "_rankable"]
+                   ).reset_index(drop=True)
 
 
 def sections_frame(store: Store, run_id: int) -> pd.DataFrame:
-    """Everything the suite asked for that did not run, with the reason."""
-    rows = store.rows("sections", run_id)
+    """Everything the suite asked for that did not run, with the reason (models dropped from
+    a resumed run left out)."""
+    config = store.run(run_id).config
+    in_run = {m.get("label") or m["name"] for m in (config.get("models", [])
+                                                     if isinstance(config, dict) else [])}
+    rows = [r for r in store.rows("sections", run_id) if not in_run or r["model"] in in_run]
     return pd.DataFrame([{k: r[k] for k in ("model", "section", "detail", "status", "reason")}
                          for r in rows], columns=["model", "section", "detail", "status",
                                                   "reason"])
@@ -149,38 +299,78 @@ def sections_frame(store: Store, run_id: int) -> pd.DataFrame:
 _DISPLAY_FIXED = ["rank", "model", "threat", "clean_accuracy"]
 
 
+def _num(v: Any) -> str:
+    return "" if v is None or pd.isna(v) else f"{v:.3f}"
+
+
 def _display(df: pd.DataFrame) -> pd.DataFrame:
     """The human table: accuracy with its interval in one column, a masking mark."""
     if df.empty:
         return df
     out = pd.DataFrame()
     out["rank"] = [("-" if pd.isna(r) else str(int(r))) for r in df["rank"]]
-    out["model"] = [m + (" (masked, not ranked)" if v == "masked" else "")
-                    for m, v in zip(df["model"], df["masking"])]
+    marks = []
+    for m, v, rank, adaptive in zip(df["model"], df["masking"], df["rank"], df["adaptive"]):
+        if bool(adaptive):
+            marks.append(f"{m} (adaptive)")
+        elif v == "masked":
+            marks.append(f"{m} (masked, not ranked)")
+        elif pd.isna(rank):
+            marks.append(f"{m} (not ranked)")
+        else:
+            marks.append(m)
+    out["model"] = marks
     out["threat"] = df["threat"]
-    out["clean"] = df["clean_accuracy"].map(lambda v: f"{v:.3f}")
+    out["clean"] = df["clean_accuracy"].map(_num)
     for col in df.columns:
         if col.startswith("after "):
-            out[col[6:]] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    out["worst-case [95% CI]"] = [
-        f"{r:.3f} [{lo:.3f}, {hi:.3f}]" + (f" ±{s:.3f}" if s else "")
-        for r, lo, hi, s in zip(df["robust_accuracy"], df["ci_low"], df["ci_high"],
-                                df["robust_accuracy_std"])]
-    out["masking"] = [v + (f" ({f})" if f else "")
-                      + ("" if pd.isna(a) else f"; follow-up attack: {a:.3f}")
-                      for v, f, a in zip(df["masking"], df["failing_checks"],
-                                         df["masking_follow_up"])]
+            out[col[6:]] = df[col].map(_num)
+    worst = []
+    for status, r, lo, hi, s, draws in zip(df["status"], df["robust_accuracy"], df["ci_low"],
+                                           df["ci_high"], df["robust_accuracy_std"],
+                                           df.get("draws", pd.Series([None] * len(df)))):
+        if status != "ok":
+            worst.append(status)
+        elif draws is not None and not pd.isna(draws):
+            worst.append(f"{r:.3f} [{lo:.3f}, {hi:.3f}] (robust on a majority of {int(draws)} "
+                         f"draws; per-draw spread ±{s:.3f})")
+        else:
+            worst.append(f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
+    out["worst-case [95% CI]"] = worst
+    out["worst case over"] = df["worst_case_over"].fillna("")
+    out["masking"] = [v + (f" ({f})" if f else "") + (f"; {fu}" if fu else "")
+                      for v, f, fu in zip(df["masking"], df["failing_checks"].fillna(""),
+                                          df["follow_up"].fillna(""))]
+    out["not ranked because"] = [note if pd.isna(rank) else "" for note, rank
+                                 in zip(df["rank_note"].fillna(""), df["rank"])]
     out["broken by"] = df["broken_by"]
     for col in df.columns:
         if any(col.endswith(" " + short) for short in _EXPLAIN_COLUMNS.values()):
-            out[col] = df[col].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    out["backdoor ASR"] = df["backdoor_asr"].map(lambda v: "" if pd.isna(v) else f"{v:.3f}")
-    out["n"] = df["n"].astype(str)
+            out[col] = df[col].map(_num)
+    out["backdoor ASR"] = df["backdoor_asr"].map(_num) if "backdoor_asr" in df else ""
+    out["n"] = df["n"].map(lambda v: "" if pd.isna(v) else str(int(v)))
     out["seed"] = df["seed"].astype(str)
-    out["runtime"] = df["runtime_s"].map(lambda v: f"{v:.1f}s")
-    out["checkpoint"] = df["checkpoint_sha256"].str[:12]
+    out["runtime"] = df["runtime_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}s")
+    out["checkpoint"] = df["checkpoint_sha256"].fillna("").str[:12]
     out["versions"] = df["versions"]
     return out
+
+
+def verdict_legend() -> str:
+    """One line: what clean / suspicious / masked mean and what the reader should do."""
+    try:
+        from ..defenses import VERDICT_MEANING
+    except ImportError:  # pragma: no cover - the masking package is part of unmask
+        return ""
+    return "Verdicts: " + "; ".join(f"{k}: {v}" for k, v in VERDICT_MEANING.items()) + "."
+
+
+_INTRO = ("Worst case per sample over every attack that ran on it: the attack ensemble, the "
+          "masking diagnosis's own attacks and its follow-up (on the samples the diagnosis "
+          "ran on; see 'worst case over'). Attack columns are the robust accuracy after the "
+          "cascade reached that attack. Only rows whose masking diagnosis finished are ranked; "
+          "masked rows are not, unless the adaptive attack's re-checks passed (marked "
+          "adaptive).")
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -222,15 +412,14 @@ def render(store: Store, run_id: int, fmt: str = "md") -> str:
     shown = _display(df)
     if fmt == "md":
         text = ["# unmask leaderboard", ""] + [f"- {h}" for h in _header_lines(store, run_id)]
-        text += ["", "Worst case over the attack ensemble per sample; attack columns are the "
-                 "robust accuracy after the cascade reached that attack. Masked models are "
-                 "not ranked.", "", _markdown(shown)]
+        text += ["", _INTRO, "", verdict_legend(), "", _markdown(shown)]
         missing = sections_frame(store, run_id)
         if len(missing):
             text += ["", "## Not run", "", _markdown(missing)]
         return "\n".join(text) + "\n"
     if fmt == "html":
-        header = "".join(f"<p>{html.escape(h)}</p>" for h in _header_lines(store, run_id))
+        header = "".join(f"<p>{html.escape(h)}</p>" for h in
+                         [*_header_lines(store, run_id), _INTRO, verdict_legend()])
         return _html_page("unmask leaderboard", header + _html_table(shown, store, run_id))
     if fmt == "latex":
         if shown.empty:
@@ -255,6 +444,7 @@ th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertica
 th { background: #f0f0f0; }
 tr.masked td { background: #fde2e2; }
 tr.suspicious td { background: #fff4d6; }
+tr.error td { background: #eeeeee; color: #8a1c1c; }
 .meta { color: #555; font-size: 0.9em; }
 figure { display: inline-block; margin: 0.5em; }
 figure img { max-width: 640px; border: 1px solid #ddd; }
@@ -277,7 +467,8 @@ def _html_table(shown: pd.DataFrame, store: Store, run_id: int, table_id: str = 
     for row in shown.itertuples(index=False):
         masking = str(row[list(shown.columns).index("masking")]) if "masking" in shown else ""
         cls = ("masked" if masking.startswith("masked") else
-               "suspicious" if masking.startswith("suspicious") else "")
+               "suspicious" if masking.startswith("suspicious") else
+               "error" if "error: " in " ".join(map(str, row)) else "")
         cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
         body.append(f"<tr class=\"{cls}\">{cells}</tr>")
     return (f"<table id=\"{table_id}\"><thead><tr>{head}</tr></thead><tbody>"
@@ -324,6 +515,8 @@ def write_bytes(path: Path, payload: bytes) -> Path:
 def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[tuple[Path, str]]:
     """The report's figures: robust accuracy vs eps, who broke what, attack cost, maps."""
     out: list[tuple[Path, str]] = []
+    if "robust_accuracy" in df:
+        df = df[df["robust_accuracy"].notna()]  # rows of failed cells have no numbers
     if df.empty:
         return out
     # robust accuracy vs eps, per norm
@@ -367,6 +560,10 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         for a in attacks:
             segments.append((a, [next((c["broken"] / c["n"] for c in per[m] if c["attack"] == a),
                                       0.0) for m in models]))
+        if "ensemble_robust_accuracy" in group:  # what the diagnosis and follow-up added
+            segments.append(("diagnosis and follow-up",
+                             (group["ensemble_robust_accuracy"] - group["robust_accuracy"])
+                             .clip(lower=0).tolist()))
         segments.append(("robust", group["robust_accuracy"].tolist()))
         for label, widths in segments:
             ax.barh(models, widths, left=left, label=label)
@@ -442,10 +639,9 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     parts = ["<h1>unmask report</h1>", "<div class=\"meta\">"]
     parts += [f"<p>{html.escape(h)}</p>" for h in _header_lines(store, run_id)]
     parts.append("</div>")
-    parts.append("<h2>Leaderboard</h2><p>Worst case over the attack ensemble per sample, with "
-                 "the 95% Wilson interval. Attack columns give the robust accuracy after the "
-                 "cascade reached that attack. Rows with a <em>masked</em> verdict are not "
-                 "ranked; <em>suspicious</em> rows are highlighted.</p>")
+    parts.append(f"<h2>Leaderboard</h2><p>{html.escape(_INTRO)} The interval is the 95% "
+                 "Wilson interval; <em>suspicious</em> rows are highlighted.</p>"
+                 f"<p>{html.escape(verdict_legend())}</p>")
     parts.append(_html_table(_display(df), store, run_id))
     missing = sections_frame(store, run_id)
     parts.append("<h2>Not run</h2><p>Sections the suite asked for that could not run here, "
@@ -462,9 +658,9 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
         for m in masking:
             failing = ", ".join(json.loads(m["failing"])) or "none"
             extra = ""
-            if m["robust_accuracy_before"] is not None and m["robust_accuracy_after"] is not None:
-                extra = (f"; follow-up attack: robust accuracy {m['robust_accuracy_before']:.3f}"
-                         f" -> {m['robust_accuracy_after']:.3f}")
+            follow = _follow_up_text(_parse_report(m), m)
+            if follow:
+                extra = f"; {follow}"
             try:
                 pretty = json.dumps(json.loads(m["report"]), indent=2)
             except json.JSONDecodeError:

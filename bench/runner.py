@@ -12,7 +12,17 @@ For every model of the suite (zoo entry trained or loaded from the cache, or a u
 Each of these units is committed in its own transaction; ``resume=RUN_ID`` skips the units
 already finished, so an interrupted run resumed gives the same table as an uninterrupted one.
 A section that cannot run (a feature not installed, an optional zoo entry missing) is stored
-as ``unavailable`` with its reason; a section that fails is stored as ``error``.
+as ``unavailable`` with its reason; a section that fails is stored as ``error`` with its
+message, and the run goes on with the next unit. One broken model never stops a run: a builder
+that raises, an output that is not ``N x K`` logits or non-finite logits are that model's
+error. Errors are not finished units: ``--resume`` runs them again (after a fix), and a
+resumed run can drop models (``skip``) or take an edited suite whose cells are unchanged.
+
+Randomised models: a sample is robust iff it is classified correctly on a strict majority of
+``[attacks] draws`` (:data:`unmask.bench.core.DRAWS`) fresh draws
+(:func:`unmask.bench.core.robust_by_majority`); the worst-case cell's robust accuracy is the
+share of robust samples with its Wilson interval, and ``robust_accuracy_std`` the spread of the
+per-draw accuracy (secondary evidence).
 
 Determinism: the samples are cut into fixed batches of ``batch_size`` and batch ``b`` draws
 its randomness from a generator seeded with ``(seed, b)``, so the result does not depend on
@@ -30,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import platform
 import subprocess
@@ -177,17 +188,28 @@ def _run_batch(ensemble, model: nn.Module, x: Tensor, y: Tensor, seed: int, b: i
 def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int,
                   batch_size: int, rank: int = 0, world: int = 1,
                   progress: bool = False, desc: str = "") -> list[dict[str, Any]]:
-    """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcome dicts."""
+    """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcome dicts.
+
+    An exception in a batch ends this rank's share with one ``{"error": message}`` entry
+    (every rank still reaches the gather, so a failing model cannot hang a torchrun)."""
     spans = _batches(int(x.shape[0]), batch_size)
     mine = [b for b in range(len(spans)) if b % world == rank]
     out = []
     bar = tqdm(mine, desc=desc, disable=not progress, leave=False, unit="batch")
     for b in bar:
         s, e = spans[b]
-        out.append(_run_batch(ensemble, model, x[s:e].clone(), y[s:e].clone(), seed, b,
-                              progress))
+        try:
+            out.append(_run_batch(ensemble, model, x[s:e].clone(), y[s:e].clone(), seed, b,
+                                  progress))
+        except Exception as err:
+            out.append({"b": b, "error": _message(err)})
+            break
     bar.close()
     return out
+
+
+def _message(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}"
 
 
 def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, model: str,
@@ -202,6 +224,10 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
     n = len(robust)
     if n != int(y.shape[0]):
         raise RuntimeError(f"gathered {n} samples, expected {int(y.shape[0])}")
+    bad = sum(not math.isfinite(m) for m in margins)
+    if bad:  # NaN is no robustness: the cell is an error, not a number
+        raise ValueError(f"model {model!r} returned non-finite logits (NaN or Inf) during the "
+                         f"attacks: no finite margin for {bad} of {n} samples")
     stochastic = any(p["stochastic"] for p in parts)
     n_clean = sum(bool(c) for c in clean)
     common = {"model": model, "norm": norm, "eps": float(eps), "n": n,
@@ -223,14 +249,15 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
                       "broken": agg["broken"], "forwards": agg["forwards"],
                       "backwards": agg["backwards"], "wall_seconds": agg["seconds"]})
     n_robust = sum(bool(r) for r in robust)
+    # One definition for every model: the share of samples robust (for a randomised model,
+    # robust by majority over the draws, decided per sample by the ensemble), with the Wilson
+    # interval over samples. The spread of the per-draw accuracy is secondary evidence.
     robust_acc, std = n_robust / n, 0.0
     if stochastic and all(p["draws"] is not None for p in parts):
         per_draw = [sum(vals) / n for vals in zip(*[p["draws"] for p in parts])]
-        robust_acc = sum(per_draw) / len(per_draw)
-        std = (sum((v - robust_acc) ** 2 for v in per_draw) / len(per_draw)) ** 0.5
-    # A randomised model's robust accuracy is the mean over draws; its interval is that of
-    # the same share of n samples.
-    lo, hi = wilson(round(robust_acc * n) if stochastic else n_robust, n)
+        mean = sum(per_draw) / len(per_draw)
+        std = (sum((v - mean) ** 2 for v in per_draw) / len(per_draw)) ** 0.5
+    lo, hi = wilson(n_robust, n)
     cells.append({**common, "attack": WORST_CASE, "position": len(labels), "robust": n_robust,
                   "robust_accuracy": robust_acc, "ci_low": lo, "ci_high": hi,
                   "robust_accuracy_std": std, "attacked": n_clean, "broken": n_clean - n_robust,
@@ -285,6 +312,45 @@ def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loade
     return _Loaded(model, card.get("sha256"), "zoo", zoo.get(spec.name))
 
 
+@contextlib.contextmanager
+def _rng_untouched(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Leave every random stream as it was: the global ones and the generators a module owns
+    (a randomised defense's noise), so a probe pass does not shift the draws of the
+    evaluation that follows (the suite's numbers equal the pytest helper's)."""
+    owned = [(g, g.get_state()) for mod in model.modules() for g in vars(mod).values()
+             if isinstance(g, torch.Generator)]
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            for g, state in owned:
+                g.set_state(state)
+
+
+def probe_model(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
+    """One forward pass on ``x`` (a batch of the suite's samples): the output must be finite
+    ``N x K`` logits with a class for every label. Raises ``ValueError`` naming ``name`` and
+    what was wrong, so the row shows it instead of an attack crashing on it later."""
+    from .core import model_mode
+
+    with model_mode(model), torch.no_grad(), _rng_untouched(model, x.device):
+        out = model(x)
+    if not isinstance(out, Tensor) or out.dim() != 2 or out.shape[0] != x.shape[0]:
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"model {name!r} returned {shape} for a batch of {x.shape[0]} inputs; "
+                         f"expected logits of shape ({x.shape[0]}, K)")
+    k = int(out.shape[1])
+    top = int(y.max()) if y.numel() else -1
+    if top >= k:
+        raise ValueError(f"model {name!r} returns {k} classes, but the data has label {top}")
+    finite = torch.isfinite(out)
+    if not bool(finite.all()):
+        share = 1.0 - float(finite.float().mean())
+        raise ValueError(f"model {name!r} returned non-finite logits (NaN or Inf) in "
+                         f"{share:.1%} of its outputs on {x.shape[0]} samples")
+
+
 def _channels_last(model: nn.Module) -> nn.Module:
     """The model with its 4-d parameters and buffers in channels_last memory format (the
     checkpoint hash is taken before: the values do not change, only their layout)."""
@@ -305,6 +371,8 @@ class _Runner:
         self.summary_skip = 0
         self.unavailable: list[tuple[str, str, str]] = []
         self.errors: list[tuple[str, str, str]] = []
+        self._surrogate: tuple[str | None, nn.Module | None, str] | None = None
+        self._surrogate_sha: str | None = None
 
     # units --------------------------------------------------------------------------------
 
@@ -315,9 +383,14 @@ class _Runner:
         return False
 
     @contextlib.contextmanager
-    def _unit(self, unit: str, seconds: float) -> Iterator[Any]:
+    def _unit(self, unit: str, seconds: float,
+              clears: tuple[str, str, str] | None = None) -> Iterator[Any]:
+        """Write one finished unit; ``clears`` (model, section, detail): the error an earlier
+        attempt of this unit recorded, now superseded."""
         assert self.store is not None  # only rank 0 writes
         with self.store.unit(self.run_id, unit, seconds) as tx:
+            if clears is not None:
+                tx.clear_section(*clears)
             yield tx
         self.done.add(unit)
         log.info("saved %s (%.1fs)", unit, seconds)
@@ -325,13 +398,18 @@ class _Runner:
 
     def _section(self, unit: str, model: str, section: str, status: str, reason: str,
                  detail: str = "") -> None:
-        """Record a section that could not run (rank 0)."""
+        """Record a section that could not run (rank 0). ``unavailable`` is a finished unit
+        (resuming cannot change it); an ``error`` is not: ``--resume`` runs it again."""
         if not self.dist.main:
             return
         (self.unavailable if status == "unavailable" else self.errors).append(
             (model, f"{section}{'/' + detail if detail else ''}", reason))
-        with self._unit(unit, 0.0) as tx:
-            tx.add_section(model, section, status, reason, detail)
+        if status == "unavailable":
+            with self._unit(unit, 0.0) as tx:
+                tx.add_section(model, section, status, reason, detail)
+        else:
+            assert self.store is not None
+            self.store.add_section(self.run_id, model, section, status, reason, detail)
 
     # the run ------------------------------------------------------------------------------
 
@@ -382,11 +460,19 @@ class _Runner:
             return
         try:
             loaded = _load_model(spec, self.device, self.progress)
+            if self.suite.channels_last:
+                loaded.model = _channels_last(loaded.model)
+            k = min(int(x.shape[0]), self.suite.batch_size)
+            probe_model(loaded.model, x[:k].clone(), y[:k], key)
         except integrations.Unavailable as err:
             self._section(f"model/{key}", key, "model", "unavailable", str(err))
             return
-        if self.suite.channels_last:
-            loaded.model = _channels_last(loaded.model)
+        except Exception as err:  # one broken model never stops a run
+            log.warning("model %s cannot be evaluated: %s", key, err)
+            self._section(f"model/{key}", key, "model", "error", _message(err))
+            return
+        if self.dist.main and self.store is not None:
+            self.store.clear_section(self.run_id, key, "model", "")
         s = self.suite
         for norm, eps in s.threat_list():
             threat = Threat(norm, eps)
@@ -404,7 +490,12 @@ class _Runner:
                      y: Tensor) -> None:
         s = self.suite
         start = time.perf_counter()
-        ensemble = s.build_attacks(threat.norm.value, threat.eps)
+        unit = f"attack/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}"
+        try:
+            ensemble = s.build_attacks(threat.norm.value, threat.eps)
+        except Exception as err:  # identical on every rank: no collective is skipped
+            self._section(unit, spec.key, "attack", "error", _message(err), str(threat))
+            return
         desc = f"{spec.key} {threat}"
         parts = evaluate_cell(ensemble, loaded.model, x, y, seed=s.seed,
                               batch_size=s.batch_size, rank=self.dist.rank,
@@ -413,37 +504,78 @@ class _Runner:
         if not self.dist.main:
             return
         all_parts = [p for rank_parts in gathered for p in rank_parts]
-        cells, samples = merge_cell(all_parts, ensemble.labels, y, model=spec.key,
-                                    norm=threat.norm.value, eps=threat.eps,
-                                    sha256=loaded.sha256, source=loaded.source)
-        with self._unit(f"attack/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}",
-                        time.perf_counter() - start) as tx:
-            tx.add_cells(cells)
-            tx.add_samples(samples)
+        failed = sorted((p for p in all_parts if "error" in p), key=lambda p: p["b"])
+        if failed:
+            message = f"{failed[0]['error']} (in batch {failed[0]['b']})"
+            log.warning("attacks on %s at %s failed: %s", spec.key, threat, message)
+            self._section(unit, spec.key, "attack", "error", message, str(threat))
+            return
+        try:
+            cells, samples = merge_cell(all_parts, ensemble.labels, y, model=spec.key,
+                                        norm=threat.norm.value, eps=threat.eps,
+                                        sha256=loaded.sha256, source=loaded.source)
+            with self._unit(unit, time.perf_counter() - start,
+                            clears=(spec.key, "attack", str(threat))) as tx:
+                tx.add_cells(cells)
+                tx.add_samples(samples)
+        except Exception as err:  # the rows of this cell are rolled back, nothing else
+            log.warning("attacks on %s at %s failed: %s", spec.key, threat, err)
+            self._section(unit, spec.key, "attack", "error", _message(err), str(threat))
+
+    def _surrogate_model(self) -> tuple[str | None, nn.Module | None, str]:
+        """The transfer check's surrogate, loaded once per run: ``(name, model, why)``;
+        ``model`` None with the reason when there is none."""
+        if self._surrogate is None:
+            from . import zoo
+            from .suite import SURROGATE_AUTO, SURROGATE_NONE, default_surrogate
+
+            wanted = self.suite.masking.surrogate
+            if wanted == SURROGATE_NONE:
+                self._surrogate = (None, None, "surrogate = 'none' in the suite's [masking]")
+            else:
+                name = (default_surrogate(self.suite.dataset) if wanted == SURROGATE_AUTO
+                        else wanted)
+                if name is None:
+                    self._surrogate = (None, None, "the zoo has no standard-trained model of "
+                                       f"{self.suite.dataset!r} to use as surrogate")
+                else:
+                    try:
+                        model = zoo.load(name, device=self.device, progress=self.progress)
+                        self._surrogate = (name, model.eval(), "")
+                        self._surrogate_sha = _state_sha256(model)
+                    except Exception as err:
+                        self._surrogate = (name, None, f"surrogate {name!r} could not be "
+                                           f"loaded: {_message(err)}")
+        return self._surrogate
 
     def _masking(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
                  y: Tensor) -> None:
         m = self.suite.masking
         unit = f"masking/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}"
         n = min(m.n, int(x.shape[0]))
+        name, surrogate, why = self._surrogate_model()
+        is_self = surrogate is not None and (spec.name == name or (
+            loaded.sha256 is not None and loaded.sha256 == self._surrogate_sha))
         start = time.perf_counter()
         try:
             # Copies: a section must never be able to change the samples of the next one.
-            out = integrations.diagnose_masking(loaded.model, x[:n].clone(), y[:n].clone(),
-                                                threat,
-                                                follow_up=m.follow_up, fast=m.fast,
-                                                generator=make_generator(self.suite.seed))
+            report = integrations.diagnose(loaded.model, x[:n].clone(), y[:n].clone(), threat,
+                                           follow_up=m.follow_up, fast=m.fast,
+                                           generator=make_generator(self.suite.seed),
+                                           surrogate=None if is_self else surrogate)
+            integrations.note_surrogate(report, name, used=surrogate is not None and not is_self,
+                                        is_self=is_self, why=why)
+            row = integrations.masking_row(report)
         except integrations.Unavailable as err:
             self._section(unit, spec.key, "masking", "unavailable", str(err), str(threat))
             return
         except Exception as err:
             log.warning("masking diagnosis of %s at %s failed: %s", spec.key, threat, err)
-            self._section(unit, spec.key, "masking", "error", f"{type(err).__name__}: {err}",
-                          str(threat))
+            self._section(unit, spec.key, "masking", "error", _message(err), str(threat))
             return
         seconds = time.perf_counter() - start
-        with self._unit(unit, seconds) as tx:
-            tx.add_masking({**out, "model": spec.key, "norm": threat.norm.value,
+        with self._unit(unit, seconds, clears=(spec.key, "masking", str(threat))) as tx:
+            tx.add_masking({**row, "model": spec.key, "norm": threat.norm.value,
                             "eps": threat.eps, "n": n, "wall_seconds": seconds})
 
     def _explain(self, spec: ModelSpec, loaded: _Loaded, x: Tensor, y: Tensor) -> None:
@@ -467,8 +599,12 @@ class _Runner:
         except integrations.Unavailable as err:
             self._section(unit, spec.key, "explain", "unavailable", str(err))
             return
+        except Exception as err:
+            log.warning("explanations of %s failed: %s", spec.key, err)
+            self._section(unit, spec.key, "explain", "error", _message(err))
+            return
         seconds = time.perf_counter() - start
-        with self._unit(unit, seconds) as tx:
+        with self._unit(unit, seconds, clears=(spec.key, "explain", "")) as tx:
             tx.add_explanations([{**r, "model": spec.key} for r in rows])
             for mrow in maps:
                 tx.add_explanation_map(spec.key, mrow["method"], mrow["inputs"], mrow["maps"])
@@ -493,7 +629,8 @@ class _Runner:
             log.warning("backdoor metrics of %s failed: %s", spec.key, err)
             self._section(unit, spec.key, "backdoor", "error", f"{type(err).__name__}: {err}")
             return
-        with self._unit(unit, time.perf_counter() - start) as tx:
+        with self._unit(unit, time.perf_counter() - start,
+                        clears=(spec.key, "backdoor", "")) as tx:
             tx.add_backdoor(spec.key, metrics)
 
 
@@ -514,10 +651,47 @@ def _once_per_run(category: type[Warning]) -> None:
     warnings.showwarning = once
 
 
+def _resumed_suite(stored: dict[str, Any], quick: bool, suite: Suite | None,
+                   skip: tuple[str, ...]) -> tuple[Suite, set[str]]:
+    """The suite a resumed run continues with, and the model keys whose finished units no
+    longer hold (replaced under the same key by an edited suite).
+
+    ``suite`` (an edited suite) may change only the models: everything that decides the
+    numbers of the cells already stored must be equal. ``skip`` drops models by key.
+    """
+    import dataclasses
+
+    old = dataclasses.replace(parse_suite(stored, check_zoo=False), is_quick=quick)
+    new = old if suite is None else suite
+    if suite is not None:
+        a, b = old.to_dict(), suite.to_dict()
+        changed = sorted(k for k in set(a) | set(b) if k != "models" and a.get(k) != b.get(k))
+        if changed or suite.is_quick != quick:
+            what = ", ".join(changed) or "quick"
+            raise ValueError(f"the edited suite changes {what}; resuming keeps the stored cells, "
+                             "so only the models may change (start a new run instead)")
+    keys = [m.key for m in new.models]
+    unknown = [k for k in skip if k not in keys]
+    if unknown:
+        raise ValueError(f"--skip {', '.join(unknown)}: not a model of the run; its models: "
+                         f"{', '.join(keys)}")
+    models = tuple(m for m in new.models if m.key not in skip)
+    if not models:
+        raise ValueError("--skip drops every model of the run; nothing would be left")
+    before = {m.key: m for m in old.models}
+    replaced = {m.key for m in models if m.key in before and before[m.key] != m}
+    return dataclasses.replace(new, models=models), replaced
+
+
 def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = None,
               resume: int | None = None, device: str | torch.device | None = None,
-              progress: bool = True) -> RunSummary:
+              progress: bool = True, skip: tuple[str, ...] | list[str] = ()) -> RunSummary:
     """Run ``suite`` (or resume run ``resume`` of the store) and write it into the store.
+
+    Resuming skips the finished units and runs again what failed (an ``error`` section).
+    With ``resume``, ``suite`` is an edited version of the stored suite (only its models may
+    differ: a model replaced under the same key is run again, a new one is added) and
+    ``skip`` drops models by key (their stored rows stay in the store, out of the table).
 
     Returns the :class:`RunSummary` (on every rank; only rank 0's store writes happened).
     """
@@ -526,6 +700,9 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
 
     if suite is None and resume is None:
         raise ValueError("give a suite, or a run to resume")
+    skip = tuple(skip)
+    if skip and resume is None:
+        raise ValueError("skip drops models from a resumed run; edit the suite instead")
     wanted = device if device is not None else (suite.device if suite is not None else None)
     dev = select_device(wanted)
     dist = _Dist(dev)
@@ -539,9 +716,14 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
         if dist.main:
             st = Store(path)
             if resume is not None:
+                stored = st.run(resume)
+                resumed, replaced = _resumed_suite(stored.config, stored.quick, suite, skip)
                 run = st.reopen_run(resume, device=str(dev), world_size=dist.world)
-                done = st.finished_units(resume)
-                config, quick, run_id = run.config, run.quick, run.run_id
+                config, quick, run_id = resumed.to_dict(), run.quick, run.run_id
+                if config != run.config:
+                    st.update_run_config(run_id, config, resumed.config_hash())
+                done = {u for u in st.finished_units(resume)
+                        if not any(u.endswith(f"/{k}") or f"/{k}/" in u for k in replaced)}
             else:
                 assert suite is not None
                 config, quick = suite.to_dict(), suite.is_quick

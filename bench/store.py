@@ -20,8 +20,9 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
 * ``explanations`` explanation metrics per model x method x metric (a number, or a status);
 * ``explanation_maps`` a few attribution maps per model x method, for the report's figures;
 * ``backdoor``     backdoor metrics per model;
-* ``sections``     anything the suite asked for that could not run (a sibling feature not
-  installed, an optional zoo entry missing): status ``unavailable`` or ``error`` with a reason.
+* ``sections``     anything the suite asked for that did not run: status ``unavailable`` (a
+  sibling feature not installed, an optional zoo entry missing) or ``error`` (it raised; the
+  reason is the message; a resumed run tries it again and clears it when it succeeds).
 
 Every unit is written in one transaction (``BEGIN IMMEDIATE``), so an interrupted run loses
 nothing finished and concurrent writers serialise on SQLite's lock instead of corrupting the
@@ -450,6 +451,29 @@ class Store:
                              "run a suite first: unmask run")
         return self._run_from_row(row)
 
+    def update_run_config(self, run_id: int, config: Mapping[str, Any],
+                          config_hash: str) -> None:
+        """Replace a run's stored suite (a resumed run that dropped or replaced models)."""
+        with self._transaction() as conn:
+            conn.execute("UPDATE runs SET config = ?, config_hash = ? WHERE run_id = ?",
+                         (_json(config), config_hash, run_id))
+
+    def add_section(self, run_id: int, model: str, section: str, status: str, reason: str,
+                    detail: str = "") -> None:
+        """Record a section that failed, in its own transaction and without finishing a unit:
+        a resumed run tries it again."""
+        with self._transaction() as conn:
+            UnitWriter(conn, run_id).add_section(model, section, status, reason, detail)
+
+    def clear_section(self, run_id: int, model: str, section: str, detail: str = "") -> None:
+        """Forget the error an earlier attempt of a section recorded (it has now run)."""
+        if self.conn.execute("SELECT 1 FROM sections WHERE run_id = ? AND model = ? AND "
+                             "section = ? AND detail = ?",
+                             (run_id, model, section, detail)).fetchone() is None:
+            return
+        with self._transaction() as conn:
+            UnitWriter(conn, run_id).clear_section(model, section, detail)
+
     def finished_units(self, run_id: int) -> set[str]:
         rows = self.conn.execute("SELECT unit FROM units WHERE run_id = ?", (run_id,))
         return {r[0] for r in rows}
@@ -514,6 +538,10 @@ class UnitWriter:
         self._insert("sections", ("model", "section", "detail", "status", "reason"),
                      [{"model": model, "section": section, "detail": detail, "status": status,
                        "reason": reason}])
+
+    def clear_section(self, model: str, section: str, detail: str = "") -> None:
+        self.conn.execute("DELETE FROM sections WHERE run_id = ? AND model = ? AND section = ? "
+                          "AND detail = ?", (self.run_id, model, section, detail))
 
     def _insert(self, table: str, cols: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
         sql = (f"INSERT OR REPLACE INTO {table}(run_id, {', '.join(cols)}) "

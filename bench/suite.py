@@ -24,13 +24,18 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     eps = [0.1, 0.3]
 
     [attacks]
-    preset = "standard"          # or: list = ["fgsm", { name = "pgd", steps = 40 }]
+    preset = "standard"          # or: list = ["fgsm", { name = "pgd", steps = 40 },
+                                 #   { name = "eot", attack = "apgd", samples = 16 },
+                                 #   { name = "bpda", attack = "pgd", steps = 40 }]
+    draws = 32                   # fresh draws judging a randomised model (core.DRAWS)
     precision = "fp32"           # "bf16": search under autocast (faster on bf16 hardware),
                                  # every verdict still the fp32 model's
 
     [masking]
     enabled = true
     follow_up = true
+    surrogate = "auto"           # the transfer check's surrogate: "auto" (a standard-trained
+                                 # zoo model of the suite's dataset), a zoo name, or "none"
 
     [explain]
     methods = ["saliency", "integrated_gradients"]
@@ -61,7 +66,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .core import Precision
+from .core import DRAWS, Precision
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -70,7 +75,8 @@ else:  # pragma: no cover - Python 3.10
 
 __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "ExplainSpec",
            "BackdoorSpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
-           "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model"]
+           "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
+           "build_attack", "default_surrogate", "WRAPPERS"]
 
 EXPLAIN_METRICS = ("deletion_insertion", "randomisation", "max_sensitivity", "completeness",
                    "attribution_change", "trigger_localisation")
@@ -122,16 +128,26 @@ class AttackSpec:
 
     preset: str | None = "standard"
     attacks: tuple[dict[str, Any], ...] = ()
-    draws: int = 16
+    draws: int = DRAWS
     precision: str = "fp32"  # the attacks' search precision; verdicts are always fp32's
+
+
+# ``surrogate`` values that name no model.
+SURROGATE_AUTO, SURROGATE_NONE = "auto", "none"
 
 
 @dataclass(frozen=True)
 class MaskingSpec:
+    """The masking section: the diagnosis of every model at every threat, on the first ``n``
+    samples. ``surrogate`` is the transfer check's surrogate: ``"auto"`` (a standard-trained
+    zoo model of the suite's dataset, see :func:`default_surrogate`), a zoo name, or
+    ``"none"`` (the check is skipped and says so)."""
+
     enabled: bool = True
     follow_up: bool = False
     fast: bool = False
     n: int = 200
+    surrogate: str = SURROGATE_AUTO
 
 
 @dataclass(frozen=True)
@@ -207,6 +223,8 @@ class Suite:
                         else {"list": [dict(a) for a in att["attacks"]], "draws": att["draws"]})
         if att["precision"] != "fp32":  # absent for fp32: earlier runs keep their config hash
             d["attacks"]["precision"] = att["precision"]
+        if d["masking"]["surrogate"] == SURROGATE_AUTO:  # absent for the default: hashes kept
+            d["masking"].pop("surrogate")
         for key in ("device",):
             if d[key] is None:
                 d.pop(key)
@@ -248,17 +266,14 @@ class Suite:
 
     def build_attacks(self, norm: str, eps: float):
         """The ensemble of this suite for one threat."""
-        from ..attacks import ATTACKS, Ensemble
+        from ..attacks import Ensemble
         from .core import Threat
 
         threat = Threat(norm, eps)
         if self.attacks.preset is not None:
             return Ensemble.preset(self.attacks.preset, threat, draws=self.attacks.draws,
                                    precision=self.attacks.precision)
-        built = []
-        for spec in self.attacks.attacks:
-            opts = {k: v for k, v in spec.items() if k != "name"}
-            built.append(ATTACKS.get(spec["name"])(threat, **opts))
+        built = [build_attack(spec, threat) for spec in self.attacks.attacks]
         return Ensemble(built, draws=self.attacks.draws, precision=self.attacks.precision)
 
 
@@ -477,7 +492,7 @@ def _attack_names() -> dict[str, Any]:
 
 
 def _attacks(t: _Table) -> AttackSpec:
-    draws = t.integer("draws", 16, minimum=1)
+    draws = t.integer("draws", DRAWS, minimum=1)
     precision = t.text("precision", "fp32", choices=[p.value for p in Precision])
     if t.has("preset") and t.has("list"):
         raise t.error("list", "give either 'preset' or 'list', not both")
@@ -495,9 +510,13 @@ def _attacks(t: _Table) -> AttackSpec:
                 raise SuiteError(key, "expected an attack name or a table with a 'name'",
                                  t.source)
             name = spec["name"]
+            if name in WRAPPERS:
+                _check_wrapper(spec, key, usable, t.source)
+                specs.append(dict(spec))
+                continue
             if name not in usable:
                 raise SuiteError(f"{key}.name", f"unknown attack {name!r}; suites can use "
-                                 f"{', '.join(sorted(usable))}", t.source)
+                                 f"{', '.join(sorted([*usable, *WRAPPERS]))}", t.source)
             cls = usable[name]
             params = inspect.signature(cls.__init__).parameters
             for opt in spec:
@@ -517,9 +536,85 @@ def _attacks(t: _Table) -> AttackSpec:
     return AttackSpec(preset=preset, draws=draws, precision=precision)
 
 
-def _masking(t: _Table) -> MaskingSpec:
+# Attacks that wrap another one (``attack = "apgd"``): their own options, and the inner
+# attacks they accept (gradient attacks only: EOT and BPDA replace a gradient).
+WRAPPERS = {"eot": ("samples", "eval_draws"), "bpda": ("approximations",)}
+
+
+def _split_wrapper(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """``{name = "eot", attack = "apgd", samples = 16, steps = 50}`` -> (inner name, the
+    wrapper's options, the inner attack's options)."""
+    own = WRAPPERS[spec["name"]]
+    outer = {k: v for k, v in spec.items() if k in own}
+    inner = {k: v for k, v in spec.items() if k not in own and k not in ("name", "attack")}
+    return spec.get("attack"), outer, inner
+
+
+def build_attack(spec: Mapping[str, Any], threat):
+    """The attack of one ``[attacks] list`` entry for ``threat`` (EOT and BPDA wrap the
+    attack named by ``attack``)."""
+    from ..attacks import ATTACKS
+
+    if spec["name"] in WRAPPERS:
+        inner_name, outer, inner = _split_wrapper(spec)
+        return ATTACKS.get(spec["name"])(ATTACKS.get(inner_name)(threat, **inner), **outer)
+    return ATTACKS.get(spec["name"])(threat, **{k: v for k, v in spec.items() if k != "name"})
+
+
+def _check_wrapper(spec: Mapping[str, Any], key: str, usable: Mapping[str, Any],
+                   source: str | None) -> None:
+    from .core import Threat
+
+    name = spec["name"]
+    inner_name = spec.get("attack")
+    gradient = sorted(n for n, c in usable.items() if not getattr(c, "gradient_free", False))
+    if not isinstance(inner_name, str):
+        raise SuiteError(f"{key}.attack", f"{name} wraps a gradient attack: give attack = "
+                         f"one of {', '.join(gradient)}", source)
+    if inner_name not in gradient:
+        raise SuiteError(f"{key}.attack", f"{name} wraps a gradient attack, got "
+                         f"{inner_name!r}; expected one of {', '.join(gradient)}", source)
+    _, outer, inner = _split_wrapper(spec)
+    params = inspect.signature(usable[inner_name].__init__).parameters
+    for opt in inner:
+        if opt not in params or opt in ("self", "threat"):
+            valid = [*WRAPPERS[name], *(p for p in params if p not in ("self", "threat"))]
+            raise SuiteError(f"{key}.{opt}", f"{name} over {inner_name} has no option "
+                             f"{opt!r}; its options: {', '.join(valid)}", source)
+    try:  # construct once with a dummy threat so a bad value fails here, not mid-run
+        build_attack(spec, Threat("linf", 0.1))
+    except (TypeError, ValueError) as err:
+        raise SuiteError(key, str(err), source) from None
+
+
+def _masking(t: _Table, dataset: str, check_zoo: bool) -> MaskingSpec:
+    surrogate = t.text("surrogate", SURROGATE_AUTO)
+    if surrogate not in (SURROGATE_AUTO, SURROGATE_NONE) and check_zoo:
+        from . import zoo
+
+        names = zoo.list()
+        if surrogate not in names:
+            raise t.error("surrogate", f"unknown zoo model {surrogate!r}; give a zoo model "
+                          f"of {dataset!r}, {SURROGATE_AUTO!r} or {SURROGATE_NONE!r}")
+        if zoo.get(surrogate).dataset != dataset:
+            raise t.error("surrogate", f"zoo model {surrogate!r} is trained on "
+                          f"{zoo.get(surrogate).dataset!r}, but the suite's dataset is "
+                          f"{dataset!r}")
     return MaskingSpec(enabled=t.flag("enabled", True), follow_up=t.flag("follow_up", False),
-                       fast=t.flag("fast", False), n=t.integer("n", 200, minimum=1))
+                       fast=t.flag("fast", False), n=t.integer("n", 200, minimum=1),
+                       surrogate=surrogate)
+
+
+def default_surrogate(dataset: str) -> str | None:
+    """The transfer check's default surrogate: the first standard-trained, plain (no defense,
+    no transform) zoo model of ``dataset``, or None when the zoo has none."""
+    from . import zoo
+
+    for name in zoo.list():
+        entry = zoo.get(name)
+        if entry.dataset == dataset and entry.recipe == "standard":
+            return name
+    return None
 
 
 def _explain(t: _Table) -> ExplainSpec:
@@ -588,7 +683,7 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     threats = _threats(top.raw("threats"), source)
     attacks = _attacks(top.table("attacks"))
     masking_t = top.table("masking")
-    masking = _masking(masking_t)
+    masking = _masking(masking_t, dataset, check_zoo)
     explain_t = top.table("explain")
     explain = _explain(explain_t)
     backdoor_t = top.table("backdoor")

@@ -78,6 +78,9 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
         at_least: the robust accuracy required, in [0, 1].
         n: samples evaluated (the first ``n``).
         batch_size, seed: batches are seeded from ``(seed, batch index)`` as in suite runs.
+            A randomised model's sample is robust iff it is classified correctly on a strict
+            majority of :data:`~unmask.bench.core.DRAWS` fresh draws
+            (:func:`~unmask.bench.core.robust_by_majority`), as in suites and the leaderboard.
         strict: compare the point estimate instead of the interval's upper end.
         diagnose: also fail when the masking diagnosis says ``masked``.
 

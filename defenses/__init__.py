@@ -26,7 +26,7 @@ from .inference import (
     ScaleLogits,
     Softmax,
 )
-from .masking import CheckResult, MaskingKind, MaskingReport, Verdict, diagnose
+from .masking import VERDICT_MEANING, CheckResult, MaskingKind, MaskingReport, Verdict, diagnose
 from .strip import StripResult, strip, strip_entropy
 from .trades import TradesLoss
 
@@ -47,6 +47,7 @@ __all__ += [  # gradient-masking diagnosis
     "CheckResult",
     "MaskingKind",
     "MaskingReport",
+    "VERDICT_MEANING",
     "Verdict",
     "diagnose",
 ]

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from ..attacks import APGD, BPDA, EOT, FGSM, PGD, Square, Transfer, success_rate
 from ..bench.core import (
     Norm,
+    SampleOutcomes,
     Threat,
     check_inputs,
     looks_like_probabilities,
@@ -43,17 +44,30 @@ from ..bench.core import (
     margin,
     model_mode,
     normal,
+    robust_by_majority,
     uniform,
 )
 from ..bench.fileio import json_safe
 
-__all__ = ["diagnose", "MaskingReport", "CheckResult", "Verdict", "MaskingKind"]
+__all__ = ["diagnose", "MaskingReport", "CheckResult", "Verdict", "MaskingKind",
+           "VERDICT_MEANING"]
 
 
 class Verdict(str, enum.Enum):
     CLEAN = "clean"
     SUSPICIOUS = "suspicious"
     MASKED = "masked"
+
+
+# One line per verdict, for the leaderboard's legend (provisional in the runner's branch; the
+# masking package owns the wording).
+VERDICT_MEANING = {
+    "clean": "no check fired: the robust accuracy is a measurement; rank on it",
+    "suspicious": "a heuristic check fired: the number may be optimistic; read the failing "
+                  "checks and the follow-up before trusting the rank",
+    "masked": "a mechanism check fired: the number is not evidence of robustness and is not "
+              "ranked; run the named adaptive attack",
+}
 
 
 class MaskingKind(str, enum.Enum):
@@ -138,17 +152,41 @@ class MaskingReport:
     gradient_flow: str | None = None
     collapse_at: str | None = None
     follow_up: dict[str, Any] | None = None
+    outcomes: SampleOutcomes | None = None
+    adaptive: dict[str, Any] | None = None
 
     @property
     def failed(self) -> list[CheckResult]:
         return [c for c in self.checks if not c.passed and c.skipped is None]
+
+    @property
+    def rankable(self) -> bool:
+        """Not masked, or masked but the adaptive re-checks passed."""
+        return self.verdict is not Verdict.MASKED or bool(self.adaptive
+                                                          and self.adaptive.get("passed"))
 
     def to_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict.value, "recommended_attack": self.recommended_attack,
                 "threat": self.threat.to_dict(), "n": self.n, "seconds": round(self.seconds, 3),
                 "gradient_flow": self.gradient_flow, "collapse_at": self.collapse_at,
                 "checks": [c.to_dict() for c in self.checks],
-                "follow_up": json_safe(self.follow_up)}
+                "follow_up": json_safe(self.follow_up),
+                "outcomes": None if self.outcomes is None else self.outcomes.to_dict(),
+                "adaptive": json_safe(self.adaptive)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MaskingReport:
+        checks = [CheckResult(c["name"], c["value"], c["rule"], c["passed"],
+                              Verdict(c["severity"]), MaskingKind(c["kind"]), c["source"],
+                              c.get("evidence") or {}, c.get("skipped"))
+                  for c in d.get("checks", [])]
+        t = d["threat"]
+        outcomes = d.get("outcomes")
+        return cls(Verdict(d["verdict"]), checks, d.get("recommended_attack", ""),
+                   Threat(t["norm"], t["eps"]), d["n"], d.get("seconds", 0.0),
+                   d.get("gradient_flow"), d.get("collapse_at"), d.get("follow_up"),
+                   None if outcomes is None else SampleOutcomes.from_dict(outcomes),
+                   d.get("adaptive"))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
@@ -325,7 +363,9 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
             {"calls": calls}))
 
         if not idx.numel():
-            return _report(checks, threat, x.shape[0], start, None, None)
+            report = _report(checks, threat, x.shape[0], start, None, None)
+            report.outcomes = _outcomes(correct, idx, [], None)
+            return report
 
         # 1-3. gradients
         g_ce, g_m, _ = _grads(model, xc, yc)
@@ -536,11 +576,34 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
 
     report = _report(checks, threat, x.shape[0], start, flow_summary, collapse_at,
                      bpda_target=bool(collapse_at or find_preprocessing(model)))
+    labels: list[str | None] = [None] * n_att
+    if not random_model:  # a randomised model is judged by the follow-up's draws only
+        for name, hit in (("pgd", pgd_broken), ("fgsm", fgsm_broken),
+                          ("square", square_broken), ("noise", noise_broken)):
+            for i in hit.nonzero().flatten().tolist():
+                labels[i] = labels[i] or f"diagnosis:{name}"
+    rate = None
     if follow_up:
         report.follow_up = _follow_up(model, xc, yc, threat, report, g, steps, queries,
                                       r_pgd, x.shape[0])
+        who = report.follow_up.pop("_who")
+        rate = report.follow_up.pop("_rate")
+        for i, w in enumerate(who):
+            if w is not None and labels[i] is None:
+                labels[i] = f"follow-up:{w}"
         report.seconds = time.perf_counter() - start
+    report.outcomes = _outcomes(correct, idx, labels, rate)
     return report
+
+
+def _outcomes(correct, idx, labels, rate) -> SampleOutcomes:
+    broken_by: list[str | None] = ["clean" if not c else None for c in correct.tolist()]
+    fooled = [1.0 if b else 0.0 for b in broken_by] if rate is not None else None
+    for j, i in enumerate(idx.tolist()):
+        broken_by[i] = labels[j]
+        if fooled is not None:
+            fooled[i] = float(rate[j])
+    return SampleOutcomes(tuple(broken_by), None if fooled is None else tuple(fooled))
 
 
 def _binarization_test(model, x, y, threat, g, *, steps, n) -> CheckResult:
@@ -680,6 +743,7 @@ def _follow_up(model, x, y, threat, report, g, steps, queries, r_pgd, n_total):
     before = float((rate < 0.5).sum()) / n_total
     before_expected = float((1 - rate).sum()) / n_total
     broken_by: dict[str, int] = {}
+    who: list[str | None] = [None] * int(rate.numel())
     # A randomised model's samples stay in play until every draw is fooled: the expected
     # robust accuracy still counts a sample broken in most draws as partly robust.
     done_at = 1.0 if stochastic else 0.5
@@ -693,12 +757,16 @@ def _follow_up(model, x, y, threat, report, g, steps, queries, r_pgd, n_total):
                  success_rate(model, res.x_adv, y[idx], draws=FOLLOW_UP_DRAWS, generator=g))
         else:
             r = res.success.float()
-        broken_by[name] = int(((r >= 0.5) & (rate[idx] < 0.5)).sum())
+        newly = (~robust_by_majority(r)) & robust_by_majority(rate[idx])
+        broken_by[name] = int(newly.sum())
+        for i in idx[newly].tolist():
+            who[i] = name
         rate[idx] = torch.maximum(rate[idx], r.to(rate.dtype))
     after = float((rate < 0.5).sum()) / n_total
     out = {"attack": " + ".join(label for label, _ in attacks), "before": before,
            "after": after, "n": n_total, "broken_by": broken_by,
-           "seconds": time.perf_counter() - start}
+           "seconds": time.perf_counter() - start, "_who": who,
+           "_rate": rate.tolist() if stochastic else None}
     if stochastic:
         # Samples misclassified on the clean pass count as broken in every draw.
         out.update(before_expected=before_expected,

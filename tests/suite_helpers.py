@@ -62,3 +62,71 @@ def sample_table(store, run_id: int) -> list[tuple]:
     cols = ("model", "norm", "eps", "sample", "label", "clean_correct", "robust", "broken_by",
             "margin")
     return [tuple(r[c] for c in cols) for r in store.rows("samples", run_id)]
+
+# User models that are broken in the ways a suite must survive (issue 18): a builder that
+# raises, an output of the wrong shape, NaN logits, NaN logits only off the data's grid (so
+# the attacks, not the first pass, meet them), a forward that fails after its first call, and
+# a randomised model (digits-mlp behind Gaussian input noise, a fresh seeded instance per call).
+BROKEN_MODULE = '''
+import torch
+from torch import nn
+from unmask.bench import zoo
+
+
+def raises():
+    raise RuntimeError("cannot build this model")
+
+
+class _Wrap(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.model = zoo.load("digits-mlp", device="cpu", progress=False)
+        self.how = how
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        z = self.model(x)
+        if self.how == "shape":
+            return z[:, :3].unsqueeze(1)
+        if self.how == "nan":
+            return z * float("nan")
+        if self.how == "nan_off_grid":
+            off = ((x * 16 - (x * 16).round()).abs() > 1e-4).flatten(1).any(1)
+            return torch.where(off[:, None], torch.full_like(z, float("nan")), z)
+        if self.how == "fails_later" and self.calls > 1:
+            raise RuntimeError("forward failed on call %d" % self.calls)
+        return z
+
+
+def wrong_shape():
+    return _Wrap("shape")
+
+
+def nan_logits():
+    return _Wrap("nan")
+
+
+def nan_off_grid():
+    return _Wrap("nan_off_grid")
+
+
+def fails_later():
+    return _Wrap("fails_later")
+
+
+def good():
+    return _Wrap("good")
+
+
+def quantized(bits=2):
+    from unmask.defenses import InputQuantization
+
+    return InputQuantization(zoo.load("digits-mlp", device="cpu", progress=False), bits=bits)
+
+
+def noisy(std=0.3):
+    from unmask.defenses import RandomNoise
+
+    return RandomNoise(zoo.load("digits-mlp", device="cpu", progress=False), std=std, seed=0)
+'''

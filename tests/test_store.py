@@ -303,3 +303,25 @@ def test_wilson_interval(k, n):
 def test_wilson_matches_a_known_value():
     lo, hi = wilson(81, 263)  # Wilson (1927) / Newcombe (1998) worked example
     assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
+
+
+def test_errors_are_recorded_outside_units_and_cleared_when_they_run(tmp_path):
+    """A failed section is a row of ``sections`` but not a finished unit (resume runs it
+    again); the unit that finally runs clears it. A resumed run can replace its suite."""
+    with Store(tmp_path / "r.sqlite") as st:
+        run_id = _run(st)
+        st.add_section(run_id, "m", "masking", "error", "RuntimeError: boom", "linf:0.1")
+        assert st.finished_units(run_id) == set()
+        (row,) = st.rows("sections", run_id)
+        assert (row["status"], row["reason"]) == ("error", "RuntimeError: boom")
+        st.clear_section(run_id, "m", "masking", "linf:0.2")  # another cell: kept
+        assert len(st.rows("sections", run_id)) == 1
+        with st.unit(run_id, "masking/m/linf:0.1") as tx:
+            tx.clear_section("m", "masking", "linf:0.1")
+        assert st.rows("sections", run_id) == []
+        st.add_section(run_id, "m", "model", "error", "ValueError: shape")
+        st.clear_section(run_id, "m", "model")
+        assert st.rows("sections", run_id) == []
+        st.update_run_config(run_id, {"name": "s", "models": [{"name": "a"}]}, "h2")
+        run = st.run(run_id)
+        assert run.config["models"] == [{"name": "a"}] and run.config_hash == "h2"

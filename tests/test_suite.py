@@ -7,9 +7,10 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
-from suite_helpers import cell_table, sample_table, tiny_suite
+from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
 
 from unmask.bench.runner import batch_seed, run_suite
 from unmask.bench.store import Store
@@ -47,6 +48,20 @@ def _with(**changes):
     (_with(attacks={"list": ["cw"]}), "attacks.list[0].name", "unknown attack"),
     (_with(attacks={"precision": "int8"}), "attacks.precision", "'bf16'"),
     (_with(masking={"enabeld": True}), "masking.enabeld", "did you mean 'enabled'"),
+    (_with(masking={"surrogate": "mnist-cnn"}), "masking.surrogate", "trained on 'mnist5k'"),
+    (_with(masking={"surrogate": "digits-mpl"}), "masking.surrogate", "unknown zoo model"),
+    (_with(attacks={"list": [{"name": "eot"}]}), "attacks.list[0].attack",
+     "eot wraps a gradient attack: give attack = one of apgd"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "square"}]}), "attacks.list[0].attack",
+     "got 'square'; expected one of"),
+    (_with(attacks={"list": [{"name": "eot", "attack": "apgd", "sample": 4}]}),
+     "attacks.list[0].sample", "options: samples, eval_draws, steps"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "pgd", "sample": 4}]}),
+     "attacks.list[0].sample", "options: approximations, steps"),
+    (_with(attacks={"list": [{"name": "eot", "attack": "pgd", "samples": 0}]}),
+     "attacks.list[0]", "positive"),
+    (_with(attacks={"list": [{"name": "bpda", "attack": "pgd", "steps": 0}]}),
+     "attacks.list[0]", "positive"),
     (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
     (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
     (_with(quick={"n": -1}), "quick.n", ">= 1"),
@@ -295,3 +310,303 @@ def test_channels_last_gives_the_same_table(tmp_path, mnist_cnn):
         assert clean_cl == clean and abs(robust_cl - robust) <= 1, attack
     # the checkpoint's own layout is untouched for the next user of the zoo model
     assert all(p.is_contiguous() for p in mnist_cnn.parameters())
+
+
+@pytest.fixture
+def user_models(tmp_path):
+    """tmp_path on sys.path with the broken user models of suite_helpers importable."""
+    (tmp_path / "brokenmod.py").write_text(BROKEN_MODULE)
+    sys.path.insert(0, str(tmp_path))
+    yield tmp_path
+    sys.path.remove(str(tmp_path))
+    for name in [m for m in sys.modules if m == "brokenmod"]:
+        del sys.modules[name]
+
+
+def _sections(st, run_id):
+    return {(r["model"], r["section"], r["detail"]): (r["status"], r["reason"])
+            for r in st.rows("sections", run_id)}
+
+
+def test_one_broken_model_never_stops_a_run(tmp_path, zoo_cache, user_models):
+    from unmask.bench import leaderboard as lb
+
+    models = ('"digits-mlp", { name = "brokenmod:raises", label = "raises" }, '
+              '{ name = "brokenmod:wrong_shape", label = "shape" }, '
+              '{ name = "brokenmod:nan_logits", label = "nan" }, '
+              '{ name = "brokenmod:fails_later", label = "later" }')
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", models=models))
+    store = tmp_path / "r.sqlite"
+    summary = run_suite(suite, store=store, progress=False)
+    assert summary.status == "finished"
+    with Store(store, readonly=True) as st:
+        sections = _sections(st, summary.run_id)
+        cells = {(c["model"], c["eps"]) for c in st.rows("cells", summary.run_id)}
+        df = lb.leaderboard_frame(st, summary.run_id)
+        before = cell_table(st, summary.run_id)
+    assert cells == {("digits-mlp", 0.05), ("digits-mlp", 0.1)}  # the good model finished
+    status, reason = sections[("raises", "model", "")]
+    assert status == "error" and reason == "RuntimeError: cannot build this model"
+    assert "returned (16, 1, 3)" in sections[("shape", "model", "")][1]
+    assert "non-finite logits" in sections[("nan", "model", "")][1]
+    assert "100.0%" in sections[("nan", "model", "")][1]
+    for eps in ("0.05", "0.1"):  # this one fails inside the attacks, per cell
+        assert sections[("later", "attack", f"linf:{eps}")][1].startswith(
+            "RuntimeError: forward failed on call")
+    # every broken model has its rows, each saying the error, none ranked
+    bad = df[df["model"] != "digits-mlp"]
+    assert len(bad) == 8 and bad["rank"].isna().all()
+    assert (bad["status"].str.startswith("error: ")).all()
+    assert set(bad.loc[bad["model"] == "raises", "status"]) == \
+        {"error: RuntimeError: cannot build this model"}
+
+    # --resume drops the broken models (--skip); nothing stored is lost or rerun
+    keep = ["raises", "shape", "nan", "later"]
+    resumed = run_suite(store=store, resume=summary.run_id, skip=keep[1:], progress=False)
+    assert resumed.units_run == 0  # 'raises' is tried again and fails again
+    with Store(store, readonly=True) as st:
+        assert cell_table(st, summary.run_id) == before
+        df = lb.leaderboard_frame(st, summary.run_id)
+        assert set(df["model"]) == {"digits-mlp", "raises"}
+        assert [m["label"] for m in st.run(summary.run_id).config["models"][1:]] == ["raises"]
+    with pytest.raises(ValueError, match="not a model of the run"):
+        run_suite(store=store, resume=summary.run_id, skip=["nope"], progress=False)
+
+    # an edited suite replaces the broken model under the same key; the good one is kept
+    fixed = load_suite(tiny_suite(tmp_path / "fixed.toml", models=(
+        '"digits-mlp", { name = "brokenmod:good", label = "raises" }')))
+    resumed = run_suite(fixed, store=store, resume=summary.run_id, progress=False)
+    assert resumed.status == "finished" and resumed.units_run == 2
+    assert resumed.units_skipped == 2  # digits-mlp's two cells
+    with Store(store, readonly=True) as st:
+        # the error is gone with its cause; the dropped models' stay in the store, off the page
+        assert {k[0] for k in _sections(st, summary.run_id)} == {"shape", "nan", "later"}
+        assert lb.sections_frame(st, summary.run_id).empty
+        df = lb.leaderboard_frame(st, summary.run_id)
+        assert (df["status"] == "ok").all() and len(df) == 4
+        assert [r for r in cell_table(st, summary.run_id) if r[0] == "digits-mlp"] == \
+            [r for r in before if r[0] == "digits-mlp"]
+    changed = load_suite(tiny_suite(tmp_path / "changed.toml", models='"digits-mlp"'))
+    changed = __import__("dataclasses").replace(changed, n=40)
+    with pytest.raises(ValueError, match="changes n"):
+        run_suite(changed, store=store, resume=summary.run_id, progress=False)
+
+
+def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
+    from unmask.bench.cli import main
+
+    path = tiny_suite(tmp_path / "s.toml", models=(
+        '"digits-mlp", { name = "brokenmod:raises", label = "raises" }'))
+    store = str(tmp_path / "r.sqlite")
+    assert main(["run", str(path), "--store", store, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "error: raises model: RuntimeError: cannot build this model" in out
+    assert main(["run", "--resume", "1", "--skip", "raises", "--store", store,
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "raises" not in out and "2 skipped" in out
+    assert main(["run", "--skip", "raises", "--store", store]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # an edited suite that replaces the broken model under its key
+    fixed = tiny_suite(tmp_path / "fixed.toml", models=(
+        '"digits-mlp", { name = "brokenmod:good", label = "raises" }'))
+    assert main(["run", str(fixed), "--resume", "1", "--store", store, "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "2 units run, 2 skipped" in out and "error:" not in out
+    changed = tmp_path / "changed.toml"
+    changed.write_text(fixed.read_text().replace("seed = 0", "seed = 1"))
+    assert main(["run", str(changed), "--resume", "1", "--store", store]) == 2
+    assert "the edited suite changes seed" in capsys.readouterr().err
+
+
+def test_non_finite_margins_make_the_cell_an_error():
+    import torch
+
+    from unmask.bench.runner import merge_cell
+
+    part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
+            "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
+            "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
+                              "seconds": 0.0}}, "stochastic": False, "draws": None,
+            "seconds": 0.0}
+    with pytest.raises(ValueError, match="non-finite logits .* for 1 of 2 samples"):
+        merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf", eps=0.1,
+                   sha256=None, source="user")
+    part["margin"] = [0.5, -0.1]
+    cells, _ = merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf",
+                          eps=0.1, sha256=None, source="user")
+    assert cells[-1]["robust_accuracy"] == 0.5
+
+
+def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
+    """The ensemble, the suite runner, the pytest helper and the leaderboard report the same
+    robust accuracy of a randomised model: the share of samples correct on a strict majority
+    of DRAWS fresh draws (robust_by_majority), with the Wilson interval over samples."""
+    import torch
+    from brokenmod import noisy
+
+    from unmask.attacks import Ensemble
+    from unmask.bench import Threat, data
+    from unmask.bench import leaderboard as lb
+    from unmask.bench.core import DRAWS, make_generator, robust_by_majority
+    from unmask.bench.store import wilson
+    from unmask.bench.testing import assert_robust_accuracy
+
+    path = tiny_suite(tmp_path / "s.toml", models='{ name = "brokenmod:noisy", label = "noisy" }')
+    path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert suite.attacks.draws == DRAWS
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        worst = next(c for c in st.rows("cells", summary.run_id) if c["attack"] == "worst-case")
+        row = lb.leaderboard_frame(st, summary.run_id).iloc[0]
+        md = lb.render(st, summary.run_id, "md")
+    assert worst["stochastic"] == 1
+
+    threat = Threat("linf", 0.1)
+    x, y = data.load("digits", "test", n=48)
+    model = noisy()
+    ensemble = Ensemble.preset("quick", threat)
+    assert ensemble.draws == DRAWS
+    robust = []
+    for b, start in enumerate(range(0, 48, 16)):
+        res = ensemble(model, x[start:start + 16], y[start:start + 16],
+                       generator=make_generator(batch_seed(0, b)))
+        assert res.stochastic
+        # per sample: robust iff the best candidate fooled fewer than half the draws
+        assert torch.equal(res.robust, robust_by_majority(res.success_rate))
+        assert res.robust_accuracy == float(res.robust.float().mean())
+        robust.append(res.robust)
+    n_robust = int(torch.cat(robust).sum())
+    helper = assert_robust_accuracy(noisy(), (x, y), threat, "quick", at_least=0.0, n=48,
+                                    batch_size=16, seed=0)
+    assert 0 < n_robust < 48  # a real test: some samples broken, some not
+    assert worst["robust"] == n_robust
+    assert worst["robust_accuracy"] == helper.robust_accuracy == row["robust_accuracy"] \
+        == n_robust / 48
+    assert (worst["ci_low"], worst["ci_high"]) == (helper.ci_low, helper.ci_high) == \
+        (row["ci_low"], row["ci_high"]) == wilson(n_robust, 48)
+    assert f"robust on a majority of {DRAWS} draws" in md
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "robust_by_majority" in readme and f"{DRAWS} fresh draws" in readme
+
+
+def test_suites_list_eot_and_bpda(tmp_path, zoo_cache, user_models):
+    from unmask.attacks import BPDA, EOT
+
+    path = tiny_suite(tmp_path / "s.toml", models=(
+        '"digits-mlp", { name = "brokenmod:quantized", label = "quantized" }'))
+    path.write_text(path.read_text().replace(
+        'preset = "quick"', 'list = ["fgsm", { name = "eot", attack = "apgd", samples = 2, '
+        'steps = 5 }, { name = "bpda", attack = "pgd", steps = 7 }]').replace(
+        "eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert parse_suite(suite.to_dict()).to_dict() == suite.to_dict()
+    ensemble = suite.build_attacks("linf", 0.1)
+    fgsm, eot, bpda = ensemble.attacks
+    assert isinstance(eot, EOT) and eot.samples == 2 and eot.attack.steps == 5
+    assert isinstance(bpda, BPDA) and bpda.attack.steps == 7
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        # BPDA approximates the quantisation; on a model with nothing to approximate it is
+        # that cell's error, with BPDA's message
+        assert [c["attack"] for c in st.rows("cells", summary.run_id)] == \
+            ["fgsm", "eot-apgd-ce", "bpda-pgd", "worst-case"]
+        assert {c["model"] for c in st.rows("cells", summary.run_id)} == {"quantized"}
+        (section,) = st.rows("sections", summary.run_id)
+    assert (section["model"], section["section"], section["status"]) == \
+        ("digits-mlp", "attack", "error")
+    assert section["reason"].startswith("ValueError: BPDA found no preprocessing module")
+
+
+def _transfer_check(store, run_id, model):
+    from unmask.bench import leaderboard as lb
+
+    with Store(store, readonly=True) as st:
+        row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
+    report = lb._parse_report(row)
+    return next(c for c in report.checks if "transfer" in c.name)
+
+
+def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
+                                                                    user_models, monkeypatch):
+    from unmask.bench import integrations
+    from unmask.bench.suite import default_surrogate
+
+    assert default_surrogate("digits") == "digits-mlp"
+    assert default_surrogate("mnist5k") == "mnist-cnn"
+    seen = {}
+    real = integrations.diagnose
+
+    def spy(model, *args, surrogate=None, **kwargs):
+        seen[id(model)] = surrogate
+        return real(model, *args, surrogate=surrogate, **kwargs)
+
+    monkeypatch.setattr(integrations, "diagnose", spy)
+    models = '"digits-mlp", { name = "brokenmod:good", label = "wrapped" }'
+    path = tiny_suite(tmp_path / "s.toml", models=models, masking=True)
+    path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
+    suite = load_suite(path)
+    assert suite.masking.surrogate == "auto" and "surrogate" not in suite.to_dict()["masking"]
+    store = tmp_path / "r.sqlite"
+    summary = run_suite(suite, store=store, progress=False)
+    assert sorted(s is None for s in seen.values()) == [False, True]
+    # the surrogate is the default zoo model of the dataset; the evidence names it
+    wrapped = _transfer_check(store, summary.run_id, "wrapped")
+    assert wrapped.evidence["surrogate"] == "digits-mlp" and wrapped.skipped is None
+    assert wrapped.value is not None
+    # digits-mlp IS the surrogate: the check says so instead of attacking itself twice
+    itself = _transfer_check(store, summary.run_id, "digits-mlp")
+    assert "the model is the surrogate (digits-mlp)" in itself.skipped
+
+    off = tmp_path / "off.toml"
+    off.write_text(path.read_text().replace("n = 24", 'n = 24\nsurrogate = "none"'))
+    suite = load_suite(off)
+    assert suite.masking.surrogate == "none"
+    seen.clear()
+    summary = run_suite(suite, store=store, progress=False)
+    assert list(seen.values()) == [None, None]
+    assert "surrogate = 'none'" in _transfer_check(store, summary.run_id, "wrapped").skipped
+
+
+def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_path, zoo_cache,
+                                                                        monkeypatch):
+    """The merged number is computed from the stored per-sample outcomes at read time: a run
+    interrupted before its second diagnosis shows that row unranked (the diagnosis did not
+    finish) and, resumed, gives the uninterrupted run's table."""
+    from unmask.bench import integrations
+    from unmask.bench import leaderboard as lb
+
+    suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
+    store = tmp_path / "r.sqlite"
+    full = run_suite(suite, store=store, progress=False)
+    real = integrations.diagnose
+    calls = {"n": 0}
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(integrations, "diagnose", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_suite(suite, store=store, progress=False)
+    monkeypatch.undo()
+    drop = ["runtime_s"]
+    with Store(store, readonly=True) as st:
+        run_id = st.latest_run().run_id
+        df = lb.leaderboard_frame(st, run_id).set_index("threat")
+    assert df.loc["linf:0.05", "rank"] == 1 and pd_isna(df.loc["linf:0.1", "rank"])
+    assert "did not finish (run interrupted)" in df.loc["linf:0.1", "rank_note"]
+    run_suite(store=store, resume=run_id, progress=False)
+    with Store(store, readonly=True) as st:
+        a = lb.leaderboard_frame(st, full.run_id).drop(columns=drop)
+        b = lb.leaderboard_frame(st, run_id).drop(columns=drop)
+    assert a.equals(b)
+
+
+def pd_isna(value) -> bool:
+    import pandas as pd
+
+    return bool(pd.isna(value))
