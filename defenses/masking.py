@@ -603,6 +603,10 @@ def _outcomes(correct, idx, labels, rate) -> SampleOutcomes:
         broken_by[i] = labels[j]
         if fooled is not None:
             fooled[i] = float(rate[j])
+            # A randomised model's sample is broken when most draws are fooled by its best
+            # x_adv (the one definition); plain PGD's x_adv is one of the candidates.
+            if broken_by[i] is None and not bool(robust_by_majority(torch.tensor(rate[j]))):
+                broken_by[i] = "diagnosis:pgd"
     return SampleOutcomes(tuple(broken_by), None if fooled is None else tuple(fooled))
 
 

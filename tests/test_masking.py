@@ -98,6 +98,8 @@ def test_quantiser_is_masked_and_bpda_follow_up_breaks_it(mnist_cnn, batch):
     assert f["before"] >= 0.8  # plain PGD is fooled by the zero gradient
     assert f["after"] <= 0.05  # the undefended mnist-cnn is at ~0 at eps 0.3
     assert "BPDA-PGD@0" in f["attack"]
+    assert r.outcomes.n == batch[0].shape[0]
+    assert r.outcomes.robust_accuracy <= f["after"] + 1e-9
 
 
 def test_temperature_is_masked_by_saturation(mnist_cnn, batch):
@@ -152,6 +154,10 @@ def test_noise_follow_up_is_judged_in_expectation(mnist_cnn, batch):
     assert 0 <= f["after_expected"] <= f["before_expected"] <= 1
     assert f["after"] <= f["before"]
     assert f["after_expected"] <= 0.05
+    # The per-sample outcomes the leaderboard merges say what the follow-up says: a sample is
+    # broken when most draws are fooled by its best x_adv (plain PGD's included).
+    assert r.outcomes.robust_accuracy == pytest.approx(f["after"])
+    assert r.outcomes.fooled_rate is not None
     assert "in expectation over 32 draws" in r.table()
 
 
