@@ -288,19 +288,29 @@ class Ensemble:
             else:
                 res, rejected = attack_in_precision(attack, model, x[idx], y[idx],
                                                     precision=self.precision, generator=generator)
+            # Every candidate counts only once re-checked here: inside the threat ball and
+            # [0, 1], and misclassified by the fp32 model (an attack's own bookkeeping, a
+            # reduced-precision search or a bug in a new attack never breaks a sample).
+            inside = self.threat.contains(res.x_adv, x[idx])
             if stochastic:
                 cand_rate = success_rate(model, res.x_adv, y[idx], draws=self.draws,
                                          generator=generator)
+                cand_rate = torch.where(inside, cand_rate, torch.zeros_like(cand_rate))
                 better = (cand_rate > best_rate[idx]) | cand_rate.isnan()
                 best_rate[idx] = torch.where(better, cand_rate, best_rate[idx])
                 x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), res.x_adv, x_adv[idx])
                 broke = ~robust_by_majority(cand_rate)
                 extra_forwards = self.draws * idx.numel()
             else:
+                with model_mode(model), torch.no_grad():
+                    judged = margin(model(res.x_adv), y[idx])
+                # Outside the ball: never a candidate. NaN on a perturbed input: broken (NaN is
+                # never robustness).
+                res.margin = torch.where(inside, judged, torch.full_like(judged, float("inf")))
                 better = res.margin < best_margin[idx]
                 x_adv[idx] = torch.where(better.view(-1, 1, 1, 1), res.x_adv, x_adv[idx])
-                broke = res.success
-                extra_forwards = 0
+                broke = inside & ~(judged >= 0)
+                extra_forwards = int(idx.numel())
             best_margin[idx] = torch.minimum(best_margin[idx], res.margin)
             robust[idx[broke]] = False
             for i in idx[broke].tolist():

@@ -31,9 +31,10 @@ from unmask.attacks import (
     success_rate,
 )
 from unmask.attacks.apgd import checkpoint_intervals
-from unmask.attacks.base import compaction_points
+from unmask.attacks.base import Attack, compaction_points
 from unmask.attacks.square import p_schedule
 from unmask.bench import Threat
+from unmask.bench.core import AttackResult
 from unmask.bench.training import seeded_init
 
 
@@ -525,3 +526,30 @@ def test_ensemble_reduced_precision_search_is_judged_in_fp32(digits_mlp, digits_
 def test_ensemble_rejects_unknown_precision():
     with pytest.raises(ValueError, match="'bf16'"):
         Ensemble([FGSM(Threat("linf", 0.1))], precision="int8")
+
+
+class _LyingAttack(Attack):
+    """Claims to break every sample: half with a point outside the ball, half with a point
+    the model still classifies correctly. Neither may count."""
+
+    name = "liar"
+
+    def run(self, model, x, y, *, targets=None, generator=None, oracle=None):
+        n = x.shape[0]
+        far = (x + 3 * self.threat.eps).clamp(0, 1)  # outside the ball (where not clipped)
+        x_adv = torch.where((torch.arange(n) % 2 == 0).view(-1, 1, 1, 1), far, x)
+        return AttackResult(x_adv=x_adv, success=torch.ones(n, dtype=torch.bool),
+                            margin=torch.full((n,), -1.0), forwards=torch.ones(n, dtype=torch.long),
+                            backwards=torch.zeros(n, dtype=torch.long), name=self.name)
+
+
+def test_ensemble_recheck_every_candidate_in_the_ball_and_in_fp32(mnist_cnn, mnist_test):
+    """The worst case counts an adversarial example only after re-checking it: inside the
+    threat ball and [0, 1], and misclassified by the model itself."""
+    x, y = mnist_test
+    x, y = x[:16], y[:16]
+    threat = Threat("linf", 0.01)  # too small to break this model: every claimed break is a lie
+    res = Ensemble([_LyingAttack(threat)])(mnist_cnn, x, y, generator=0)
+    assert bool(res.robust.eq(res.clean_correct).all())
+    assert res.costs["liar"].broken == 0
+    assert bool(threat.contains(res.x_adv, x).all())
