@@ -107,6 +107,13 @@ MONOTONE_SLACK = 0.02
 RISING_SHARE = 0.10
 # Doubling steps and restarts changes success by more than this share of samples.
 CONVERGENCE_DELTA = 0.02
+# The attack comparisons above (one-step, black-box, transfer and noise beating PGD; doubling
+# the budget) fire only when the count is significantly above their share: a one-sided exact
+# binomial test at this level. One or two samples at the decision boundary never fire it
+# (at n = 100 and a 1% share it takes 4 samples), and on a model where the weaker attack truly
+# finds at most that share the false-alarm rate is at most 5%, whatever n is, so a verdict does
+# not flip between n = 100 and n = 1000 on noise alone.
+BEATS_ALPHA = 0.05
 # The black-box check runs Square on at most this many PGD survivors: the share it estimates
 # has a standard error below 5 points at 100 samples, enough for a 1% flag on real gaps.
 SQUARE_SAMPLES, SQUARE_SAMPLES_FAST = 100, 40
@@ -217,6 +224,31 @@ class MaskingReport:
 
 
 # --- helpers ---------------------------------------------------------------------------------
+
+
+def exceeds_share(k: int, n: int, share: float, alpha: float = BEATS_ALPHA
+                  ) -> tuple[bool, float]:
+    """One-sided exact binomial test of "the rate is at most ``share``" after ``k`` hits in
+    ``n`` trials: ``(rejected at level alpha, p-value)``. Computed in log space (any n)."""
+    if n <= 0 or k <= 0:
+        return False, 1.0
+    share = min(max(float(share), 0.0), 1.0)
+    if share <= 0.0:
+        return True, 0.0
+    if share >= 1.0:
+        return False, 1.0
+    log_s, log_f = math.log(share), math.log1p(-share)
+    lg = math.lgamma
+    terms = [lg(n + 1) - lg(i + 1) - lg(n - i + 1) + i * log_s + (n - i) * log_f
+             for i in range(k, n + 1)]
+    top = max(terms)
+    p = min(1.0, math.exp(top) * math.fsum(math.exp(t - top) for t in terms))
+    return p < alpha, p
+
+
+def _beats(k: int, n: int, share: float) -> tuple[bool, dict[str, Any]]:
+    fires, p = exceeds_share(k, n, share)
+    return fires, {"count": k, "of": n, "p_value": p}
 
 
 def _grads(model: nn.Module, x: Tensor, y: Tensor):
@@ -428,17 +460,20 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
     # 9. one-step beats iterative
     only_fgsm = fgsm_broken & ~pgd_broken
     share = float(only_fgsm.float().mean())
+    fires, stats = _beats(int(only_fgsm.sum()), n_att, BEATS_SHARE)
     checks.append(CheckResult(
-        "one-step beats iterative", share, f"share broken by FGSM but not PGD > {BEATS_SHARE}",
-        share <= BEATS_SHARE, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+        "one-step beats iterative", share,
+        f"share broken by FGSM but not PGD significantly > {BEATS_SHARE} (p < {BEATS_ALPHA})",
+        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
         "Carlini et al. 2019 (Sec. 5.2); AutoAttack checks.py",
         {"samples": idx[only_fgsm][:20], "fgsm_success": r_fgsm.success_rate,
-         "pgd_success": r_pgd.success_rate}))
+         "pgd_success": r_pgd.success_rate, **stats}))
 
     # 10. black-box beats white-box
     rob_idx = robust_after_pgd.nonzero().flatten()
     square_broken = torch.zeros_like(pgd_broken)
     share = 0.0
+    fires, stats = False, {"count": 0, "of": 0, "p_value": 1.0}
     if rob_idx.numel():
         # Square is the expensive check; a fixed-size subsample of the survivors estimates
         # the share as well as all of them would, within binomial noise.
@@ -446,13 +481,19 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
         r_sq = Square(threat, queries=queries)(model, xc[sq_idx], yc[sq_idx], generator=g)
         square_broken[sq_idx] = r_sq.success
         share = float(r_sq.success.float().mean()) * rob_idx.numel() / n_att
+        # Tested on the subsample Square ran on: BEATS_SHARE of all attacked samples is this
+        # share of the PGD survivors.
+        fires, stats = _beats(int(r_sq.success.sum()), int(sq_idx.numel()),
+                              BEATS_SHARE * n_att / rob_idx.numel())
     checks.append(CheckResult(
         "black-box beats white-box", share,
-        f"share broken by Square-{queries} but not PGD-{steps} > {BEATS_SHARE}",
-        share <= BEATS_SHARE, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+        f"share broken by Square-{queries} but not PGD-{steps} significantly > {BEATS_SHARE} "
+        f"(p < {BEATS_ALPHA})",
+        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
         "Athalye et al. 2018; AutoAttack checks.py (Square vs white-box)",
         {"samples": idx[square_broken][:20],
-         "square_attacked": min(int(rob_idx.numel()), SQUARE_SAMPLES_FAST if fast else SQUARE_SAMPLES)}))
+         "square_attacked": min(int(rob_idx.numel()), SQUARE_SAMPLES_FAST if fast else SQUARE_SAMPLES),
+         **stats}))
 
     # 11. transfer beats white-box
     if surrogate is None:
@@ -467,10 +508,14 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                 model, xc[rob_idx], yc[rob_idx], generator=g)
             tr_broken[rob_idx] = r_tr.success
         share = float(tr_broken.float().mean())
+        fires, stats = _beats(int(tr_broken.sum()), n_att, BEATS_SHARE)
         checks.append(CheckResult(
-            "transfer beats white-box", share, f"share broken by transfer but not PGD > {BEATS_SHARE}",
-            share <= BEATS_SHARE, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
-            "Papernot et al. 2017; Athalye et al. 2018", {"samples": idx[tr_broken][:20]}))
+            "transfer beats white-box", share,
+            f"share broken by transfer but not PGD significantly > {BEATS_SHARE} "
+            f"(p < {BEATS_ALPHA})",
+            not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+            "Papernot et al. 2017; Athalye et al. 2018",
+            {"samples": idx[tr_broken][:20], **stats}))
 
     # 12. unbounded attack
     big = Threat(threat.norm, 1.0 if threat.norm is Norm.LINF else math.sqrt(xc[0].numel()))
@@ -516,11 +561,14 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                 found |= margin(model(cand), yr) < 0
         noise_broken[rob_idx] = found
     share = float(noise_broken.float().mean())
+    fires, stats = _beats(int(noise_broken.sum()), n_att, BEATS_SHARE)
     checks.append(CheckResult(
-        "noise beats attack", share, f"share found by {draws} random draws but not PGD > {BEATS_SHARE}",
-        share <= BEATS_SHARE, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+        "noise beats attack", share,
+        f"share found by {draws} random draws but not PGD significantly > {BEATS_SHARE} "
+        f"(p < {BEATS_ALPHA})",
+        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
         "Carlini et al. 2019 (Sec. 5.2: brute-force random search)",
-        {"samples": idx[noise_broken][:20]}))
+        {"samples": idx[noise_broken][:20], **stats}))
 
     # 8. incomplete optimisation: is the attack loss still rising at the end?
     if rob_idx.numel():
@@ -552,11 +600,14 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                                                         generator=g)
         newly = int(more.success.sum())
     delta_rate = newly / n_att
+    fires, stats = _beats(newly, n_att, CONVERGENCE_DELTA)
     checks.append(CheckResult(
-        "convergence", delta_rate, f"doubling steps and restarts raises success by > {CONVERGENCE_DELTA}",
-        delta_rate <= CONVERGENCE_DELTA, Verdict.SUSPICIOUS, MaskingKind.WEAK_ATTACK,
+        "convergence", delta_rate,
+        f"doubling steps and restarts raises success significantly by > {CONVERGENCE_DELTA} "
+        f"(p < {BEATS_ALPHA})",
+        not fires, Verdict.SUSPICIOUS, MaskingKind.WEAK_ATTACK,
         "Carlini et al. 2019 (Sec. 5.3); Madry et al. 2018",
-        {"success": base_rate, "success_doubled": base_rate + delta_rate}))
+        {"success": base_rate, "success_doubled": base_rate + delta_rate, **stats}))
 
     # 16. binarization test
     checks.append(_binarization_test(model, xc, yc, threat, g, steps=steps,

@@ -171,3 +171,25 @@ def test_shattered_without_a_bpda_target_gets_dlr_and_square():
     assert r.recommended_attack.startswith("Square") and "APGD-DLR" in r.recommended_attack
     r = _report([failing], T("linf", 0.3), 10, 0.0, None, "0", bpda_target=True)
     assert "BPDA" in r.recommended_attack
+
+
+def test_attack_comparisons_need_a_significant_count_not_one_or_two_samples():
+    """The comparison checks fire on a one-sided exact binomial test: its p-values are the
+    binomial tail, one or two samples out of 100 never fire it, and on a model whose weaker
+    attack truly finds the tolerated share the false-alarm rate is at most alpha at any n."""
+    from scipy.stats import binom
+
+    from unmask.defenses.masking import BEATS_ALPHA, BEATS_SHARE, exceeds_share
+
+    for n, k, share in [(100, 3, 0.01), (100, 4, 0.01), (40, 2, 0.05), (1000, 16, 0.01),
+                        (5000, 70, 0.01), (30, 30, 0.5)]:
+        assert exceeds_share(k, n, share)[1] == pytest.approx(binom.sf(k - 1, n, share),
+                                                              rel=1e-9, abs=1e-300)
+    assert not exceeds_share(1, 100, BEATS_SHARE)[0]
+    assert not exceeds_share(2, 100, BEATS_SHARE)[0]
+    assert exceeds_share(4, 100, BEATS_SHARE)[0]
+    assert exceeds_share(30, 100, BEATS_SHARE)[0]
+    for n in (40, 100, 300, 1000):
+        k_min = next(k for k in range(n + 1) if exceeds_share(k, n, BEATS_SHARE)[0])
+        assert binom.sf(k_min - 1, n, BEATS_SHARE) <= BEATS_ALPHA  # false-alarm rate
+    assert exceeds_share(0, 100, 0.01) == (False, 1.0)
