@@ -221,7 +221,8 @@ class Attack:
             with torch.no_grad():
                 # Under EOT the clean verdict is in expectation too: one lucky draw of a
                 # randomised model must not exempt a sample from the attack.
-                logits = check_logits(oracle.logits(model, x, generator), x.shape[0])
+                logits = check_logits(oracle.logits(model, x, generator), x.shape[0],
+                                      model=model)
             num_classes = logits.shape[1]
             if int(y.max()) >= num_classes:
                 raise ValueError(f"labels go up to {int(y.max())} but the model returns "

@@ -258,7 +258,7 @@ class Ensemble:
         warn_if_train_mode(model, stacklevel=3)
         n = x.shape[0]
         with model_mode(model), torch.no_grad():
-            logits = check_logits(model(x), n)
+            logits = check_logits(model(x), n, model=model)
             stochastic = is_stochastic(model, x, logits)
             if stochastic:
                 rates = success_rate(model, x, y, draws=self.draws, generator=generator)

@@ -31,6 +31,7 @@ __all__ = [
     "Precision",
     "Autocast",
     "ProbabilityOutputWarning",
+    "NonFiniteOutputError",
     "check_images",
     "check_labels",
     "check_inputs",
@@ -195,6 +196,10 @@ class ProbabilityOutputWarning(UserWarning):
     """The model returns probabilities, not logits: gradient attacks on it are unreliable."""
 
 
+class NonFiniteOutputError(ValueError):
+    """The model returned NaN or Inf logits: never counted as robustness, always an error."""
+
+
 def check_images(x: Any, name: str = "x") -> Tensor:
     """Validate a batch of images: a floating ``N x C x H x W`` tensor, finite, in [0, 1]."""
     if not isinstance(x, Tensor):
@@ -244,8 +249,13 @@ def check_inputs(x: Any, y: Any, num_classes: int | None = None) -> tuple[Tensor
     return x, y.to(x.device)
 
 
-def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "warn") -> Tensor:
-    """Check a model's output: float ``N x K`` logits.
+def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "warn",
+                 model: nn.Module | None = None) -> Tensor:
+    """Check a model's output: float ``N x K`` logits, all finite.
+
+    NaN or Inf logits raise :class:`NonFiniteOutputError` naming the model and the share of
+    rows affected: a NaN margin compares false both ways, so left alone it would count as "not
+    broken" and pass a broken model as robust.
 
     Outputs whose rows all lie in [0, 1] and sum to 1 are probabilities: cross-entropy on them
     saturates and hides the gradient, a classic source of false robustness. With
@@ -262,6 +272,14 @@ def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "war
         raise ValueError(
             f"the model returned {logits.shape[0]} rows of logits for a batch of {n} inputs"
         )
+    bad_rows = ~torch.isfinite(logits.detach()).all(dim=1)
+    if bool(bad_rows.any()):
+        k, rows = int(bad_rows.sum()), int(logits.shape[0])
+        who = f"the model {type(model).__name__}" if model is not None else "the model"
+        raise NonFiniteOutputError(
+            f"{who} returned non-finite logits (NaN or Inf) on {k} of {rows} inputs "
+            f"({100.0 * k / rows:.0f}%); a non-finite output is an error, never robustness: "
+            "fix the model (e.g. a division by zero, a log of 0, an overflow in fp16)")
     if probabilities not in ("warn", "raise", "ignore"):
         raise ValueError(f"probabilities must be 'warn', 'raise' or 'ignore', got {probabilities!r}")
     if probabilities != "ignore" and logits.shape[1] > 1 and looks_like_probabilities(logits):

@@ -39,6 +39,7 @@ from ..bench.core import (
     SampleOutcomes,
     Threat,
     check_inputs,
+    check_logits,
     looks_like_probabilities,
     make_generator,
     margin,
@@ -366,6 +367,12 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
         with torch.no_grad(), _count_autograd_calls() as autograd_calls:
             logits = model(x)
             logits2 = model(x)
+        # NaN or Inf logits are an error, never robustness (a NaN margin is "not broken").
+        for out in (logits, logits2):
+            check_logits(out, x.shape[0], probabilities="ignore", model=model)
+        if int(y.max()) >= logits.shape[1]:
+            raise ValueError(f"y holds class index {int(y.max())} but the model returns "
+                             f"{logits.shape[1]} logits")
         correct = margin(logits, y) >= 0
         idx = correct.nonzero().flatten()
         xc, yc = x[idx], y[idx]
@@ -379,7 +386,7 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
 
         # 5. randomness
         diff = float((logits - logits2).abs().max())
-        random_model = diff > RANDOM_TOLERANCE
+        random_model = not diff <= RANDOM_TOLERANCE  # NaN would fail this check, not pass
         checks.append(CheckResult(
             "randomness", diff, "max |z(x) - z'(x)| over two passes > 0 -> fail",
             not random_model, Verdict.MASKED, MaskingKind.STOCHASTIC,

@@ -512,3 +512,54 @@ def test_sample_outcomes_merge_is_the_per_sample_worst_case():
     assert rated.fooled_rate == (0.25, 0.75)
     with pytest.raises(ValueError, match="merge"):
         ens.merge(SampleOutcomes((None,)))
+
+
+class _NaNLogits(nn.Module):
+    """A classifier whose logits are NaN on every input (``rows=None``) or on some rows."""
+
+    def __init__(self, rows=None):
+        super().__init__()
+        self.lin = nn.Linear(64, 10)
+        self.rows = rows
+
+    def forward(self, x):
+        z = self.lin(x.flatten(1))
+        if self.rows is None:
+            return z * float("nan")
+        mask = torch.zeros(z.shape[0], 1, dtype=torch.bool)
+        mask[: self.rows] = True
+        return torch.where(mask, torch.full_like(z, float("nan")), z)
+
+
+@pytest.mark.parametrize("rows", [None, 3])
+def test_non_finite_logits_are_an_error_in_every_entry_point(rows):
+    """A model with NaN logits (all or some) is an error naming the model and the share, in
+    the attacks, the ensemble, the diagnosis and the pytest helper: never robust accuracy 1."""
+    from unmask.attacks import PGD, Ensemble
+    from unmask.bench.core import NonFiniteOutputError
+    from unmask.bench.testing import assert_robust_accuracy
+    from unmask.defenses import diagnose
+
+    torch.manual_seed(0)
+    model = _NaNLogits(rows).eval()
+    x = torch.rand(16, 1, 8, 8)
+    y = torch.arange(16) % 10
+    threat = Threat("linf", 0.1)
+    share = "16 of 16 inputs (100%)" if rows is None else "3 of 16 inputs (19%)"
+    for run in (lambda: PGD(threat, steps=2)(model, x, y),
+                lambda: Ensemble.preset("quick", threat)(model, x, y),
+                lambda: diagnose(model, x, y, threat, fast=True, audit_flow=False),
+                lambda: assert_robust_accuracy(model, (x, y), threat, attacks="quick",
+                                               at_least=0.0, n=16, diagnose=True)):
+        with pytest.raises(NonFiniteOutputError, match="_NaNLogits") as err:
+            run()
+        assert share in str(err.value)
+
+
+def test_inf_logits_are_an_error_too():
+    from unmask.bench.core import NonFiniteOutputError
+
+    z = torch.zeros(4, 3)
+    z[2, 1] = float("inf")
+    with pytest.raises(NonFiniteOutputError, match="1 of 4 inputs"):
+        check_logits(z, 4)
