@@ -1,4 +1,8 @@
-"""``unmask diagnose``: the gradient-masking diagnosis of a zoo model as a table (or JSON)."""
+"""``unmask diagnose``: the gradient-masking diagnosis of a zoo model as a table (or JSON).
+
+The exit status says the verdict, so a CI job can gate on it: 0 clean, 3 suspicious, 4 masked
+(2 is a usage error, 1 any other error).
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,25 @@ import argparse
 from .cli import command
 from .cli_attack import add_model_args, load_model_and_data
 
+# The verdict as the exit status; 1 and 2 stay Python's and argparse's (error, usage).
+EXIT_CODES = {"clean": 0, "suspicious": 3, "masked": 4}
+
 
 @command("diagnose")
 def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("diagnose", help="gradient-masking diagnosis of a zoo model",
                        description="Run the gradient-masking checks on a zoo model and print "
-                                   "each check, its evidence and the verdict.")
+                                   "each check, its evidence and the verdict.",
+                       epilog="exit status: 0 clean, 3 suspicious, 4 masked (2 usage error, "
+                              "1 other error), so a CI job can gate on the verdict")
     add_model_args(p, n=500)
     p.add_argument("--fast", action="store_true", help="smaller budgets (for CI)")
     p.add_argument("--follow-up", action="store_true",
                    help="run the recommended adaptive attack and report robust accuracy "
                         "before and after")
     p.add_argument("--surrogate", help="a zoo model for the transfer check")
-    p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+    p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': only "
+                                                  "the JSON, on stdout)")
     p.set_defaults(handler=_diagnose)
 
 
@@ -35,9 +45,13 @@ def _diagnose(args: argparse.Namespace) -> int:
     surrogate = zoo.load(args.surrogate, device=args.device) if args.surrogate else None
     report = diagnose(model, x, y, threat, follow_up=args.follow_up, fast=args.fast,
                       generator=torch.Generator().manual_seed(args.seed), surrogate=surrogate)
-    print(f"{args.model} ({threat}, {report.n} samples, {report.seconds:.1f}s)\n")
-    print(report.table())
-    if args.json:
-        with open(args.json, "w") as fh:
-            fh.write(report.to_json())
-    return 0
+    if args.json == "-":
+        print(report.to_json())
+    else:
+        print(f"{args.model} ({threat}, {report.n} samples, {report.seconds:.1f}s)\n")
+        print(report.table())
+        if args.json:
+            from .fileio import atomic_write
+
+            atomic_write(args.json, report.to_json().encode("utf-8"))
+    return EXIT_CODES[report.verdict.value]

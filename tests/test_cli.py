@@ -223,3 +223,40 @@ def test_device_sweep_script_covers_batch_layout_and_precision(capsys, tmp_path)
     x = sweep.cifar_sized(torch.rand(2, 1, 28, 28))
     assert x.shape == (2, 3, 32, 32) and float(x.min()) >= 0 and float(x.max()) <= 1
     assert "channels_last" in capsys.readouterr().out
+
+
+def test_diagnose_end_to_end_exit_status_says_the_verdict(zoo_cache, tmp_path, capsys,
+                                                          monkeypatch):
+    """``unmask diagnose`` from the CLI: the table, the JSON (file and stdout), and an exit
+    status a user's CI can gate on: 0 clean, 3 suspicious, 4 masked."""
+    import json
+
+    from unmask.bench.cli_defenses import EXIT_CODES
+
+    assert EXIT_CODES == {"clean": 0, "suspicious": 3, "masked": 4}
+    out = tmp_path / "r.json"
+    code = main(["diagnose", "mnist-cnn", "--n", "32", "--fast", "--json", str(out)])
+    text = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert code == EXIT_CODES[report["verdict"]] == 0, text
+    assert "verdict: clean" in text and "Verdict." not in text
+    assert main(["diagnose", "mnist-cnn-quantized", "--n", "32", "--fast", "--json", "-"]) == 4
+    doc = json.loads(capsys.readouterr().out)  # only the JSON on stdout
+    assert doc["verdict"] == "masked" and "zero gradients" in {
+        c["name"] for c in doc["checks"] if not c["passed"]}
+
+    import unmask.defenses as defenses
+
+    real = defenses.diagnose
+
+    def suspicious(*a, **k):
+        r = real(*a, **k)
+        r.verdict = defenses.Verdict.SUSPICIOUS
+        return r
+
+    monkeypatch.setattr(defenses, "diagnose", suspicious)
+    assert main(["diagnose", "mnist-cnn", "--n", "16", "--fast"]) == 3
+    assert "verdict: suspicious" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as usage:
+        main(["diagnose", "mnist-cnn", "--norm", "l7"])
+    assert usage.value.code == 2
