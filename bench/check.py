@@ -2,13 +2,20 @@
 tolerance.
 
 A baseline is a JSON file (``results/baselines/default.json``) holding, per model x threat x
-attack, the sample count and the clean and robust counts of a reference run, plus each
-masking verdict. :func:`compare` tests every number of the baseline against the current run:
-the 95% confidence interval of the difference of two binomial proportions is built from both
-runs' Wilson intervals (Newcombe 1998, method 10, the "hybrid score" interval), and a number
-fails when that interval excludes 0. There is no fixed epsilon: with 100 samples a few points
-of noise pass, with 10,000 they do not. A masking verdict that gets worse (``clean`` ->
-``suspicious`` -> ``masked``) fails too.
+attack, the sample count and the clean and robust counts of a reference run, the per-sample
+outcomes of the worst case (which samples were classified correctly and which survived), the
+model's fingerprint, plus each masking verdict. :func:`compare` tests the baseline against
+the current run on the SAME samples, paired: per row, the samples that were robust in the
+baseline and are broken now (``newly broken``) against those broken then and robust now
+(``newly robust``), with an exact McNemar test (a two-sided binomial test on the discordant
+samples). A row fails on a significant drop (p < 0.05 and more newly broken than newly
+robust) or on a drop larger than ``tolerance`` (5 points by default), and names the newly
+broken samples. Paired, a drop of 8 points with 16 newly broken samples and none fixed fails at
+n = 200 (p = 3e-5), where comparing the two runs as independent samples let it pass.
+A changed checkpoint fingerprint or sample count is reported and fails unless
+``allow_changed``. Baselines written before per-sample outcomes were recorded (schema 1) are
+compared the old way (the Newcombe interval of two independent proportions), with a note.
+A masking verdict that gets worse (``clean`` -> ``suspicious`` -> ``masked``) fails too.
 
 Usage::
 
@@ -29,9 +36,24 @@ from typing import Any
 from .store import WORST_CASE, Store, wilson
 
 __all__ = ["BASELINE_SCHEMA", "baseline_from_store", "write_baseline", "read_baseline",
-           "compare", "CheckResult", "Difference", "newcombe", "format_result"]
+           "compare", "CheckResult", "Difference", "newcombe", "mcnemar", "format_result",
+           "TOLERANCE"]
 
-BASELINE_SCHEMA = 1
+BASELINE_SCHEMA = 2
+# A drop larger than this fails even when the McNemar test cannot call it significant (a
+# small n): 5 points is the smallest difference the default suite's tables are read for.
+TOLERANCE = 0.05
+ALPHA = 0.05
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value for ``b`` and ``c`` discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    k = min(b, c)
+    tail = math.fsum(math.comb(n, i) for i in range(k + 1)) / 2.0 ** n
+    return min(1.0, 2.0 * tail)
 _VERDICT_ORDER = {"clean": 0, "suspicious": 1, "masked": 2}
 
 
@@ -49,9 +71,21 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
 def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
     """The numbers of run ``run_id`` in baseline form."""
     run = store.run(run_id)
-    cells = [{k: c[k] for k in ("model", "norm", "eps", "attack", "n", "clean_correct", "robust",
-                                "clean_accuracy", "robust_accuracy", "ci_low", "ci_high")}
-             for c in store.rows("cells", run_id)]
+    per_sample: dict[tuple, list[dict[str, Any]]] = {}
+    for s in store.rows("samples", run_id):
+        per_sample.setdefault((s["model"], s["norm"], float(s["eps"])), []).append(s)
+    cells = []
+    for c in store.rows("cells", run_id):
+        cell = {k: c[k] for k in ("model", "norm", "eps", "attack", "n", "clean_correct",
+                                  "robust", "clean_accuracy", "robust_accuracy", "ci_low",
+                                  "ci_high", "checkpoint_sha256")}
+        rows = per_sample.get((c["model"], c["norm"], float(c["eps"])))
+        if c["attack"] == WORST_CASE and rows:
+            rows = sorted(rows, key=lambda r: r["sample"])
+            cell["samples"] = {"ids": [r["sample"] for r in rows],
+                               "clean_correct": [int(r["clean_correct"]) for r in rows],
+                               "robust": [int(r["robust"]) for r in rows]}
+        cells.append(cell)
     masking = [{k: m[k] for k in ("model", "norm", "eps", "verdict")}
                for m in store.rows("masking", run_id)]
     return {"schema": BASELINE_SCHEMA, "kind": "unmask-baseline", "suite": run.suite,
@@ -102,6 +136,8 @@ class Difference:
 
 @dataclass
 class CheckResult:
+    """The outcome of :func:`compare`: every compared number, what is missing and new."""
+
     differences: list[Difference] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)
@@ -120,10 +156,32 @@ def _key(c: dict[str, Any]) -> tuple[str, str, float, str]:
     return (c["model"], c["norm"], float(c["eps"]), c["attack"])
 
 
+def _paired(base: list[int], cur: list[int], ids: list[int], tolerance: float
+            ) -> tuple[float, float, bool, str]:
+    """``(difference, p, failed, note)`` of two per-sample 0/1 outcome lists on the same ids."""
+    newly_broken = [i for i, b, c in zip(ids, base, cur) if b and not c]
+    newly_robust = [i for i, b, c in zip(ids, base, cur) if c and not b]
+    n = len(ids)
+    d = (len(newly_robust) - len(newly_broken)) / n
+    p = mcnemar(len(newly_broken), len(newly_robust))
+    significant = p < ALPHA and len(newly_broken) > len(newly_robust)
+    failed = significant or -d > tolerance
+    note = (f"{len(newly_broken)} newly broken, {len(newly_robust)} newly robust, "
+            f"McNemar p = {p:.2g}")
+    if newly_broken:
+        note += f"; newly broken: {', '.join(map(str, newly_broken[:20]))}" + \
+            (" ..." if len(newly_broken) > 20 else "")
+    if failed:
+        note = ("significant drop; " if significant else
+                f"drop beyond {tolerance:.0%} tolerance; ") + note
+    return d, p, failed, note
+
+
 def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bool = False,
-            all_attacks: bool = False) -> CheckResult:
+            all_attacks: bool = False, tolerance: float = TOLERANCE,
+            allow_changed: bool = False) -> CheckResult:
     """Compare ``current`` with ``baseline`` (both in baseline form, see
-    :func:`baseline_from_store`)."""
+    :func:`baseline_from_store`): paired per sample where both record the outcomes."""
     result = CheckResult()
     if baseline.get("config_hash") and current.get("config_hash") \
             and baseline["config_hash"] != current["config_hash"]:
@@ -147,6 +205,34 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
         quantities = [("robust_accuracy", "robust")]
         if b["attack"] == WORST_CASE:
             quantities.insert(0, ("clean_accuracy", "clean_correct"))
+        fb, fc = b.get("checkpoint_sha256"), c.get("checkpoint_sha256")
+        if fb and fc and fb != fc:
+            result.differences.append(Difference(
+                b["model"], threat, b["attack"], "fingerprint", fb[:12], fc[:12],
+                failed=not allow_changed,
+                note="the model changed" + (" (allowed)" if allow_changed else
+                                            "; --allow-changed to compare anyway")))
+        sb, sc = b.get("samples"), c.get("samples")
+        if sb and sc and sb["ids"] == sc["ids"]:
+            for quantity, count in quantities:
+                d, p, failed, note = _paired(sb[count], sc[count], sb["ids"], tolerance)
+                rose = d > 0 and p < ALPHA
+                failed = failed or (rose and not only_drops)
+                if rose:
+                    note = "rose significantly" + (" (allowed)" if only_drops else "") + \
+                        "; " + note
+                result.differences.append(Difference(
+                    b["model"], threat, b["attack"], quantity, b[count] / b["n"],
+                    c[count] / c["n"], d, None, None, failed, note))
+            continue
+        if sb and sc:
+            result.differences.append(Difference(
+                b["model"], threat, b["attack"], "samples", len(sb["ids"]), len(sc["ids"]),
+                failed=not allow_changed, note="not the same samples: cannot pair"))
+        elif b["attack"] == WORST_CASE and not sb:
+            result.notes.append(f"{b['model']} {threat}: the baseline has no per-sample "
+                                "outcomes (an older baseline): compared unpaired; rewrite it "
+                                "with --write to compare paired")
         for quantity, count in quantities:
             d, low, high = newcombe(c[count], c["n"], b[count], b["n"])
             failed = high < 0 or (low > 0 and not only_drops)
@@ -198,7 +284,7 @@ def format_result(result: CheckResult) -> str:
                 fmt(d.baseline), fmt(d.current), diff, interval, d.note)
 
     header = ("", "model", "threat", "attack", "quantity", "baseline", "current", "diff",
-              "95% CI of diff", "note")
+              "95% CI (unpaired)", "note")
     lines += [f"note: {n}" for n in result.notes]
     if fails:
         lines += ["", "regressions:", _table([row(d) for d in fails], header)]

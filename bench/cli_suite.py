@@ -257,16 +257,24 @@ def _report(args: argparse.Namespace) -> int:
 def _check_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="compare a run with a robustness baseline (CI regression "
                                      "test)",
-                       description="Compare a run (the latest by default) with a baseline: a "
-                                   "number fails when the 95%% interval of its difference "
-                                   "(Newcombe, from both runs' Wilson intervals) excludes 0. "
-                                   "Exit 1 and print the differences on a regression.")
+                       description="Compare a run (the latest by default) with a baseline "
+                                   "on the same samples, paired: a row fails on a significant "
+                                   "drop (exact McNemar test on the newly broken and newly "
+                                   "robust samples, p < 0.05) or a drop beyond the tolerance, "
+                                   "and names the newly broken samples; a changed model "
+                                   "fingerprint fails unless --allow-changed. Exit 1 and print "
+                                   "the differences on a regression.")
     p.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON")
     p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
     p.add_argument("--write", action="store_true",
                    help="write the run as the new baseline FILE instead of comparing")
     p.add_argument("--only-drops", action="store_true",
                    help="fail only when a number drops (an improvement passes)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
+                   help="fail on a drop larger than this share even when not significant "
+                        "(default 0.05, i.e. 5 points)")
+    p.add_argument("--allow-changed", action="store_true",
+                   help="compare even when the model's fingerprint or the samples changed")
     p.add_argument("--all-attacks", action="store_true",
                    help="compare every attack's robust accuracy, not only clean and worst case")
     _store_arg(p)
@@ -289,7 +297,12 @@ def _check(args: argparse.Namespace) -> int:
     except FileNotFoundError:
         raise CLIError(f"no baseline at {args.baseline}; write one with: unmask check "
                        f"--baseline {args.baseline} --write") from None
+    tolerance = chk.TOLERANCE if args.tolerance is None else args.tolerance
+    if not 0 <= tolerance <= 1:
+        raise CLIError(f"--tolerance must be a share in [0, 1] (0.05 = 5 points), got "
+                       f"{tolerance}")
     result = chk.compare(baseline, current, only_drops=args.only_drops,
-                         all_attacks=args.all_attacks)
+                         all_attacks=args.all_attacks, tolerance=tolerance,
+                         allow_changed=args.allow_changed)
     print(chk.format_result(result))
     return 0 if result.passed else 1
