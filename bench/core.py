@@ -250,12 +250,13 @@ def check_inputs(x: Any, y: Any, num_classes: int | None = None) -> tuple[Tensor
 
 
 def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "warn",
-                 model: nn.Module | None = None) -> Tensor:
+                 model: nn.Module | None = None, finite: bool = True) -> Tensor:
     """Check a model's output: float ``N x K`` logits, all finite.
 
     NaN or Inf logits raise :class:`NonFiniteOutputError` naming the model and the share of
     rows affected: a NaN margin compares false both ways, so left alone it would count as "not
-    broken" and pass a broken model as robust.
+    broken" and pass a broken model as robust. ``finite=False`` is for diagnostics that
+    localise where NaN appears (the gradient-flow audit), never for a robustness number.
 
     Outputs whose rows all lie in [0, 1] and sum to 1 are probabilities: cross-entropy on them
     saturates and hides the gradient, a classic source of false robustness. With
@@ -273,7 +274,7 @@ def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "war
             f"the model returned {logits.shape[0]} rows of logits for a batch of {n} inputs"
         )
     bad_rows = ~torch.isfinite(logits.detach()).all(dim=1)
-    if bool(bad_rows.any()):
+    if finite and bool(bad_rows.any()):
         k, rows = int(bad_rows.sum()), int(logits.shape[0])
         who = f"the model {type(model).__name__}" if model is not None else "the model"
         raise NonFiniteOutputError(

@@ -171,6 +171,20 @@ _TABLES = {"meta", "runs", "units", "cells", "samples", "masking", "explanations
            "explanation_maps", "backdoor", "sections"}
 
 
+def _when_unlocked(fn, timeout: float | None = None):
+    """``fn()``, retried while SQLite says the database is locked or busy (up to the busy
+    timeout)."""
+    deadline = time.monotonic() + (BUSY_TIMEOUT_S if timeout is None else timeout)
+    while True:
+        try:
+            return fn()
+        except sqlite3.OperationalError as err:
+            text = str(err).lower()
+            if ("locked" not in text and "busy" not in text) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class StoreError(Exception):
     """The store file cannot be used: not SQLite, damaged, another application's, or newer."""
 
@@ -271,7 +285,10 @@ class Store:
             if readonly:
                 self.conn.execute("PRAGMA query_only = ON")
             else:
-                self.conn.execute("PRAGMA journal_mode = WAL")
+                # Switching to WAL needs an exclusive lock, and SQLite does not always call
+                # the busy handler for it: several processes opening a new store at once get
+                # "database is locked" at once. Wait for it like any other lock.
+                _when_unlocked(lambda: self.conn.execute("PRAGMA journal_mode = WAL"))
                 self.conn.execute("PRAGMA synchronous = NORMAL")
             self._check_integrity()
             if not readonly:

@@ -343,7 +343,9 @@ def audit(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | AuditLoss = "ce
             tracer.begin(xb.shape[0], xb.device)
             xb = xb.detach().requires_grad_(True)
             tracer.watch(xb, INPUT_ROW, "in")
-            logits = check_logits(model(xb), xb.shape[0])
+            # The audit localises where NaN or Inf first appears: non-finite logits are its
+            # subject, not an input error.
+            logits = check_logits(model(xb), xb.shape[0], finite=False)
             tracer.check_inplace()
             if int(yb.max()) >= logits.shape[1]:
                 raise ValueError(f"y holds class index {int(yb.max())} but the model returns "
