@@ -71,9 +71,12 @@ def newcombe(k1: int, n1: int, k2: int, n2: int) -> tuple[float, float, float]:
 def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
     """The numbers of run ``run_id`` in baseline form."""
     run = store.run(run_id)
+    from .leaderboard import _parse_report, row_outcomes
+
     per_sample: dict[tuple, list[dict[str, Any]]] = {}
     for s in store.rows("samples", run_id):
         per_sample.setdefault((s["model"], s["norm"], float(s["eps"])), []).append(s)
+    reports = {(m["model"], m["norm"], float(m["eps"])): m for m in store.rows("masking", run_id)}
     cells = []
     for c in store.rows("cells", run_id):
         cell = {k: c[k] for k in ("model", "norm", "eps", "attack", "n", "clean_correct",
@@ -82,9 +85,17 @@ def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
         rows = per_sample.get((c["model"], c["norm"], float(c["eps"])))
         if c["attack"] == WORST_CASE and rows:
             rows = sorted(rows, key=lambda r: r["sample"])
+            # The row's one number: the worst case over the ensemble AND the diagnosis and its
+            # follow-up, as the leaderboard reports it.
+            key = (c["model"], c["norm"], float(c["eps"]))
+            merged, _ = row_outcomes(rows, _parse_report(reports.get(key)))
+            robust = [int(b is None) for b in merged.broken_by]
             cell["samples"] = {"ids": [r["sample"] for r in rows],
                                "clean_correct": [int(r["clean_correct"]) for r in rows],
-                               "robust": [int(r["robust"]) for r in rows]}
+                               "robust": robust}
+            cell["robust"] = sum(robust)
+            cell["robust_accuracy"] = sum(robust) / len(robust)
+            cell["ci_low"], cell["ci_high"] = wilson(sum(robust), len(robust))
         cells.append(cell)
     masking = [{k: m[k] for k in ("model", "norm", "eps", "verdict")}
                for m in store.rows("masking", run_id)]

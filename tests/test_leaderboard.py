@@ -456,3 +456,19 @@ def test_a_failing_diagnosis_is_an_error_and_never_ranked(tmp_path, monkeypatch,
         df = lb.leaderboard_frame(st, summary.run_id)
         assert st.rows("sections", summary.run_id) == []
     assert set(df["masking"]) <= {"clean", "suspicious", "masked"}
+
+
+def test_baseline_records_the_rows_one_number(runs):
+    """The regression baseline compares the number the leaderboard reports: the worst case
+    over the ensemble, the diagnosis and its follow-up, per sample."""
+    from unmask.bench.check import baseline_from_store
+
+    _, store = runs
+    with Store(store, readonly=True) as st:
+        df = lb.leaderboard_frame(st, 1)
+        base = baseline_from_store(st, 1)
+    worst = {(c["norm"], c["eps"]): c for c in base["cells"] if c["attack"] == "worst-case"}
+    for row in df.to_dict("records"):
+        cell = worst[(row["norm"], row["eps"])]
+        assert cell["robust_accuracy"] == pytest.approx(row["robust_accuracy"])
+        assert sum(cell["samples"]["robust"]) == cell["robust"]
