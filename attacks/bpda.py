@@ -10,10 +10,21 @@ in the model. ``approximations`` overrides or extends that: a mapping from a mod
 qualified name in ``model.named_modules()``) to a callable, or to None for the identity, or a
 list of names/modules approximated by the identity.
 
-Success is re-checked on the model without hooks, so ``success`` is exactly the true
+Functional ops: ``BPDA(attack, functional=True)`` also replaces the non-differentiable torch
+functions called anywhere in ``forward`` (``torch.round``, ``torch.floor``, ``torch.ceil``,
+``torch.trunc``, ``torch.sign``, ``torch.frac`` and their ``Tensor`` methods, see
+``STRAIGHT_THROUGH_OPS``) by straight-through versions while the attack computes gradients,
+through a ``torch.overrides.TorchFunctionMode``: the forward value is the op's own, bit for
+bit, and the backward pass is the identity. This mode needs no module names; modules with a
+``bpda_approximation`` are still hooked when present. Not covered: comparisons followed by
+casts (``(x > t).float()``), whose boolean intermediate carries no gradient at all.
+
+Success is re-checked on the model without hooks or mode, so ``success`` is exactly the true
 model's verdict.
 
-Usage: ``BPDA(PGD(Threat("linf", 0.3)))(quantised_model, x, y, generator=g)``
+Usage: ``BPDA(PGD(Threat("linf", 0.3)))(quantised_model, x, y, generator=g)``, or for a
+model that calls ``torch.round`` in its forward:
+``BPDA(PGD(Threat("linf", 0.3)), functional=True)(model, x, y, generator=g)``
 """
 
 from __future__ import annotations
@@ -22,11 +33,69 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..bench.core import AttackResult, check_inputs, margin, model_mode
 from .base import Attack, register_attack
 
-__all__ = ["BPDA", "find_preprocessing"]
+__all__ = ["BPDA", "STRAIGHT_THROUGH_OPS", "StraightThroughMode", "find_preprocessing"]
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: ``op(x)`` exactly. Backward: the identity (straight-through estimator)."""
+
+    @staticmethod
+    def forward(ctx, x, value):
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _ops(*names: str) -> set:
+    found = set()
+    for name in names:
+        for owner in (torch, torch.Tensor):
+            fn = getattr(owner, name, None)
+            if fn is not None:
+                found.add(fn)
+    return found
+
+
+#: The functions (and Tensor methods) ``StraightThroughMode`` approximates by the identity.
+STRAIGHT_THROUGH_OPS = frozenset(_ops("round", "floor", "ceil", "trunc", "fix", "sign", "frac"))
+# frac(x) = x - trunc(x) has gradient 1 almost everywhere already, but sign and the rounding
+# family have gradient 0: the identity is the BPDA approximation of Athalye et al. (2018).
+
+
+class StraightThroughMode(TorchFunctionMode):
+    """Replace non-differentiable torch functions by straight-through versions.
+
+    Inside ``with StraightThroughMode():`` every call of an op in ``ops`` (default
+    ``STRAIGHT_THROUGH_OPS``) on a tensor that requires grad returns the op's exact value and
+    back-propagates the identity. Calls with ``out=`` or without grad run unchanged.
+
+    Args:
+        ops: the torch functions / Tensor methods to approximate.
+    Usage: ``with StraightThroughMode(): loss = f(model(x)); loss.backward()``
+    """
+
+    def __init__(self, ops=STRAIGHT_THROUGH_OPS) -> None:
+        super().__init__()
+        self.ops = frozenset(ops)
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        value = func(*args, **kwargs)
+        if (func in self.ops and args and isinstance(args[0], torch.Tensor)
+                and isinstance(value, torch.Tensor) and "out" not in kwargs
+                and torch.is_grad_enabled() and args[0].requires_grad
+                and args[0].is_floating_point() and value.shape == args[0].shape):
+            self.calls += 1
+            return _StraightThrough.apply(args[0], value.detach())
+        return value
 
 
 def find_preprocessing(model: nn.Module, approximations=None) -> list[tuple[str, nn.Module, Callable]]:
@@ -58,28 +127,34 @@ class BPDA(Attack):
     name = "bpda"
 
     def __init__(self, attack: Attack,
-                 approximations: Mapping | Sequence | None = None) -> None:
+                 approximations: Mapping | Sequence | None = None,
+                 functional: bool = False) -> None:
         if not isinstance(attack, Attack) or attack.gradient_free:
             raise TypeError("BPDA wraps a gradient attack (FGSM, PGD, APGD, EOT, ...), got "
                             f"{type(attack).__name__}")
         super().__init__(attack.threat)
         self.attack = attack
         self.approximations = approximations
+        if not isinstance(functional, bool):
+            raise TypeError(f"functional must be a bool, got {type(functional).__name__}")
+        self.functional = functional
 
     @property
     def label(self) -> str:
         return f"bpda-{self.attack.label}"
 
     def config(self):
-        return {**self.attack.config(), "attack": self.label}
+        return {**self.attack.config(), "attack": self.label, "functional": self.functional}
 
     def run(self, model, x, y, *, targets=None, generator=None, oracle=None) -> AttackResult:
         hooked = find_preprocessing(model, self.approximations)
-        if not hooked:
+        if not hooked and not self.functional:
             raise ValueError(
                 "BPDA found no preprocessing module to approximate: give the module a method "
-                "bpda_approximation(x), or pass approximations={'module.name': None} (identity)")
+                "bpda_approximation(x), pass approximations={'module.name': None} (identity), "
+                "or functional=True for torch.round/floor/sign/... called inside forward")
         handles = []
+        mode = StraightThroughMode() if self.functional else None
 
         def make_hook(fn):
             def hook(module, inputs, output):
@@ -93,7 +168,13 @@ class BPDA(Attack):
             for _, module, fn in hooked:
                 handles.append(module.register_forward_hook(make_hook(fn)))
             kwargs = {"oracle": oracle} if oracle is not None else {}
-            result = self.attack.run(model, x, y, targets=targets, generator=generator, **kwargs)
+            if mode is not None:
+                with mode:
+                    result = self.attack.run(model, x, y, targets=targets, generator=generator,
+                                             **kwargs)
+            else:
+                result = self.attack.run(model, x, y, targets=targets, generator=generator,
+                                         **kwargs)
         finally:
             for h in handles:
                 h.remove()
@@ -109,5 +190,7 @@ class BPDA(Attack):
             result.success = result.margin < 0
         result.name = self.name
         result.config = {**result.config, "attack": self.label,
-                         "approximated": [name for name, _, _ in hooked]}
+                         "approximated": [name for name, _, _ in hooked],
+                         "functional": self.functional,
+                         "straight_through_calls": mode.calls if mode is not None else 0}
         return result
