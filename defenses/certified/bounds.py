@@ -56,9 +56,10 @@ def margin_spec(y: Tensor, num_classes: int) -> Tensor:
     return eye[y].unsqueeze(1) - eye[others].reshape(n, num_classes - 1, num_classes)
 
 
-@torch.no_grad()
 def ibp_bounds(chain: Chain, inputs: InputSet) -> list[tuple[Tensor, Tensor]]:
-    """Interval bounds ``(l, u)`` of every segment's output (pre-activations, then logits)."""
+    """Interval bounds ``(l, u)`` of every segment's output (pre-activations, then logits).
+
+    Differentiable (IBP training backpropagates through it)."""
     lo, hi = inputs.lo, inputs.hi
     out = []
     for i, seg in enumerate(chain.segments):
