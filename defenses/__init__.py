@@ -11,6 +11,8 @@ from .adversarial import (
 )
 from .backdoor import DetectionResult, activation_clustering, spectral_signatures
 from .backdoor_report import BackdoorReport, evaluate_backdoor
+from .certified import training as _certified_training  # noqa: F401 - registers recipe 'ibp'
+from .certified import zoo as _certified_zoo  # noqa: F401 - registers the IBP-trained entries
 from .fine_pruning import FinePruningResult, fine_pruning
 from .gradreg import GradientPenaltyLoss, PenaltyNorm, gradient_regularization
 from .inference import (
