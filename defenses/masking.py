@@ -565,7 +565,7 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                     cand = threat.project(xr + threat.eps * corner, xr)
                 else:
                     cand = threat.random_point(xr, g)
-                found |= margin(model(cand), yr) < 0
+                found |= ~(margin(model(cand), yr) >= 0)  # NaN counts as broken
         noise_broken[rob_idx] = found
     share = float(noise_broken.float().mean())
     fires, stats = _beats(int(noise_broken.sum()), n_att, BEATS_SHARE)
