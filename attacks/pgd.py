@@ -13,6 +13,10 @@ Args:
     loss: ``"ce"`` (default), ``"margin"`` (Carlini & Wagner logit margin) or ``"dlr"``
         (Croce & Hein 2020). Targeted when ``targets`` is given to the call.
     random_start: start from a uniform point of the ball (default True).
+    loss_fn: optional callable ``(logits, y, targets) -> per-sample loss`` to ascend instead
+        of the named ``loss`` (e.g. a wrapper that records the loss trajectory, as the
+        masking diagnosis does; it must not read tensors back to the host). ``loss`` is
+        still recorded in ``config()`` and should name the loss the callable computes.
 
 Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult`.
 
@@ -40,7 +44,8 @@ class PGD(Attack):
     name = "pgd"
 
     def __init__(self, threat: Threat, steps: int = 40, step_size: float | None = None,
-                 restarts: int = 1, loss: str = "ce", random_start: bool = True) -> None:
+                 restarts: int = 1, loss: str = "ce", random_start: bool = True,
+                 loss_fn=None) -> None:
         super().__init__(threat)
         self.steps = _positive_int(steps, "steps")
         self.restarts = _positive_int(restarts, "restarts")
@@ -48,6 +53,11 @@ class PGD(Attack):
             raise ValueError(f"step_size must be > 0, got {step_size!r}")
         self.step_size = float(step_size) if step_size is not None else 2.5 * threat.eps / steps
         self.loss, self._loss = resolve_loss(loss)
+        if loss_fn is not None:
+            if not callable(loss_fn):
+                raise TypeError(f"loss_fn must be a callable (logits, y, targets) -> loss, "
+                                f"got {type(loss_fn).__name__}")
+            self._loss = loss_fn
         self.random_start = bool(random_start)
 
     def config(self):

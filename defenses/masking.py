@@ -580,8 +580,8 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
     # 8. incomplete optimisation: is the attack loss still rising at the end?
     if rob_idx.numel():
         recorder = _LossRecorder(lambda z, yy, t=None: -margin(z, yy, t))
-        long_pgd = PGD(threat, steps=2 * steps, loss="margin")
-        long_pgd._loss = recorder  # the recorder wraps the same margin loss
+        # The recorder wraps the same margin loss, passed through PGD's public loss_fn.
+        long_pgd = PGD(threat, steps=2 * steps, loss="margin", loss_fn=recorder)
         long_pgd(model, xc[rob_idx], yc[rob_idx], generator=g)
         means = torch.stack(recorder.means).float() if recorder.means else torch.zeros(1)
         total = float(means.max() - means[0])

@@ -193,3 +193,25 @@ def test_attack_comparisons_need_a_significant_count_not_one_or_two_samples():
         k_min = next(k for k in range(n + 1) if exceeds_share(k, n, BEATS_SHARE)[0])
         assert binom.sf(k_min - 1, n, BEATS_SHARE) <= BEATS_ALPHA  # false-alarm rate
     assert exceeds_share(0, 100, 0.01) == (False, 1.0)
+
+
+def test_pgd_loss_fn_is_public_and_replaces_the_named_loss():
+    """The diagnosis records PGD's loss through a public argument, not a private attribute."""
+    from unmask.attacks import PGD
+
+    calls = []
+
+    def zero_loss(logits, y, targets=None):
+        calls.append(1)
+        return logits.sum(1) * 0.0  # no slope: PGD must not move from its start
+
+    g = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.randn(3, 4, generator=g))
+    x, y = torch.rand(5, 1, 2, 2, generator=g), torch.tensor([0, 1, 2, 0, 1])
+    res = PGD(THREAT, steps=3, random_start=False, loss_fn=zero_loss)(model, x, y)
+    assert len(calls) >= 1
+    assert torch.equal(res.x_adv[~res.success], x[~res.success])
+    with pytest.raises(TypeError, match="loss_fn"):
+        PGD(THREAT, loss_fn="ce")
