@@ -261,9 +261,11 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
                                    "on the same samples, paired: a row fails on a significant "
                                    "drop (exact McNemar test on the newly broken and newly "
                                    "robust samples, p < 0.05) or a drop beyond the tolerance, "
-                                   "and names the newly broken samples; a changed model "
-                                   "fingerprint fails unless --allow-changed. Exit 1 and print "
-                                   "the differences on a regression.")
+                                   "and names the newly broken and newly robust samples; a "
+                                   "changed model fingerprint (weights and structure), other "
+                                   "samples or changed settings (seed, batch size, attack "
+                                   "budget, diagnosis) fail unless --allow-changed. Exit 1 and "
+                                   "print the differences on a regression. Docs: docs/ci.md.")
     p.add_argument("--baseline", required=True, metavar="FILE", help="baseline JSON")
     p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
     p.add_argument("--write", action="store_true",
@@ -274,7 +276,8 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
                    help="fail on a drop larger than this share even when not significant "
                         "(default 0.05, i.e. 5 points)")
     p.add_argument("--allow-changed", action="store_true",
-                   help="compare even when the model's fingerprint or the samples changed")
+                   help="compare even when the model's fingerprint, the samples or the "
+                        "settings changed (the change is still reported)")
     p.add_argument("--all-attacks", action="store_true",
                    help="compare every attack's robust accuracy, not only clean and worst case")
     _store_arg(p)

@@ -187,11 +187,14 @@ def _run_batch(ensemble, model: nn.Module, x: Tensor, y: Tensor, seed: int, b: i
 
 def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int,
                   batch_size: int, rank: int = 0, world: int = 1,
-                  progress: bool = False, desc: str = "") -> list[dict[str, Any]]:
+                  progress: bool = False, desc: str = "",
+                  raise_errors: bool = False) -> list[dict[str, Any]]:
     """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcome dicts.
 
     An exception in a batch ends this rank's share with one ``{"error": message}`` entry
-    (every rank still reaches the gather, so a failing model cannot hang a torchrun)."""
+    (every rank still reaches the gather, so a failing model cannot hang a torchrun); with
+    ``raise_errors`` it propagates (one model in one process: the pytest helper and
+    ``unmask attack``, which evaluate through this function so their numbers are the suite's)."""
     spans = _batches(int(x.shape[0]), batch_size)
     mine = [b for b in range(len(spans)) if b % world == rank]
     out = []
@@ -202,6 +205,9 @@ def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int
             out.append(_run_batch(ensemble, model, x[s:e].clone(), y[s:e].clone(), seed, b,
                                   progress))
         except Exception as err:
+            if raise_errors:
+                bar.close()
+                raise
             out.append({"b": b, "error": _message(err)})
             break
     bar.close()
@@ -279,9 +285,9 @@ def _threat_key(norm: str, eps: float) -> str:
 
 
 def _state_sha256(model: nn.Module) -> str:
-    from .zoo import _state_bytes
+    from .zoo import fingerprint  # weights AND structure: wrappers of one network differ
 
-    return hashlib.sha256(_state_bytes(model)).hexdigest()
+    return fingerprint(model)
 
 
 @dataclass
@@ -309,7 +315,7 @@ def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loade
             f"zoo entry {spec.name!r} is not registered in this unmask installation "
             "(its feature has not landed or its package is not importable)")
     model, card = zoo.load_with_card(spec.name, device=device, progress=progress)
-    return _Loaded(model, card.get("sha256"), "zoo", zoo.get(spec.name))
+    return _Loaded(model, _state_sha256(model), "zoo", zoo.get(spec.name))
 
 
 @contextlib.contextmanager

@@ -22,7 +22,9 @@ The cache lives in ``$UNMASK_CACHE`` (default ``~/.cache/unmask``) under ``model
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import functools
 import hashlib
 import importlib
 import inspect
@@ -49,7 +51,8 @@ from .training import RECIPES, accuracy, seeded_init
 
 __all__ = ["ModelEntry", "MODELS", "register_model", "list", "entries", "get", "load",
            "load_with_card", "card", "cache_dir", "wrap", "from_checkpoint", "read_state_dict",
-           "CacheCorruptionWarning", "versions", "isolated"]
+           "CacheCorruptionWarning", "ThreadCountWarning", "versions", "isolated",
+           "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +64,12 @@ ENTRY_POINT_GROUP = "unmask.zoo"
 
 class CacheCorruptionWarning(UserWarning):
     """A cached model failed verification and is being retrained."""
+
+
+class ThreadCountWarning(UserWarning):
+    """A zoo model was trained on the CPU with another thread count than this process uses:
+    CPU training is reproducible only at the same count (1 and 2 threads give different
+    weights), so a retrain here gives another model than the card's."""
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,130 @@ def _state_bytes(model: nn.Module) -> bytes:
     return save(state)
 
 
+FINGERPRINT_VERSION = 1
+# What every nn.Module carries for torch's own bookkeeping (parameter/buffer/submodule dicts,
+# hooks, the train flag): not attributes of the model. Hooks are fingerprinted separately.
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
+
+
+def fingerprint(model: nn.Module) -> str:
+    """The sha256 (hex) of everything that decides ``model``'s forward pass.
+
+    Covers, module by module in registration order: the qualified name and class (plus a
+    digest of the source of every class in its MRO defined outside torch, so an edited
+    ``forward`` changes it), every parameter and buffer (name, dtype, shape, bytes; persistent
+    or not), every other attribute set on the module (a temperature, quantisation levels, a
+    noise std, a JPEG quality, a flag: numbers, strings, enums, tensors, containers and plain
+    objects by value, functions by qualified name) and the forward hooks. Wrappers in another
+    order, or one network behind a rounding, a contrast change or a softmax, therefore get
+    different fingerprints, where a hash of the weights alone is the same.
+
+    Not covered: the train/eval flag (attacks always run in eval mode), the device, a
+    generator's state (a seeded randomised model keeps its fingerprint as it draws), and
+    globals the forward reads. Compute it before the model is used when a module counts its
+    own calls in an attribute: such a counter is an attribute like any other.
+
+    Used for the zoo card (``model_fingerprint``), the suite's rows (``checkpoint_sha256``),
+    ``unmask attack`` and the regression baselines (:mod:`unmask.bench.check`).
+
+    Usage::
+
+        zoo.fingerprint(model)[:12]  # as the leaderboard shows it
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    h = hashlib.sha256(f"unmask-fingerprint:{FINGERPRINT_VERSION}\n".encode())
+    for name, module in model.named_modules(remove_duplicate=False):
+        cls = type(module)
+        h.update(f"module {name!r} {_qualname(cls)} {_class_source_digest(cls)}\n".encode())
+        tensors = [("param", k, v) for k, v in module._parameters.items()] + \
+            [("buffer", k, v) for k, v in module._buffers.items()]
+        for kind, key, value in tensors:
+            h.update(f"{kind} {key!r} ".encode())
+            _hash_value(h, value)
+        for key in sorted(k for k in vars(module) if k not in _MODULE_INTERNALS):
+            h.update(f"attr {key!r} ".encode())
+            _hash_value(h, vars(module)[key])
+        for hooks in _HOOK_DICTS:
+            for fn in getattr(module, hooks, {}).values():
+                h.update(f"{hooks} {_qualname(fn)}\n".encode())
+    return h.hexdigest()
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+_SOURCE_DIGESTS: dict[type, str] = {}
+
+
+def _class_source_digest(cls: type) -> str:
+    """A digest of the source of ``cls`` and its bases outside torch and the standard library
+    (a class whose source cannot be read, e.g. defined in a REPL, counts by name only)."""
+    if cls not in _SOURCE_DIGESTS:
+        parts = []
+        for klass in cls.__mro__:
+            module = getattr(klass, "__module__", "") or ""
+            if module.split(".")[0] in ("torch", "builtins", "abc", "typing"):
+                continue
+            try:
+                parts.append(inspect.getsource(klass))
+            except (OSError, TypeError):
+                parts.append(_qualname(klass))
+        _SOURCE_DIGESTS[cls] = hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+    return _SOURCE_DIGESTS[cls]
+
+
+def _hash_value(h: Any, value: Any, depth: int = 0) -> None:
+    """Feed a canonical, address-free encoding of ``value`` into ``h``."""
+    import enum
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)} ".encode())
+        h.update(hashlib.sha256(t.reshape(-1).view(torch.uint8).numpy().tobytes()).digest())
+        h.update(b"\n")
+    elif value is None or isinstance(value, bool | int | float | complex | str | bytes):
+        h.update(f"{type(value).__name__} {value!r}\n".encode())
+    elif isinstance(value, enum.Enum):
+        h.update(f"enum {_qualname(type(value))} {value.value!r}\n".encode())
+    elif isinstance(value, torch.dtype | torch.Size):
+        h.update(f"{value}\n".encode())
+    elif isinstance(value, torch.device | torch.Generator):
+        h.update(f"{type(value).__name__}\n".encode())  # placement and RNG state: not identity
+    elif depth > 4:
+        h.update(f"deep {_qualname(type(value))}\n".encode())
+    elif isinstance(value, builtins.list | tuple):  # zoo.list shadows the builtin
+        h.update(f"{type(value).__name__} {len(value)}\n".encode())
+        for v in value:
+            _hash_value(h, v, depth + 1)
+    elif isinstance(value, set | frozenset):
+        items = []
+        for v in value:
+            sub = hashlib.sha256()
+            _hash_value(sub, v, depth + 1)
+            items.append(sub.hexdigest())
+        h.update(f"set {' '.join(sorted(items))}\n".encode())
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)}\n".encode())
+        for k in sorted(value, key=repr):
+            _hash_value(h, k, depth + 1)
+            _hash_value(h, value[k], depth + 1)
+    elif isinstance(value, nn.Module):  # a module kept outside _modules (maybe its parent)
+        h.update(f"module-ref {_qualname(type(value))}\n".encode())
+    elif isinstance(value, functools.partial):
+        h.update(b"partial ")
+        _hash_value(h, (value.func, value.args, value.keywords), depth + 1)
+    elif callable(value) and hasattr(value, "__qualname__"):
+        h.update(f"callable {_qualname(value)}\n".encode())
+    elif hasattr(value, "__dict__"):
+        h.update(f"object {_qualname(type(value))}\n".encode())
+        _hash_value(h, {k: v for k, v in vars(value).items()}, depth + 1)
+    else:
+        h.update(f"opaque {_qualname(type(value))}\n".encode())
+
+
 def _build(entry: ModelEntry, device: torch.device) -> nn.Module:
     with seeded_init(entry.seed):
         if entry.base is not None:
@@ -294,7 +427,41 @@ def _read_cached(entry: ModelEntry, device: torch.device, *,
     return None
 
 
+def _cpu_threads(device: torch.device | str) -> int | None:
+    """The thread count that decides CPU training (None on an accelerator)."""
+    return torch.get_num_threads() if torch.device(device).type == "cpu" else None
+
+
+def _warn_threads(entry: ModelEntry, card_data: dict | None, device: torch.device, *,
+                  retraining: bool) -> None:
+    """Warn when ``card_data`` was trained on the CPU with another thread count than this
+    process uses: on a load once per entry and process, on every retrain."""
+    if not isinstance(card_data, dict) or card_data.get("fingerprint") != entry.fingerprint():
+        return  # another configuration: its weights differ anyway
+    trained, now = card_data.get("threads"), _cpu_threads(device)
+    if not str(card_data.get("device", "")).startswith("cpu") or not isinstance(trained, int) \
+            or now is None or trained == now:
+        return
+    if retraining:
+        message = (f"retraining zoo model {entry.name!r} with {now} CPU threads; its card was "
+                   f"trained with {trained}: CPU training with another thread count gives other "
+                   f"weights (torch.set_num_threads({trained}) reproduces the card's)")
+    elif entry.name in _THREADS_WARNED:
+        return
+    else:
+        _THREADS_WARNED.add(entry.name)
+        message = (f"zoo model {entry.name!r} was trained with {trained} CPU threads, this "
+                   f"process uses {now}: the cached weights are used as they are, but a retrain "
+                   f"here would give other weights (torch.set_num_threads({trained}) "
+                   "reproduces them)")
+    warnings.warn(message, ThreadCountWarning, stacklevel=4)
+
+
+_THREADS_WARNED: set[str] = set()
+
+
 def _train(entry: ModelEntry, device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
+    _warn_threads(entry, card(entry.name), device, retraining=True)
     model = _build(entry, device)
     try:
         recipe = RECIPES.get(entry.recipe) if entry.recipe != "none" else None
@@ -328,7 +495,9 @@ def _train(entry: ModelEntry, device: torch.device, progress: bool) -> tuple[nn.
         "test_samples": len(y_test),
         "train_seconds": round(seconds, 3),
         "device": str(device),
+        # CPU training is reproducible only at the same thread count (see ThreadCountWarning).
         "threads": torch.get_num_threads(),
+        "model_fingerprint": fingerprint(model),
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **({"metrics": extra} if extra else {}),
@@ -342,19 +511,25 @@ def _train(entry: ModelEntry, device: torch.device, progress: bool) -> tuple[nn.
 
 def load_with_card(name: str, *, device: str | torch.device | None = None,
                    retrain: bool = False, progress: bool = True) -> tuple[nn.Module, dict]:
-    """The trained model ``name`` and its card (training provenance and clean accuracy)."""
+    """The trained model ``name`` and its card (training provenance and clean accuracy).
+
+    The card records the CPU thread count of the training run and the model's
+    :func:`fingerprint`; a :class:`ThreadCountWarning` says when this process would train
+    with another count (CPU training is reproducible only at the same count)."""
     entry = get(name)
     dev = select_device(device)
     _, _, lock = _paths(name)
     if not retrain:
         hit = _read_cached(entry, dev, report=False)
         if hit is not None:
+            _warn_threads(entry, hit[1], dev, retraining=False)
             return hit
     with _file_lock(lock):
         # Another process may have trained it while we waited for the lock.
         if not retrain:
             hit = _read_cached(entry, dev, report=True)
             if hit is not None:
+                _warn_threads(entry, hit[1], dev, retraining=False)
                 return hit
         return _train(entry, dev, progress)
 
