@@ -461,7 +461,11 @@ _THREADS_WARNED: set[str] = set()
 
 
 def _train(entry: ModelEntry, device: torch.device, progress: bool) -> tuple[nn.Module, dict]:
-    _warn_threads(entry, card(entry.name), device, retraining=True)
+    try:  # the card being replaced, if readable (it may be the corrupt file)
+        previous = json.loads(_paths(entry.name)[1].read_text())
+    except (OSError, ValueError):
+        previous = None
+    _warn_threads(entry, previous, device, retraining=True)
     model = _build(entry, device)
     try:
         recipe = RECIPES.get(entry.recipe) if entry.recipe != "none" else None

@@ -554,3 +554,111 @@ def test_seeded_init_is_reproducible_and_leaves_global_rng_alone():
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(a.net[1].weight, b.net[1].weight)
     assert not torch.equal(a.net[1].weight, c.net[1].weight)
+
+
+# --- the model's fingerprint and the training thread count (issue 18) -------------------------
+
+
+CONTROLS = ("mnist-cnn-quantized", "mnist-cnn-jpeg", "mnist-cnn-lowtemp", "mnist-cnn-noise",
+            "mnist-cnn-probs")
+
+
+def test_fingerprint_tells_the_wrappers_of_one_network_apart(mnist_cnn):
+    """The five masking controls wrap mnist-cnn's weights: a hash of the weights alone is the
+    same for all five; their fingerprints differ from each other and from mnist-cnn."""
+    from unmask.bench.zoo import _state_bytes
+
+    models = {name: zoo.load(name, device="cpu", progress=False) for name in CONTROLS}
+    assert len({hashlib.sha256(_state_bytes(m)).hexdigest() for m in models.values()}) == 1
+    prints = {name: zoo.fingerprint(m) for name, m in models.items()}
+    assert len(set(prints.values()) | {zoo.fingerprint(mnist_cnn)}) == len(CONTROLS) + 1
+    # Stable: a fresh load, the train flag, and the randomised control after drawing noise.
+    for name in CONTROLS:
+        assert zoo.fingerprint(zoo.load(name, device="cpu", progress=False)) == prints[name]
+    noisy = models["mnist-cnn-noise"]
+    with torch.no_grad():
+        noisy(torch.rand(2, 1, 28, 28))
+    noisy.train()
+    assert zoo.fingerprint(noisy) == prints["mnist-cnn-noise"]
+    noisy.eval()
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x):
+        return x * self.factor
+
+
+class _Shift(nn.Module):
+    def __init__(self, by: float) -> None:
+        super().__init__()
+        self.register_buffer("by", torch.tensor(by), persistent=False)
+
+    def forward(self, x):
+        return x + self.by
+
+
+def test_fingerprint_covers_attributes_order_buffers_hooks_and_weights():
+    from unmask.defenses.inference import InputQuantization, LowTemperature, RandomNoise
+
+    with seeded_init(0):
+        net = _tiny_mlp()
+
+    def build(*front):
+        return nn.Sequential(*front, net)
+
+    base = zoo.fingerprint(build(_Scale(0.5), _Shift(0.1)))
+    assert zoo.fingerprint(build(_Scale(0.5), _Shift(0.1))) == base  # a new instance, same
+    different = {
+        "attribute": build(_Scale(0.6), _Shift(0.1)),
+        "non-persistent buffer": build(_Scale(0.5), _Shift(0.2)),
+        "wrapper order": build(_Shift(0.1), _Scale(0.5)),
+        "one wrapper less": build(_Scale(0.5)),
+    }
+    for what, model in different.items():
+        assert zoo.fingerprint(model) != base, what
+    hooked = build(_Scale(0.5), _Shift(0.1))
+    hooked[0].register_forward_hook(lambda module, args, out: out.clamp(0, 1))
+    assert zoo.fingerprint(hooked) != base
+    for a, b in ((InputQuantization(net, bits=2), InputQuantization(net, bits=3)),
+                 (LowTemperature(net, temperature=0.01), LowTemperature(net, temperature=0.02)),
+                 (RandomNoise(net, std=0.3, seed=0), RandomNoise(net, std=0.4, seed=0))):
+        assert zoo.fingerprint(a) != zoo.fingerprint(b), type(a).__name__
+    before = zoo.fingerprint(net)
+    with torch.no_grad():
+        next(net.parameters()).view(-1)[0] += 1e-6
+    assert zoo.fingerprint(net) != before
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        zoo.fingerprint({"weight": torch.zeros(2)})
+
+
+def test_training_records_its_thread_count_and_a_different_count_warns(tiny, monkeypatch):
+    """CPU training is reproducible only at the same thread count: the card records it and
+    the model's fingerprint; loading or retraining with another count warns."""
+    from unmask.bench.zoo import ThreadCountWarning
+
+    monkeypatch.setattr(zoo, "_THREADS_WARNED", set())
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        model, card = zoo.load_with_card(tiny, device="cpu", progress=False)
+        assert card["threads"] == 1 and card["model_fingerprint"] == zoo.fingerprint(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ThreadCountWarning)
+            zoo.load(tiny, device="cpu", progress=False)  # the same count: silent
+        torch.set_num_threads(2)
+        with pytest.warns(ThreadCountWarning, match="trained with 1 CPU threads, this process "
+                                                    "uses 2"):
+            zoo.load(tiny, device="cpu", progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", ThreadCountWarning)
+            zoo.load(tiny, device="cpu", progress=False)  # once per entry and process
+        with pytest.warns(ThreadCountWarning, match="retraining zoo model 'test-tiny' with 2 CPU threads; "
+                                                    "its card was trained with 1"):
+            _, retrained = zoo.load_with_card(tiny, device="cpu", progress=False, retrain=True)
+        assert retrained["threads"] == 2
+    finally:
+        torch.set_num_threads(threads)
