@@ -272,9 +272,9 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
                    help="write the run as the new baseline FILE instead of comparing")
     p.add_argument("--only-drops", action="store_true",
                    help="fail only when a number drops (an improvement passes)")
-    p.add_argument("--tolerance", type=float, default=None, metavar="POINTS",
-                   help="fail on a drop larger than this share even when not significant "
-                        "(default 0.05, i.e. 5 points)")
+    p.add_argument("--tolerance", type=float, default=None, metavar="SHARE",
+                   help="fail on a drop larger than this share of the samples even when not "
+                        "significant (default 0.05, i.e. 5 points; see docs/ci.md)")
     p.add_argument("--allow-changed", action="store_true",
                    help="compare even when the model's fingerprint, the samples or the "
                         "settings changed (the change is still reported)")
