@@ -92,9 +92,11 @@ class RobustAccuracy:
 
     def __str__(self) -> str:
         broken = ", ".join(f"{k} {v}" for k, v in self.broken_by.items()) or "none"
-        verdict = (f"; masking verdict {getattr(self.verdict, 'value', self.verdict)}"
-                   if self.verdict else
+        word = getattr(self.verdict, "value", self.verdict)
+        verdict = (f"; masking verdict {word}" if word else
                    "; no masking diagnosis: the number is not protected against masking")
+        if word == "masked":
+            verdict += ": the number is not protected against masking"
         ensemble = ""
         if self.ensemble_robust_accuracy is not None \
                 and self.ensemble_robust_accuracy != self.robust_accuracy:
@@ -229,7 +231,7 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
         outcomes, _ = row_outcomes(samples, report)
     robust = sum(b is None for b in outcomes.broken_by)
     lo, hi = wilson(robust, total)
-    broken: dict[str, int] = {k: v for k, v in outcomes.counts().items() if k != "clean"}
+    broken = outcomes.counts()  # "clean" included: misclassified without attack
     out = RobustAccuracy(robust_accuracy=robust / total,
                          clean_accuracy=worst["clean_accuracy"], ci_low=lo, ci_high=hi,
                          n=total, broken_by=broken,

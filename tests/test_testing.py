@@ -79,6 +79,7 @@ def test_the_readme_example_fails_an_input_rounding_defense(mnist_cnn, tmp_path,
     res = real(model, (x, y), Threat("linf", 0.1), "quick", at_least=0.5, n=24,
                allow_masked=True)
     assert res.verdict == "masked" and "masking verdict masked" in str(res)
+    assert "not protected against masking" in str(res)
 
 
 def test_a_missing_baseline_is_written_and_an_update_rewrites_it(digits_mlp, tmp_path,
