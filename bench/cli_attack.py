@@ -83,10 +83,12 @@ def _attack(args: argparse.Namespace) -> int:
                    "backwards": result.n_backward, "precision": args.precision,
                    "rejected": rejected}
     seconds = time.perf_counter() - start
-    summary.update(model=args.model, sha256=card["sha256"], fingerprint=model_fp,
+    summary.update(model=args.model, sha256=card["sha256"] if card else None,
+                   fingerprint=model_fp,
                    seed=args.seed, seconds=seconds)
     print(f"\n{args.model} {threat}: clean accuracy {summary['clean_accuracy']:.4f}, robust accuracy "
           f"{robust:.4f} on {len(y)} samples ({args.attack}, {seconds:.1f}s)")
+    print(f"model fingerprint {model_fp[:12]} (weights and structure)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(summary, fh, indent=2, default=str)

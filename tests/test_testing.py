@@ -156,6 +156,7 @@ def test_suite_cli_and_helper_give_the_same_number_per_sample(tmp_path, capsys, 
                      "48", "--batch-size", "16", "--seed", "0", "--device", "cpu", "--json",
                      str(out)]) == 0
         cli = json.loads(out.read_text())
+        assert f"model fingerprint {cli['fingerprint'][:12]}" in capsys.readouterr().out
         kw = {"attacks": "quick", "at_least": 0.0, "n": 48, "batch_size": 16, "seed": 0}
         plain = assert_robust_accuracy(model, "digits", Threat("linf", eps), diagnose=False,
                                        **kw)
