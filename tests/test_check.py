@@ -63,7 +63,7 @@ SUITE = """
 name = "scenario"
 dataset = "digits"
 n = {n}
-seed = 0
+seed = {seed}
 models = [{{ name = "regmod:squashed", label = "net", kwargs = {{ k = {k} }} }}]
 
 [[threats]]
@@ -96,12 +96,13 @@ def regmod(tmp_path_factory, zoo_cache):
 @pytest.fixture(scope="module")
 def scenario(regmod, tmp_path_factory):
     """Runs 1 and 3: the model as released; run 2: its preprocessing weakened (same samples,
-    same label, a suite run each, through the CLI)."""
+    same label, a suite run each, through the CLI); run 4: the released model at another
+    seed."""
     root = tmp_path_factory.mktemp("scenario")
     store = root / "r.sqlite"
-    for k in (STRONG, WEAK, STRONG):
-        suite = root / f"k{k:g}.toml"
-        suite.write_text(SUITE.format(n=N, k=k, eps=EPS))
+    for i, (k, seed) in enumerate(((STRONG, 0), (WEAK, 0), (STRONG, 0), (STRONG, 1))):
+        suite = root / f"run{i + 1}.toml"
+        suite.write_text(SUITE.format(n=N, k=k, eps=EPS, seed=seed))
         assert main(["run", str(suite), "--store", str(store)]) == 0
     return root, store
 
@@ -154,6 +155,11 @@ def test_unchanged_model_passes_unmask_check_on_a_rerun(scenario, capsys):
     out = capsys.readouterr().out
     assert "PASSED" in out and "the model changed" not in out
     assert "0 newly broken, 0 newly robust" in out
+    # Another seed is a changed setting: reported, and a failure unless allowed.
+    assert main([*check, "--run", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "settings changed: seed: 0 -> 1" in out and "--allow-changed" in out
+    assert main([*check, "--run", "4", "--allow-changed"]) == 0
 
 
 def _helper(model, *, baseline, seed=0, data_arg=None, diagnose=True, **kw):
