@@ -12,8 +12,9 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
   diagnosis, an explanation, a backdoor evaluation): what ``--resume`` skips;
 * ``cells``        model x threat x attack: n, clean and robust counts and accuracies, the
   95% Wilson interval, attacked/broken counts, forward/backward passes, wall time, the
-  checkpoint's sha256. ``attack`` is an ensemble member (robust accuracy after the cascade
-  reached it) or ``worst-case`` (after the whole ensemble);
+  model's fingerprint (``checkpoint_sha256``: ``zoo.fingerprint``, weights and structure).
+  ``attack`` is an ensemble member (robust accuracy after the cascade reached it) or
+  ``worst-case`` (after the whole ensemble);
 * ``samples``      per sample: label, clean correctness, robustness, which attack broke it and
   the best margin found;
 * ``masking``      the masking diagnosis per model x threat (verdict, failing checks, report);
