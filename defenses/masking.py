@@ -247,9 +247,15 @@ def exceeds_share(k: int, n: int, share: float, alpha: float = BEATS_ALPHA
     return p < alpha, p
 
 
-def _beats(k: int, n: int, share: float) -> tuple[bool, dict[str, Any]]:
-    fires, p = exceeds_share(k, n, share)
-    return fires, {"count": k, "of": n, "p_value": p}
+def _comparison(name: str, value: float, count: int, of: int, share: float, what: str,
+                kind: MaskingKind, source: str, evidence: dict[str, Any]) -> CheckResult:
+    """A suspicious-level check that fires when ``count`` of ``of`` samples (``what``) is
+    significantly above ``share`` (:func:`exceeds_share`); the test's numbers join the
+    evidence."""
+    fires, p = exceeds_share(count, of, share)
+    return CheckResult(name, value, f"{what} significantly > {share} (p < {BEATS_ALPHA})",
+                       not fires, Verdict.SUSPICIOUS, kind, source,
+                       {**evidence, "count": count, "of": of, "p_value": p})
 
 
 def _grads(model: nn.Module, x: Tensor, y: Tensor):
@@ -467,20 +473,18 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
     # 9. one-step beats iterative
     only_fgsm = fgsm_broken & ~pgd_broken
     share = float(only_fgsm.float().mean())
-    fires, stats = _beats(int(only_fgsm.sum()), n_att, BEATS_SHARE)
-    checks.append(CheckResult(
-        "one-step beats iterative", share,
-        f"share broken by FGSM but not PGD significantly > {BEATS_SHARE} (p < {BEATS_ALPHA})",
-        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+    checks.append(_comparison(
+        "one-step beats iterative", share, int(only_fgsm.sum()), n_att, BEATS_SHARE,
+        "share broken by FGSM but not PGD", MaskingKind.SHATTERED,
         "Carlini et al. 2019 (Sec. 5.2); AutoAttack checks.py",
         {"samples": idx[only_fgsm][:20], "fgsm_success": r_fgsm.success_rate,
-         "pgd_success": r_pgd.success_rate, **stats}))
+         "pgd_success": r_pgd.success_rate}))
 
     # 10. black-box beats white-box
     rob_idx = robust_after_pgd.nonzero().flatten()
     square_broken = torch.zeros_like(pgd_broken)
     share = 0.0
-    fires, stats = False, {"count": 0, "of": 0, "p_value": 1.0}
+    sq_count, sq_of, sq_share = 0, 0, BEATS_SHARE
     if rob_idx.numel():
         # Square is the expensive check; a fixed-size subsample of the survivors estimates
         # the share as well as all of them would, within binomial noise.
@@ -490,17 +494,13 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
         share = float(r_sq.success.float().mean()) * rob_idx.numel() / n_att
         # Tested on the subsample Square ran on: BEATS_SHARE of all attacked samples is this
         # share of the PGD survivors.
-        fires, stats = _beats(int(r_sq.success.sum()), int(sq_idx.numel()),
-                              BEATS_SHARE * n_att / rob_idx.numel())
-    checks.append(CheckResult(
-        "black-box beats white-box", share,
-        f"share broken by Square-{queries} but not PGD-{steps} significantly > {BEATS_SHARE} "
-        f"(p < {BEATS_ALPHA})",
-        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
-        "Athalye et al. 2018; AutoAttack checks.py (Square vs white-box)",
-        {"samples": idx[square_broken][:20],
-         "square_attacked": min(int(rob_idx.numel()), SQUARE_SAMPLES_FAST if fast else SQUARE_SAMPLES),
-         **stats}))
+        sq_count, sq_of = int(r_sq.success.sum()), int(sq_idx.numel())
+        sq_share = BEATS_SHARE * n_att / rob_idx.numel()
+    checks.append(_comparison(
+        "black-box beats white-box", share, sq_count, sq_of, sq_share,
+        f"share of the Square-{queries} subsample broken by Square but not PGD-{steps}",
+        MaskingKind.SHATTERED, "Athalye et al. 2018; AutoAttack checks.py (Square vs white-box)",
+        {"samples": idx[square_broken][:20], "square_attacked": sq_of}))
 
     # 11. transfer beats white-box
     if surrogate is None:
@@ -515,14 +515,10 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                 model, xc[rob_idx], yc[rob_idx], generator=g)
             tr_broken[rob_idx] = r_tr.success
         share = float(tr_broken.float().mean())
-        fires, stats = _beats(int(tr_broken.sum()), n_att, BEATS_SHARE)
-        checks.append(CheckResult(
-            "transfer beats white-box", share,
-            f"share broken by transfer but not PGD significantly > {BEATS_SHARE} "
-            f"(p < {BEATS_ALPHA})",
-            not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
-            "Papernot et al. 2017; Athalye et al. 2018",
-            {"samples": idx[tr_broken][:20], **stats}))
+        checks.append(_comparison(
+            "transfer beats white-box", share, int(tr_broken.sum()), n_att, BEATS_SHARE,
+            "share broken by transfer but not PGD", MaskingKind.SHATTERED,
+            "Papernot et al. 2017; Athalye et al. 2018", {"samples": idx[tr_broken][:20]}))
 
     # 12. unbounded attack
     big = Threat(threat.norm, 1.0 if threat.norm is Norm.LINF else math.sqrt(xc[0].numel()))
@@ -568,14 +564,11 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                 found |= ~(margin(model(cand), yr) >= 0)  # NaN counts as broken
         noise_broken[rob_idx] = found
     share = float(noise_broken.float().mean())
-    fires, stats = _beats(int(noise_broken.sum()), n_att, BEATS_SHARE)
-    checks.append(CheckResult(
-        "noise beats attack", share,
-        f"share found by {draws} random draws but not PGD significantly > {BEATS_SHARE} "
-        f"(p < {BEATS_ALPHA})",
-        not fires, Verdict.SUSPICIOUS, MaskingKind.SHATTERED,
+    checks.append(_comparison(
+        "noise beats attack", share, int(noise_broken.sum()), n_att, BEATS_SHARE,
+        f"share found by {draws} random draws but not PGD", MaskingKind.SHATTERED,
         "Carlini et al. 2019 (Sec. 5.2: brute-force random search)",
-        {"samples": idx[noise_broken][:20], **stats}))
+        {"samples": idx[noise_broken][:20]}))
 
     # 8. incomplete optimisation: is the attack loss still rising at the end?
     if rob_idx.numel():
@@ -607,14 +600,11 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
                                                         generator=g)
         newly = int(more.success.sum())
     delta_rate = newly / n_att
-    fires, stats = _beats(newly, n_att, CONVERGENCE_DELTA)
-    checks.append(CheckResult(
-        "convergence", delta_rate,
-        f"doubling steps and restarts raises success significantly by > {CONVERGENCE_DELTA} "
-        f"(p < {BEATS_ALPHA})",
-        not fires, Verdict.SUSPICIOUS, MaskingKind.WEAK_ATTACK,
+    checks.append(_comparison(
+        "convergence", delta_rate, newly, n_att, CONVERGENCE_DELTA,
+        "share newly broken by doubling steps and restarts", MaskingKind.WEAK_ATTACK,
         "Carlini et al. 2019 (Sec. 5.3); Madry et al. 2018",
-        {"success": base_rate, "success_doubled": base_rate + delta_rate, **stats}))
+        {"success": base_rate, "success_doubled": base_rate + delta_rate}))
 
     # 16. binarization test
     checks.append(_binarization_test(model, xc, yc, threat, g, steps=steps,

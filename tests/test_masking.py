@@ -89,9 +89,15 @@ def test_report_serialises(standard_report):
 
 def test_quantiser_is_masked_and_bpda_follow_up_breaks_it(mnist_cnn, batch):
     model = nn.Sequential(Quantize(), mnist_cnn).eval()
-    r = diagnose(model, *batch, THREAT, fast=True, follow_up=True, generator=0)
+    r = diagnose(model, *batch, THREAT, fast=True, follow_up=True, generator=0,
+                 surrogate=mnist_cnn)
     assert r.verdict is Verdict.MASKED
     assert not _check(r, "zero gradients").passed
+    # The attack comparisons fire on their significance test: Square, a transfer attack from
+    # the undefended network and random corners all break samples PGD cannot.
+    for name in ("black-box beats white-box", "transfer beats white-box", "noise beats attack"):
+        c = _check(r, name)
+        assert not c.passed and c.evidence["p_value"] < masking_mod.BEATS_ALPHA, name
     assert not _check(r, "unstable loss").passed
     assert r.collapse_at == "0" and "BPDA" in r.recommended_attack
     f = r.follow_up
