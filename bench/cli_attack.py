@@ -11,8 +11,10 @@ from .cli import CLIError, _known, _table, command
 ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
 
 
-def add_model_args(p: argparse.ArgumentParser, n: int = 1000) -> None:
-    p.add_argument("model", metavar="MODEL", help="a zoo name (see: unmask zoo list)")
+def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bool = False
+                   ) -> None:
+    p.add_argument("model", metavar="MODEL", help="a zoo name (see: unmask zoo list)",
+                   nargs="?" if optional_model else None)
     p.add_argument("--norm", default="linf", choices=("linf", "l2"))
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
     p.add_argument("--n", type=int, default=n, help=f"test samples (default {n})")

@@ -22,7 +22,7 @@ def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
                                    "each check, its evidence and the verdict.",
                        epilog="exit status: 0 clean, 3 suspicious, 4 masked (2 usage error, "
                               "1 other error), so a CI job can gate on the verdict")
-    add_model_args(p, n=500)
+    add_model_args(p, n=500, optional_model=True)  # --list-checks needs no model
     p.add_argument("--fast", action="store_true", help="smaller budgets (for CI)")
     p.add_argument("--follow-up", action="store_true",
                    help="run the recommended adaptive attack and report robust accuracy "
@@ -30,21 +30,59 @@ def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--surrogate", help="a zoo model for the transfer check")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': only "
                                                   "the JSON, on stdout)")
+    p.add_argument("--checks", metavar="NAME[,NAME...]",
+                   help="run only these registered checks (see --list-checks)")
+    p.add_argument("--list-checks", action="store_true",
+                   help="list the registered checks (family, kind, verdict on failure, cost) "
+                        "and exit")
     p.set_defaults(handler=_diagnose)
+
+
+def _usage(message: str) -> int:
+    """A usage error: the message on stderr, exit status 2 (as argparse's own)."""
+    import sys
+
+    print(f"unmask diagnose: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _list_checks() -> int:
+    from ..defenses.masking import CHECKS
+
+    rows = [("check", "family", "kind", "fails as", "cost")]
+    rows += [(c.name, c.family, c.kind.value, c.severity.value, c.cost) for c in CHECKS.values()]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+    return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
     import torch
 
     from ..defenses import diagnose
+    from ..defenses.masking import CHECKS
     from . import zoo
     from .core import Threat
 
+    if args.list_checks:
+        return _list_checks()
+    if not args.model:
+        return _usage("a MODEL is required (a zoo name; see: unmask zoo list), unless "
+                      "--list-checks")
+    checks = None
+    if args.checks:
+        checks = [c.strip() for c in args.checks.split(",") if c.strip()]
+        unknown = [c for c in checks if c not in CHECKS]
+        if unknown:
+            return _usage(f"unknown check(s) {', '.join(unknown)}; registered: "
+                          f"{', '.join(CHECKS)}")
     threat = Threat(args.norm, args.eps)
     model, card, x, y = load_model_and_data(args)
     surrogate = zoo.load(args.surrogate, device=args.device) if args.surrogate else None
     report = diagnose(model, x, y, threat, follow_up=args.follow_up, fast=args.fast,
-                      generator=torch.Generator().manual_seed(args.seed), surrogate=surrogate)
+                      generator=torch.Generator().manual_seed(args.seed), surrogate=surrogate,
+                      checks=checks)
     if args.json == "-":
         print(report.to_json())
     else:

@@ -260,3 +260,17 @@ def test_diagnose_end_to_end_exit_status_says_the_verdict(zoo_cache, tmp_path, c
     with pytest.raises(SystemExit) as usage:
         main(["diagnose", "mnist-cnn", "--norm", "l7"])
     assert usage.value.code == 2
+    monkeypatch.setattr(defenses, "diagnose", real)
+    # The registry from the CLI: every registered check listed; a subset run alone.
+    from unmask.defenses.masking import CHECKS
+
+    assert main(["diagnose", "--list-checks"]) == 0
+    listing = capsys.readouterr().out
+    assert all(name in listing for name in CHECKS)
+    assert main(["diagnose", "mnist-cnn", "--n", "16", "--fast", "--json", "-",
+                 "--checks", "randomness,zero gradients"]) == 0
+    assert [c["name"] for c in json.loads(capsys.readouterr().out)["checks"]] == [
+        "randomness", "zero gradients"]
+    assert main(["diagnose", "mnist-cnn", "--checks", "no such check"]) == 2
+    assert "unknown check" in capsys.readouterr().err
+    assert main(["diagnose"]) == 2

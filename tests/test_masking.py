@@ -215,9 +215,84 @@ def test_pgd_loss_fn_is_public_and_replaces_the_named_loss():
     model = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
     with torch.no_grad():
         model[1].weight.copy_(torch.randn(3, 4, generator=g))
-    x, y = torch.rand(5, 1, 2, 2, generator=g), torch.tensor([0, 1, 2, 0, 1])
+        model[1].bias.zero_()
+        x = torch.rand(5, 1, 2, 2, generator=g)
+        y = model(x).argmax(1)  # every sample correct: PGD attacks all of them
     res = PGD(THREAT, steps=3, random_start=False, loss_fn=zero_loss)(model, x, y)
     assert len(calls) >= 1
-    assert torch.equal(res.x_adv[~res.success], x[~res.success])
+    assert torch.equal(res.x_adv, x) and not res.success.any()
     with pytest.raises(TypeError, match="loss_fn"):
         PGD(THREAT, loss_fn="ce")
+
+
+class RoundInForward(nn.Module):
+    """A defense calling torch.round inside forward: no module for BPDA to hook."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 3) / 3)
+
+
+class _Reverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return -grad
+
+
+class ReversedGradient(nn.Module):
+    """The model's forward pass with its input gradient reversed: no mechanism for BPDA."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(_Reverse.apply(x))
+
+
+def test_masked_to_measured_functional_bpda_and_adaptive_rechecks(mnist_cnn, batch):
+    """torch.round inside forward: the follow-up finds it (straight-through ops), breaks the
+    model, and the attack checks re-run against BPDA pass, so the row is rankable on the
+    adaptive number; every sample any attack broke counts."""
+    x, y = batch
+    r = diagnose(RoundInForward(mnist_cnn).eval(), x[:24], y[:24], THREAT, fast=True,
+                 follow_up=True, generator=0, audit_flow=False)
+    assert r.verdict is Verdict.MASKED and not _check(r, "zero gradients").passed
+    assert "BPDA-PGD(straight-through ops)" in r.follow_up["attack"]
+    assert r.follow_up["before"] >= 0.8 and r.follow_up["after"] <= 0.05
+    a = r.adaptive
+    assert a["attack"] == "BPDA(straight-through ops)" and a["passed"] and not a["failed"]
+    names = {c["name"] for c in a["checks"]}
+    assert {"black-box beats white-box", "unbounded attack", "binarization test"} <= names
+    assert "zero gradients" not in names  # mechanism checks describe the model: not re-run
+    assert r.rankable and "ranked as adaptive" in r.table()
+    assert r.outcomes.robust_accuracy <= r.follow_up["after"] + 1e-9
+    back = MaskingReport.from_dict(json.loads(r.to_json()))
+    assert back.rankable and back.adaptive["attack"] == a["attack"]
+
+
+def test_masked_stays_unranked_when_no_adaptation_or_rechecks_fail(mnist_cnn, batch):
+    """A reversed gradient has no mechanism BPDA can approximate: no adaptation, not
+    rankable. Quantisation in front of it: BPDA repairs the zero gradient, but the re-checks
+    still see Square beat the adapted PGD, so the row stays unranked."""
+    x, y = batch
+    rev = diagnose(ReversedGradient(mnist_cnn).eval(), x[:24], y[:24], THREAT, fast=True,
+                   follow_up=True, generator=0, audit_flow=False)
+    assert rev.verdict is Verdict.MASKED and not _check(rev, "unbounded attack").passed
+    assert rev.adaptive["attack"] is None and "no adaptation" in rev.adaptive["reason"]
+    assert not rev.rankable
+    both = diagnose(nn.Sequential(Quantize(), ReversedGradient(mnist_cnn)).eval(), x[:24],
+                    y[:24], THREAT, fast=True, follow_up=True, generator=0, audit_flow=False)
+    assert both.verdict is Verdict.MASKED
+    a = both.adaptive
+    assert a["attack"] == "BPDA(straight-through ops)" and not a["passed"]
+    assert "black-box beats white-box" in a["failed"] and not both.rankable
+    # Square's and the follow-up's breaks still count in the row's merged number.
+    assert both.outcomes.robust_accuracy <= both.follow_up["after"] + 1e-9
