@@ -157,7 +157,8 @@ class InnerOptimisation(nn.Module):
 def _positive(name: str, cnn: nn.Module) -> nn.Module:
     builders = {
         "probability outputs": lambda: nn.Sequential(cnn, nn.Softmax(1)),
-        "randomness": lambda: nn.Sequential(SeededInputNoise(), cnn),
+        # Tiny noise (logits differ by ~1e-3): any randomness must fire it, not just a lot.
+        "randomness": lambda: nn.Sequential(SeededInputNoise(std=1e-3), cnn),
         "autograd in forward": lambda: InnerOptimisation(cnn),
         "broken graph": lambda: Detached(cnn),
         "zero gradients": lambda: nn.Sequential(Quantize(), cnn),
