@@ -8,7 +8,8 @@ string mutations are left out: rule texts and sources are documentation), the mu
 written, the check modules are reloaded (the registry is rebuilt), and the controls of
 ``tests/test_masking_checks.py`` run on the checks the mutated module registers: the contract
 (every check registered, with controls), each positive control must fire with its declared
-evidence, and the negative control must pass. A mutant is killed when any of them fails
+evidence, the negative control must pass, and the output checks must run when no sample is
+correctly classified. A mutant is killed when any of them fails
 (an exception counts), timed out after ``--timeout`` seconds, or it survived. The file is
 restored after every mutant, also on Ctrl-C.
 
@@ -88,6 +89,7 @@ def _limit(seconds: int):
 def _controls(T, masking, names, cnn, batch) -> None:
     """The controls of ``names``; raises (AssertionError or any error) when one fails."""
     T.test_every_registered_check_has_controls()
+    T.test_output_checks_run_when_no_sample_is_correct(cnn, batch)
     for name in names:
         T.assert_fires(name, cnn, batch)
     ctx = masking.Context(cnn, *batch, T.NEGATIVE_THREAT, budget=masking.Budget.for_mode(True),

@@ -295,3 +295,21 @@ def test_docs_table_lists_every_registered_check_as_registered():
         c = CHECKS[name]
         assert c.kind.value.startswith(cells[1]), (name, cells[1])
         assert c.severity.value in cells[2], (name, cells[2])
+
+
+def test_output_checks_run_when_no_sample_is_correct(mnist_cnn, batch):
+    """The output checks read the clean passes only: they run, and fire, on a model that gets
+    every sample wrong; the checks that attack correctly classified samples are skipped and
+    say why."""
+    x, _ = batch
+    model = nn.Sequential(mnist_cnn, nn.Softmax(1)).eval()
+    with torch.no_grad():
+        wrong = (model(x).argmax(1) + 1) % 10
+    ctx = masking.Context(model, x, wrong, POSITIVE_THREAT, budget=masking.Budget.for_mode(True))
+    results = {r.name: r for r in masking.run_checks(ctx)}
+    for name, c in CHECKS.items():
+        if c.needs_correct:
+            assert results[name].skipped == "no correctly classified sample", name
+        else:
+            assert results[name].skipped is None, name
+    assert not results["probability outputs"].passed
