@@ -109,10 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    import test_masking_checks as T
+
     from unmask.bench import data, zoo
     from unmask.defenses import masking
-
-    import test_masking_checks as T
 
     cnn = zoo.load("mnist-cnn", device="cpu", progress=False)
     x, y = data.load("mnist5k", "test")
