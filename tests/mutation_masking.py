@@ -8,8 +8,8 @@ string mutations are left out: rule texts and sources are documentation), the mu
 written, the check modules are reloaded (the registry is rebuilt), and the controls of
 ``tests/test_masking_checks.py`` run on the checks the mutated module registers: the contract
 (every check registered, with controls), each positive control must fire with its declared
-evidence, the negative control must pass, and the output checks must run when no sample is
-correctly classified. A mutant is killed when any of them fails
+evidence, the negative control must pass, the output checks must run when no sample is
+correctly classified, and the significance test must give scipy's exact p-values. A mutant is killed when any of them fails
 (an exception counts), timed out after ``--timeout`` seconds, or it survived. The file is
 restored after every mutant, also on Ctrl-C.
 
@@ -64,8 +64,12 @@ def _reload(masking) -> None:
     """Rebuild the registry from the (possibly mutated) check modules."""
     masking.CHECKS.clear()
     for name in MODULES:
-        module = sys.modules[f"unmask.defenses.masking.{name}"]
-        importlib.reload(module)
+        module = importlib.reload(sys.modules[f"unmask.defenses.masking.{name}"])
+        # The package re-exports names (exceeds_share, the thresholds): point them at the
+        # reloaded module's, as a fresh import would.
+        for attr in masking.__all__:
+            if attr in module.__dict__:
+                setattr(masking, attr, module.__dict__[attr])
 
 
 class _Timeout(Exception):
@@ -86,10 +90,12 @@ def _limit(seconds: int):
         signal.signal(signal.SIGALRM, old)
 
 
-def _controls(T, masking, names, cnn, batch) -> None:
+def _controls(T, test_masking, masking, names, cnn, batch) -> None:
     """The controls of ``names``; raises (AssertionError or any error) when one fails."""
     T.test_every_registered_check_has_controls()
     T.test_output_checks_run_when_no_sample_is_correct(cnn, batch)
+    # The significance test's own test (exact p-values against scipy, edge cases).
+    test_masking.test_attack_comparisons_need_a_significant_count_not_one_or_two_samples()
     for name in names:
         T.assert_fires(name, cnn, batch)
     ctx = masking.Context(cnn, *batch, T.NEGATIVE_THREAT, budget=masking.Budget.for_mode(True),
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
+    import test_masking
     import test_masking_checks as T
 
     from unmask.bench import data, zoo
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     by_module = {m: [c.name for c in masking.CHECKS.values() if c.module.endswith("." + m)]
                  for m in MODULES}
     all_names = list(masking.CHECKS)
-    _controls(T, masking, all_names, cnn, batch)  # the unmutated code passes its controls
+    _controls(T, test_masking, masking, all_names, cnn, batch)  # the unmutated code passes its controls
 
     results, start = {}, time.perf_counter()
     for module in args.modules.split(","):
@@ -142,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     with _limit(args.timeout):
                         _reload(masking)
-                        _controls(T, masking, names, cnn, batch)
+                        _controls(T, test_masking, masking, names, cnn, batch)
                 except _Timeout:
                     status = "timeout"
                 except Exception:  # an assertion or any crash: the tests noticed

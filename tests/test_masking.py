@@ -199,6 +199,14 @@ def test_attack_comparisons_need_a_significant_count_not_one_or_two_samples():
         k_min = next(k for k in range(n + 1) if exceeds_share(k, n, BEATS_SHARE)[0])
         assert binom.sf(k_min - 1, n, BEATS_SHARE) <= BEATS_ALPHA  # false-alarm rate
     assert exceeds_share(0, 100, 0.01) == (False, 1.0)
+    # Edges: no trials or no hits never fire; a zero share fires on any hit; a share of one
+    # never fires; the test is strict (p < alpha).
+    assert exceeds_share(3, 0, 0.01) == (False, 1.0)
+    assert exceeds_share(1, 1, 0.5) == (False, 0.5)
+    assert exceeds_share(1, 10, 0.0) == (True, 0.0)
+    assert exceeds_share(10, 10, 1.0) == (False, 1.0)
+    assert exceeds_share(1, 1, 0.05, alpha=0.05) == (False, pytest.approx(0.05))
+    assert exceeds_share(2, 2, 0.5, alpha=0.5)[0]
 
 
 def test_pgd_loss_fn_is_public_and_replaces_the_named_loss():
