@@ -249,6 +249,8 @@ class BenchmarkRow:
     @property
     def properties(self) -> dict[str, bool]:
         """The benchmark's claims on this row: verdict side and follow-up gap."""
+        if self.verdict.startswith("error"):
+            return {"verdict": False, "follow_up_within_tolerance": False}
         out = {"verdict": (self.verdict != "clean") if self.masks else (self.verdict != "masked")}
         gap = self.gap
         out["follow_up_within_tolerance"] = gap is not None and gap <= GAP_TOLERANCE + 1e-9
@@ -304,9 +306,21 @@ def run_benchmark(n: int = 100, *, fast: bool = True, threat: Threat | None = No
     for entry in entries:
         model = zoo.load(entry.name, device=device, progress=False)
         log.info("masking benchmark: %s", entry.name)
-        with model_mode(model):
-            rows.append(run_entry(entry, model, x, y, threat, surrogate=surrogate, fast=fast,
-                                  generator=seed))
+        start = time.perf_counter()
+        try:
+            with model_mode(model):
+                row = run_entry(entry, model, x, y, threat, surrogate=surrogate, fast=fast,
+                                generator=seed)
+        except Exception as err:  # one failing entry is recorded, the others still run
+            log.exception("masking benchmark: %s failed", entry.name)
+            row = BenchmarkRow(entry.name, entry.paper, entry.mechanism, entry.masks,
+                               f"error: {type(err).__name__}: {err}", [], float("nan"), None,
+                               None, entry.reference_label, float("nan"), float("nan"),
+                               x.shape[0], time.perf_counter() - start)
+        log.info("masking benchmark: %s %s merged %.2f follow-up %s reference %.2f (%.0f s)",
+                 row.name, row.verdict, row.robust_accuracy, row.follow_up_after,
+                 row.reference_robust_accuracy, row.seconds)
+        rows.append(row)
     return rows
 
 
@@ -364,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--write", default=None, help="markdown file with the markers")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     entries = ENTRIES
     if args.only:
         known = {e.name: e for e in ENTRIES}

@@ -502,20 +502,26 @@ class SqueezingDetector(nn.Module):
         self.gate = RejectGate(scale)
         self.threshold = float(threshold)
 
-    def _flags(self, logits: Tensor, x: Tensor) -> Tensor:
+    def _squeezed(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            squeezed = torch.softmax(self.model(self.squeeze(x)), dim=1)
-            score = (torch.softmax(logits, dim=1) - squeezed).abs().sum(1)
+            return torch.softmax(self.model(self.squeeze(x)), dim=1)
+
+    def _flags(self, logits: Tensor, squeezed: Tensor) -> Tensor:
+        score = (torch.softmax(logits.detach(), dim=1) - squeezed).abs().sum(1)
         return score > self.threshold
 
     def detect(self, x: Tensor) -> Tensor:
         """Bool ``N``: which inputs the detector flags."""
         with torch.no_grad():
-            return self._flags(self.model(x), x)
+            squeezed = self._squeezed(x)
+            return self._flags(self.model(x), squeezed)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The squeezed pass first: the classifier's last call is then the one on ``x`` (tools
+        # that hook the classifier's layers, like the binarization test, see that one).
+        squeezed = self._squeezed(x)
         logits = self.model(x)
-        return self.gate(logits, self._flags(logits, x))
+        return self.gate(logits, self._flags(logits, squeezed))
 
     def extra_repr(self) -> str:
         return f"threshold={self.threshold}"
