@@ -33,6 +33,7 @@ One command regenerates the table in ``docs/masking.md``::
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import time
@@ -47,6 +48,7 @@ from torch import Tensor, nn
 from ..attacks import APGD, BPDA, EOT, PGD, Attack, success_rate
 from ..attacks.losses import margin_loss
 from .core import DRAWS, Threat, check_inputs, make_generator, model_mode, robust_by_majority
+from .fileio import atomic_write
 
 __all__ = ["BenchmarkEntry", "BenchmarkRow", "ENTRIES", "GAP_TOLERANCE", "MARKERS",
            "reference_broken", "plain_pgd_broken", "run_entry", "run_benchmark",
@@ -291,9 +293,14 @@ def run_entry(entry: BenchmarkEntry, model: nn.Module, x: Tensor, y: Tensor, thr
 
 def run_benchmark(n: int = 100, *, fast: bool = True, threat: Threat | None = None,
                   entries: Sequence[BenchmarkEntry] = ENTRIES, seed: int = 0,
-                  device: str = "cpu") -> list[BenchmarkRow]:
+                  device: str = "cpu", done: Sequence[BenchmarkRow] = (),
+                  on_row: Callable[[list[BenchmarkRow]], None] | None = None
+                  ) -> list[BenchmarkRow]:
     """Run every entry on the first ``n`` test images of mnist5k (zoo models from
-    ``UNMASK_CACHE``; missing ones are trained). Threat default Linf 0.3."""
+    ``UNMASK_CACHE``; missing ones are trained). Threat default Linf 0.3.
+
+    ``done``: rows of an interrupted run (same ``n``) that are kept instead of re-run;
+    ``on_row(rows)`` is called after every row (e.g. to save progress)."""
     from . import data, zoo
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -302,8 +309,12 @@ def run_benchmark(n: int = 100, *, fast: bool = True, threat: Threat | None = No
     x, y = data.load("mnist5k", "test")
     x, y = x[:n].to(device), y[:n].to(device)
     surrogate = zoo.load(SURROGATE, device=device, progress=False)
-    rows = []
+    finished = {r.name: r for r in done if r.n == n}
+    rows: list[BenchmarkRow] = []
     for entry in entries:
+        if entry.name in finished:
+            rows.append(finished[entry.name])
+            continue
         model = zoo.load(entry.name, device=device, progress=False)
         log.info("masking benchmark: %s", entry.name)
         start = time.perf_counter()
@@ -321,6 +332,8 @@ def run_benchmark(n: int = 100, *, fast: bool = True, threat: Threat | None = No
                  row.name, row.verdict, row.robust_accuracy, row.follow_up_after,
                  row.reference_robust_accuracy, row.seconds)
         rows.append(row)
+        if on_row is not None:
+            on_row(rows)
     return rows
 
 
@@ -356,8 +369,6 @@ def markdown_table(rows: Sequence[BenchmarkRow], *, threat: Threat, fast: bool,
 
 def write_table(path: str | Path, table: str) -> None:
     """Replace the text between :data:`MARKERS` in ``path`` by ``table`` (atomically)."""
-    from .fileio import atomic_write
-
     path = Path(path)
     text = path.read_text()
     start, end = MARKERS
@@ -365,6 +376,11 @@ def write_table(path: str | Path, table: str) -> None:
     if len(pattern.findall(text)) != 1:
         raise ValueError(f"{path} must contain the markers {start} ... {end} exactly once")
     atomic_write(path, pattern.sub(lambda _: f"{start}\n{table}{end}", text).encode())
+
+
+def _row_from_dict(d: dict[str, Any]) -> BenchmarkRow:
+    names = {f for f in BenchmarkRow.__dataclass_fields__}
+    return BenchmarkRow(**{k: v for k, v in d.items() if k in names})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -376,7 +392,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="the diagnosis's full budgets (default: fast mode)")
     parser.add_argument("--only", nargs="*", default=None, help="zoo names to run")
     parser.add_argument("--write", default=None, help="markdown file with the markers")
-    parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--json", default=None,
+                        help="also write the rows as JSON here (after every row)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows already in --json (an interrupted run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     entries = ENTRIES
@@ -387,17 +406,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unknown entries {unknown}; known: {', '.join(known)}")
         entries = tuple(known[n] for n in args.only)
     threat = Threat("linf", 0.3)
+    done: list[BenchmarkRow] = []
+    if args.resume:
+        if not args.json:
+            parser.error("--resume needs --json")
+        if Path(args.json).exists():
+            done = [_row_from_dict(d) for d in json.loads(Path(args.json).read_text())]
+
+    def save(rows: list[BenchmarkRow]) -> None:
+        if args.json:
+            atomic_write(args.json, json.dumps([r.to_dict() for r in rows], indent=2).encode())
+
     start = time.perf_counter()
-    rows = run_benchmark(args.n, fast=not args.full, threat=threat, entries=entries)
+    rows = run_benchmark(args.n, fast=not args.full, threat=threat, entries=entries, done=done,
+                         on_row=save)
+    # The run time is the sum over rows, so a resumed run reports the whole benchmark's time.
     table = markdown_table(rows, threat=threat, fast=not args.full,
-                           seconds=time.perf_counter() - start)
+                           seconds=sum(r.seconds for r in rows))
+    log.info("masking benchmark: this invocation took %.0f s", time.perf_counter() - start)
     print(table)
-    if args.json:
-        import json
-
-        from .fileio import atomic_write
-
-        atomic_write(args.json, json.dumps([r.to_dict() for r in rows], indent=2).encode())
     if args.write:
         write_table(args.write, table)
     return 0 if all(all(r.properties.values()) for r in rows) else 1

@@ -12,7 +12,7 @@ adaptive attack is :mod:`unmask.bench.masking_benchmark`.
   2018; EOT);
 * ``mnist-cnn-kwta``         k-winners-take-all, 10% of units per layer (Xiao et al. 2020;
   BPDA with ReLU, Tramer et al. 2020);
-* ``mnist-cnn-purifier``     10 steps of entropy descent on the input inside forward, within
+* ``mnist-cnn-purifier``     3 steps of entropy descent on the input inside forward, within
   Linf 0.3 (PixelDefend / Defense-GAN structure; BPDA identity);
 * ``mnist-cnn-tvm``          total variation minimisation inside forward (Guo et al. 2018;
   BPDA identity);
@@ -71,7 +71,7 @@ def mnist_cnn_kwta(base: nn.Module) -> nn.Module:
 @register_model("mnist-cnn-purifier", **_BENCHMARK)
 def mnist_cnn_purifier(base: nn.Module) -> nn.Module:
     """mnist-cnn behind entropy-descent purification in forward (BPDA identity breaks it)."""
-    return EntropyPurification(base, steps=10, step_size=0.05, radius=0.3)
+    return EntropyPurification(base, steps=3, step_size=0.1, radius=0.3)
 
 
 @register_model("mnist-cnn-tvm", **_BENCHMARK)

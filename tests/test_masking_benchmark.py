@@ -27,7 +27,7 @@ NEW = {
     "mnist-cnn-resizepad": lambda m: lit.RandomResizePadding(m, min_scale=0.85, seed=0),
     "mnist-cnn-sap": lambda m: lit.StochasticActivationPruning(m, share=1.0, seed=0),
     "mnist-cnn-kwta": lambda m: lit.KWinnersTakeAll(m, ratio=0.1),
-    "mnist-cnn-purifier": lambda m: lit.EntropyPurification(m),
+    "mnist-cnn-purifier": lambda m: lit.EntropyPurification(m, steps=3, step_size=0.1),
     "mnist-cnn-tvm": lambda m: lit.TVMinimization(m),
     "mnist-cnn-detector": lambda m: lit.SqueezingDetector(m),
 }
@@ -93,6 +93,7 @@ def _positive_params():
         yield pytest.param(entry.name, marks=marks, id=entry.name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(_positive_params()))
 def test_positive_is_flagged_and_follow_up_reaches_the_reference(name, models, batch, mnist_cnn):
     x, y = batch
@@ -108,6 +109,7 @@ def test_positive_is_flagged_and_follow_up_reaches_the_reference(name, models, b
     assert report.outcomes.robust_accuracy <= after + 1e-9
 
 
+@pytest.mark.slow
 def test_standard_model_is_not_masked(mnist_cnn, batch):
     x, y = batch
     report = diagnose(mnist_cnn, x, y, THREAT, follow_up=True, fast=True, surrogate=mnist_cnn)
@@ -163,6 +165,7 @@ def test_randomised_wrapper_is_reproducible_under_a_seed(name, mnist_cnn, batch)
         a.reseed(-1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(NEW))
 def test_reference_attack_beats_plain_pgd(name, models, batch):
     """The defense masks: its reference attack breaks clearly more than plain PGD-40."""
