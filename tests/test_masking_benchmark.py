@@ -33,7 +33,19 @@ NEW = {
 }
 RANDOMISED = ("mnist-cnn-resizepad", "mnist-cnn-sap")
 # The follow-up gaps the diagnosis does not close yet (issue 16, point 10): name -> reason.
-KNOWN_GAPS: dict[str, str] = {}
+KNOWN_GAPS: dict[str, str] = {
+    "mnist-cnn-kwta": (
+        "diagnosis gap: on these 32 samples in fast mode no check fires (unstable loss 0.49 "
+        "against its 0.5 threshold; black-box beats white-box 1 of 30, not significant), so "
+        "k-WTA is called clean, while BPDA(ReLU)-PGD-100 breaks clearly more than plain PGD "
+        "(test_reference_attack_beats_plain_pgd). At n=100 it is 'suspicious'. Needs a "
+        "discontinuity check (gradients at nearby points disagree) or BPDA on activations"),
+    "mnist-cnn-detector": (
+        "follow-up gap: BPDA-PGD + APGD-DLR + Square-300 leaves 0.062 (2 of 32), the reference "
+        "BPDA-PGD-100 with the margin loss 0.000. The follow-up's BPDA-PGD ascends CE, which "
+        "saturates on flagged inputs (answered with logits x 100); BPDA with a margin or DLR "
+        "loss would close it"),
+}
 
 
 @pytest.fixture(scope="module")
