@@ -28,6 +28,7 @@ from .inference import (
     ScaleLogits,
     Softmax,
 )
+from .literature_zoo import __all__ as _literature_zoo  # noqa: F401 - registers its entries
 from .masking import VERDICT_MEANING, CheckResult, MaskingKind, MaskingReport, Verdict, diagnose
 from .strip import StripResult, strip, strip_entropy
 from .trades import TradesLoss
