@@ -40,17 +40,6 @@ KNOWN_GAPS: dict[str, str] = {
         "k-WTA is called clean, while BPDA(ReLU)-PGD-100 breaks clearly more than plain PGD "
         "(test_reference_attack_beats_plain_pgd). At n=100 it is 'suspicious'. Needs a "
         "discontinuity check (gradients at nearby points disagree) or BPDA on activations"),
-    "mnist-cnn-detector": (
-        "follow-up gap: BPDA-PGD + APGD-DLR + Square-300 leaves 0.062 (2 of 32), the reference "
-        "BPDA-PGD-100 with the margin loss 0.000. The follow-up's BPDA-PGD ascends CE, which "
-        "saturates on flagged inputs (answered with logits x 100); BPDA with a margin or DLR "
-        "loss would close it"),
-    "mnist-cnn-purifier": (
-        "follow-up gap: BPDA-PGD + Square-300 leaves 0.406, the reference BPDA-PGD-100 with "
-        "the margin loss 0.125 (28 points). Fired: autograd in forward (and the gradient "
-        "checks); the follow-up's BPDA-PGD runs 10 steps (fast) of CE: the purifier pulls "
-        "weakly misclassified points back, so the attack needs a high-confidence (margin) "
-        "objective and more steps; BPDA with the margin loss and 100 steps would close it"),
 }
 
 

@@ -50,6 +50,15 @@ def follow_up(model, x, y, threat, report, g, steps, queries, r_pgd, n_total):
     bpda = _bpda_for(model, x, report, threat, steps) if MaskingKind.SHATTERED in kinds else None
     if bpda is not None:
         attacks.append(bpda)
+        # Then the margin loss through the same approximation, with five times the steps: a
+        # defense that saturates or pulls points back (a detector answering at x100
+        # confidence, a purifier) stops CE-PGD short of the boundary; the logit margin keeps
+        # pushing past it (Carlini & Wagner 2017).
+        label, _ = bpda
+        long_steps = max(5 * steps, 50)
+        attacks.append((label.replace("BPDA-PGD", f"BPDA-PGD-margin-{long_steps}"),
+                        _bpda_for(model, x, report, threat, steps,
+                                  attack=PGD(threat, steps=long_steps, loss="margin"))[1]))
     # A shattered gradient with nothing for BPDA to approximate: a different loss surface
     # (DLR) and the gradient-free Square are what is left.
     shattered_only = MaskingKind.SHATTERED in kinds and bpda is None
@@ -178,9 +187,10 @@ def adaptation(model: nn.Module, x: Tensor, report) -> tuple[str, Callable, nn.M
     return " + ".join(labels), adapt, view
 
 
-def _bpda_for(model, x, report, threat, steps):
-    """The follow-up's BPDA-PGD, or None (see :func:`bpda_wrap`)."""
+def _bpda_for(model, x, report, threat, steps, attack=None):
+    """The follow-up's BPDA-PGD (or BPDA around ``attack``), or None (see
+    :func:`bpda_wrap`)."""
     found = bpda_wrap(model, x, report.collapse_at)
     if found is None:
         return None
-    return f"BPDA-PGD{found[0]}", found[1](PGD(threat, steps=steps))
+    return f"BPDA-PGD{found[0]}", found[1](attack or PGD(threat, steps=steps))
