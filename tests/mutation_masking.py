@@ -98,6 +98,8 @@ def _controls(T, test_masking, masking, names, cnn, batch) -> None:
     test_masking.test_attack_comparisons_need_a_significant_count_not_one_or_two_samples()
     for name in names:
         T.assert_fires(name, cnn, batch)
+        if name in T.EXTRA_NEGATIVES:
+            T.assert_extra_negative(name, cnn, batch)
     ctx = masking.Context(cnn, *batch, T.NEGATIVE_THREAT, budget=masking.Budget.for_mode(True),
                           generator=0, surrogate=cnn)
     for r in masking.run_checks(ctx, names):

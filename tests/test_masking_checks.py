@@ -313,3 +313,22 @@ def test_output_checks_run_when_no_sample_is_correct(mnist_cnn, batch):
         else:
             assert results[name].skipped is None, name
     assert not results["probability outputs"].passed
+
+
+# Second negative controls, where the standard model alone leaves a wrong rule standing.
+EXTRA_NEGATIVES = {
+    # Small logits (temperature 1000) are the opposite of saturation: the CE gradient is
+    # large relative to the margin's. A rule on the product instead of the ratio fires here.
+    "saturation ratio": lambda cnn: Scaled(cnn, 1e-3),
+}
+
+
+def assert_extra_negative(name: str, cnn: nn.Module, batch) -> None:
+    model = EXTRA_NEGATIVES[name](cnn).eval()
+    r = run_check(name, model, *batch, NEGATIVE_THREAT, fast=True, generator=0)
+    assert r.skipped is None and r.passed, f"{name} fired on its second negative: {r.value}"
+
+
+@pytest.mark.parametrize("name", sorted(EXTRA_NEGATIVES))
+def test_extra_negative_control_passes(name, mnist_cnn, batch):
+    assert_extra_negative(name, mnist_cnn, batch)
