@@ -317,9 +317,9 @@ def test_output_checks_run_when_no_sample_is_correct(mnist_cnn, batch):
 
 # Second negative controls, where the standard model alone leaves a wrong rule standing.
 EXTRA_NEGATIVES = {
-    # Small logits (temperature 1000) are the opposite of saturation: the CE gradient is
+    # Small logits (temperature 1e5) are the opposite of saturation: the CE gradient is
     # large relative to the margin's. A rule on the product instead of the ratio fires here.
-    "saturation ratio": lambda cnn: Scaled(cnn, 1e-3),
+    "saturation ratio": lambda cnn: Scaled(cnn, 1e-5),
 }
 
 
