@@ -232,10 +232,14 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
     # Slow cells (PGD with many restarts) so the signal lands while the second one runs:
     # the first is saved seconds before the second can be (a fast second cell made this
     # test flaky on a loaded machine).
+    # Radii too small to break any sample, so PGD cannot stop early: at the default 0.05 and
+    # 0.1 it broke every sample in a few steps and the run could finish before the signal.
     slow = tmp_path / "slow.toml"
     slow.write_text(path.read_text().replace('preset = "quick"\n\n',
                                              'list = ["fgsm", { name = "pgd", steps = 300, '
-                                             'restarts = 10 }]\n\n', 1))
+                                             'restarts = 10 }]\n\n', 1)
+                    .replace("eps = [0.05, 0.1]", "eps = [0.002, 0.004]", 1))
+    assert "eps = [0.002, 0.004]" in slow.read_text()
     proc = subprocess.Popen([sys.executable, "-m", "unmask.bench", "run", str(slow), "--store",
                              str(store), "--no-progress"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -251,7 +255,7 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
                 continue
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 130, f"exit status {proc.returncode}: {err}"
     assert "--resume" in err
     with Store(store, readonly=True) as st:
         run = st.run(1)
