@@ -240,9 +240,13 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
     # -v logs "saved <unit>" as each cell is committed: the signal follows the first one.
     # (Polling the store from here missed it on CI: the run could end before the poll saw a
     # finished cell.)
+    # SIGINT back to its default in the child: a test run started in the background (nohup,
+    # `&` from a script) inherits SIGINT ignored, and Python then never raises
+    # KeyboardInterrupt, so the run finished with exit 0.
     proc = subprocess.Popen([sys.executable, "-m", "unmask.bench", "-v", "run", str(slow),
                              "--store", str(store), "--no-progress"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:
         seen.append(line)
