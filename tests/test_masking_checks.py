@@ -32,18 +32,21 @@ NEGATIVE_THREAT = Threat("linf", 0.1)
 # --- building blocks of the controls -------------------------------------------------------
 
 
-class _SignedGradient(torch.autograd.Function):
-    """Forward: the identity. Backward: the gradient times a per-sample sign."""
+class _LyingGradient(torch.autograd.Function):
+    """Forward: the identity. Backward: the gradient times a per-sample sign, plus noise
+    scaled by the gradient's mean magnitude (zero noise: only the sign lies)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, sign: Tensor) -> Tensor:
-        ctx.save_for_backward(sign)
+    def forward(ctx, x: Tensor, sign: Tensor, noise: Tensor) -> Tensor:
+        ctx.save_for_backward(sign, noise)
         return x.view_as(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (sign,) = ctx.saved_tensors
-        return grad * sign.view(-1, *([1] * (grad.dim() - 1))), None
+        sign, noise = ctx.saved_tensors
+        shape = (-1, *([1] * (grad.dim() - 1)))
+        scale = grad.flatten(1).abs().mean(1).view(shape)
+        return grad * sign.view(shape) + scale * noise, None, None
 
 
 class GradientGate(nn.Module):
@@ -57,7 +60,7 @@ class GradientGate(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             sign = self.gate(x).to(x.dtype)
-        return self.model(_SignedGradient.apply(x, sign))
+        return self.model(_LyingGradient.apply(x, sign, torch.zeros_like(x)))
 
 
 def reversed_everywhere(x: Tensor) -> Tensor:
@@ -78,19 +81,6 @@ def reversed_far_from_binary(x: Tensor) -> Tensor:
     return torch.where(far, -1.0, 1.0)
 
 
-class _NoisyGradient(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor, noise: Tensor) -> Tensor:
-        ctx.save_for_backward(noise)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        (noise,) = ctx.saved_tensors
-        scale = grad.flatten(1).abs().mean(1).view(-1, *([1] * (grad.dim() - 1)))
-        return grad + scale * noise, None
-
-
 class NoisyGradient(nn.Module):
     """A deterministic forward pass whose input gradient is drowned in fresh noise (``std``
     times the gradient's mean magnitude) drawn from an owned, seeded generator: sign-gradient
@@ -103,7 +93,7 @@ class NoisyGradient(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         noise = torch.randn(x.shape, generator=self.g).to(x.device) * self.std
-        return self.model(_NoisyGradient.apply(x, noise))
+        return self.model(_LyingGradient.apply(x, torch.ones(x.shape[0], device=x.device), noise))
 
 
 class Quantize(nn.Module):
