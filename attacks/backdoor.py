@@ -26,7 +26,6 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..bench.core import check_images, check_labels, make_generator, parse_enum
+from ..bench.core import StrEnum, check_images, check_labels, make_generator, parse_enum
 from ..bench.training import predict
 from .backdoor_triggers import Trigger, make_trigger
 
@@ -42,7 +41,7 @@ __all__ = ["BackdoorMode", "PoisonedSet", "Backdoor", "poison", "backdoor_labels
            "triggered_test_set", "attack_success_rate"]
 
 
-class BackdoorMode(str, enum.Enum):
+class BackdoorMode(StrEnum):
     """Which label a triggered input should get."""
 
     ALL_TO_ONE = "all-to-one"

@@ -214,7 +214,7 @@ class Attack:
             oracle: GradientOracle = PLAIN) -> AttackResult:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
         generator = make_generator(0 if generator is None else generator)
         warn_if_train_mode(model, stacklevel=4)
         with model_mode(model):
@@ -222,11 +222,8 @@ class Attack:
                 # Under EOT the clean verdict is in expectation too: one lucky draw of a
                 # randomised model must not exempt a sample from the attack.
                 logits = check_logits(oracle.logits(model, x, generator), x.shape[0],
-                                      model=model)
+                                      model=model, labels=y)
             num_classes = logits.shape[1]
-            if int(y.max()) >= num_classes:
-                raise ValueError(f"labels go up to {int(y.max())} but the model returns "
-                                 f"{num_classes} logits")
             targets = check_targets(targets, y, num_classes)
             self._check_classes(num_classes, targets is not None)
             tracker = Tracker(x.detach(), margin(logits.float(), y, targets))

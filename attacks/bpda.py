@@ -178,7 +178,7 @@ class BPDA(Attack):
         finally:
             for h in handles:
                 h.remove()
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
         # The hooked forward is numerically the model's only up to rounding: the verdict on
         # every attacked sample comes from the model itself.
         attacked = (result.forwards > 1).nonzero().flatten()

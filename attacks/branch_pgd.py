@@ -83,7 +83,7 @@ class BranchPGD(PGD):
         with detach_outputs(others):
             result = super().run(model, x, y, targets=targets, generator=generator,
                                  oracle=oracle)
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
         tgt = targets.to(x.device).long() if targets is not None else None
         with model_mode(model), torch.no_grad(), zero_outputs([modules[self.branch]]):
             clean = margin(model(x), y, tgt) >= 0

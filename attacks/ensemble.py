@@ -253,12 +253,13 @@ class Ensemble:
                  generator: torch.Generator | int | None = None) -> EnsembleResult:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
+        self.threat.check_for(x)
         generator = make_generator(0 if generator is None else generator)
         warn_if_train_mode(model, stacklevel=3)
         n = x.shape[0]
         with model_mode(model), torch.no_grad():
-            logits = check_logits(model(x), n, model=model)
+            logits = check_logits(model(x), n, model=model, labels=y)
             stochastic = is_stochastic(model, x, logits)
             if stochastic:
                 rates = success_rate(model, x, y, draws=self.draws, generator=generator)

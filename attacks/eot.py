@@ -85,7 +85,7 @@ class EOT(Attack):
         generator = make_generator(0 if generator is None else generator)
         oracle = GradientOracle(samples=self.samples, transform=self.transform)
         result = self.attack.run(model, x, y, targets=targets, generator=generator, oracle=oracle)
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
         rates = success_rate(model, result.x_adv, y, targets=targets, transform=self.transform,
                              draws=self.eval_draws, generator=generator)
         result.forwards = result.forwards + self.eval_draws

@@ -9,19 +9,18 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..bench.core import margin, parse_enum
+from ..bench.core import StrEnum, margin, parse_enum
 
 __all__ = ["Loss", "loss_fn", "ce_loss", "margin_loss", "dlr_loss"]
 
 
-class Loss(str, enum.Enum):
+class Loss(StrEnum):
     CE = "ce"
     MARGIN = "margin"
     DLR = "dlr"

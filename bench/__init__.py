@@ -6,6 +6,7 @@ imported on use so that ``unmask.attacks`` can depend on the core without cycles
 
 from .core import (
     AttackResult,
+    LargeEpsWarning,
     Norm,
     Normalize,
     ProbabilityOutputWarning,
@@ -23,6 +24,7 @@ __all__ = [
     "AttackResult",
     "Norm",
     "Normalize",
+    "LargeEpsWarning",
     "ProbabilityOutputWarning",
     "Threat",
     "check_images",

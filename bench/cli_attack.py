@@ -4,40 +4,121 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
-from .cli import CLIError, _known, _table, command
+from .cli import CLIError, _table, command
 
 ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
 
 
+MODEL_HELP = ("a zoo name (unmask zoo list), package.module:function (a builder of yours, "
+              "imported from the working directory), or a checkpoint file (.pt, .pth, .ckpt, "
+              ".bin, .safetensors: a state dict with --arch, or a TorchScript archive)")
+
+
+def add_model_source_args(p: argparse.ArgumentParser, optional_model: bool = False) -> None:
+    """MODEL and the options that say how to build it (every single-model command)."""
+    p.add_argument("model", metavar="MODEL", help=MODEL_HELP,
+                   nargs="?" if optional_model else None)
+    p.add_argument("--arch", metavar="ARCH",
+                   help="the architecture of a checkpoint of weights: a registered one "
+                        "(small-cnn, mlp, preact-resnet18, wide-resnet-28-10), tv:NAME, or "
+                        "package.module:function")
+    p.add_argument("--model-kwargs", metavar="JSON", type=_json_object, default=None,
+                   help="keyword arguments of the builder or of --arch, as a JSON object")
+    p.add_argument("--dataset", metavar="NAME",
+                   help="the dataset of a model that is not a zoo entry (default mnist5k; "
+                        "unmask data list)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bool = False
                    ) -> None:
-    p.add_argument("model", metavar="MODEL", help="a zoo name (see: unmask zoo list)",
-                   nargs="?" if optional_model else None)
+    add_model_source_args(p, optional_model)
     p.add_argument("--norm", default="linf", choices=("linf", "l2"))
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
-    p.add_argument("--n", type=int, default=n, help=f"test samples (default {n})")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"test samples (default {n}, or the whole test split when smaller; "
+                        "more than the split holds is an error)")
+    p.set_defaults(default_n=n)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu, cuda, mps (default: best available)")
+
+
+def load_model(args: argparse.Namespace):
+    """The :class:`~unmask.bench.models.LoadedModel` that MODEL names (errors: CLIError)."""
+    from .models import ModelSourceError
+    from .models import load_model as _load
+
+    try:
+        return _load(args.model, arch=args.arch, kwargs=args.model_kwargs,
+                     dataset=args.dataset, device=args.device, progress=True)
+    except ModelSourceError as err:
+        raise CLIError(str(err)) from None
+
+
+def test_data(dataset: str, n: int | None, default_n: int | None = None):
+    """The first ``n`` test samples of ``dataset`` (``n`` None: ``default_n`` or the split)."""
+    from . import data
+
+    if n is not None and n <= 0:
+        raise CLIError(f"--n must be positive, got {n}")
+    try:
+        if n is None:
+            x, y = data.load(dataset, "test")
+            return (x, y) if default_n is None else (x[:default_n], y[:default_n])
+        return data.load(dataset, "test", n=n)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
 
 
 def load_model_and_data(args: argparse.Namespace):
-    from . import data, zoo
+    """``(model, card, x, y)``: MODEL on its device and its dataset's first test samples; the
+    threat (``--norm``/``--eps``) is judged against the inputs (eps above the box's diameter
+    is an error, from half of it a warning)."""
+    from .core import Threat
 
-    _known(args.model, zoo.list(), "model")
-    if args.n <= 0:
-        raise CLIError(f"--n must be positive, got {args.n}")
-    model, card = zoo.load_with_card(args.model, device=args.device)
-    device = next(model.parameters()).device
-    x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
-    return model, card, x.to(device), y.to(device)
+    loaded = load_model(args)
+    x, y = test_data(loaded.dataset, args.n, getattr(args, "default_n", None))
+    if loaded.source != "zoo":
+        print(f"{args.model}: {loaded.source} model, evaluated on {loaded.dataset} (test, "
+              f"{len(y)} samples)", file=sys.stderr)
+    if getattr(args, "eps", None) is not None:
+        try:
+            Threat(args.norm, args.eps).check_for(x)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
+    probe(loaded.model, x[:8].to(loaded.device), y[:8].to(loaded.device), args.model)
+    return loaded.model, loaded.card, x.to(loaded.device), y.to(loaded.device)
+
+
+def probe(model, x, y, name: str) -> None:
+    """One forward pass: finite ``N x K`` logits covering the labels, else a CLIError."""
+    from .runner import probe_model
+
+    try:
+        probe_model(model, x, y, name)
+    except (ValueError, TypeError) as err:
+        raise CLIError(str(err)) from None
+    except RuntimeError as err:  # e.g. a first layer for other inputs than the dataset's
+        raise CLIError(f"model {name!r} failed on a batch of inputs of shape "
+                       f"{tuple(x.shape)}: {err} (is --dataset right?)") from None
 
 
 @command("attack")
 def _attack_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("attack", help="attack a zoo model",
-                       description="Run an attack or an ensemble preset on a zoo model's test "
+    p = sub.add_parser("attack", help="attack a model (zoo, module:function or checkpoint)",
+                       description="Run an attack or an ensemble preset on a model's test "
                                    "split and print clean and robust accuracy.")
     add_model_args(p)
     p.add_argument("--attack", default="quick", choices=ATTACK_CHOICES,
@@ -61,7 +142,10 @@ def _attack(args: argparse.Namespace) -> int:
     from .core import Threat
     from .zoo import fingerprint
 
-    threat = Threat(args.norm, args.eps)
+    try:
+        threat = Threat(args.norm, args.eps)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     model, card, x, y = load_model_and_data(args)
     model_fp = fingerprint(model)  # weights and structure, before any forward
     g = torch.Generator().manual_seed(args.seed)

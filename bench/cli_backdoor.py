@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .cli import CLIError, _known, _table, command
+from .cli import CLIError, _table, command
+from .cli_attack import _json_object, add_model_source_args, load_model
 
 
 @command("backdoor")
@@ -22,9 +23,18 @@ def _backdoor_parser(sub: argparse._SubParsersAction) -> None:
                     "success rate, clean-accuracy cost versus its clean reference, spectral "
                     "signatures and activation clustering on the poisoned training set, STRIP "
                     "on test inputs, and fine-pruning.")
-    p.add_argument("model", metavar="MODEL", help="a backdoored zoo entry, e.g. mnist-cnn-badnets")
-    p.add_argument("--reference", help="clean zoo entry for the accuracy cost "
-                                       "(default: the entry's clean_reference)")
+    add_model_source_args(p)
+    p.add_argument("--backdoor", metavar="JSON", type=_json_object,
+                   help="for a model that is not a zoo entry: how its training set was "
+                        "poisoned, as the 'backdoor' recipe's options, e.g. '{\"trigger\": "
+                        "\"badnets\", \"target\": 0, \"poison_rate\": 0.05, "
+                        "\"poison_seed\": 0}' (unmask.attacks.backdoor.poison with that "
+                        "seed on the dataset's train split)")
+    p.add_argument("--reference", help="clean model for the accuracy cost: a zoo name, "
+                                       "module:function or checkpoint (with --reference-arch; "
+                                       "default: a zoo entry's clean_reference)")
+    p.add_argument("--reference-arch", metavar="ARCH",
+                   help="the architecture of a --reference checkpoint (as --arch)")
     p.add_argument("--no-defenses", action="store_true",
                    help="only the attack metrics (no detection, STRIP, fine-pruning)")
     p.add_argument("--clean-samples", type=int, default=1000,
@@ -32,9 +42,17 @@ def _backdoor_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strip-samples", type=int, default=500,
                    help="clean and triggered test images STRIP is measured on (default 500)")
     p.add_argument("--seed", type=int, default=0, help="seed of the defenders' draws (default 0)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(handler=_backdoor)
+
+
+def _accuracy(model, x, y, batch_size: int = 500) -> float:
+    import torch
+
+    with torch.no_grad():
+        hits = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
+                   for i in range(0, len(y), batch_size))
+    return hits / max(len(y), 1)
 
 
 def _fmt(value) -> str:
@@ -50,28 +68,39 @@ def _backdoor(args: argparse.Namespace) -> int:
     from ..defenses.backdoor_report import evaluate_backdoor
     from . import data, zoo
 
-    _known(args.model, zoo.list(), "model")
-    entry = zoo.get(args.model)
-    backdoored = zoo.list(tag="backdoor")
-    if entry.recipe != "backdoor":
-        raise CLIError(f"{args.model!r} is not a backdoored zoo entry (recipe {entry.recipe!r}); "
-                       f"backdoored entries: {', '.join(backdoored) or '(none)'}")
-    options = dict(entry.recipe_options)
+    if args.model in zoo.list():
+        entry = zoo.get(args.model)
+        if entry.recipe != "backdoor":
+            backdoored = zoo.list(tag="backdoor")
+            raise CLIError(f"{args.model!r} is not a backdoored zoo entry (recipe "
+                           f"{entry.recipe!r}); backdoored entries: "
+                           f"{', '.join(backdoored) or '(none)'}; a model of yours takes "
+                           "--backdoor JSON")
+        options = dict(entry.recipe_options)
+        # The recipe draws the poisoned subset first from the entry's seed (or poison_seed).
+        options.setdefault("poison_seed", entry.seed)
+    elif args.backdoor is None:
+        raise CLIError(f"{args.model!r} is not a zoo entry: say how its training set was "
+                       "poisoned with --backdoor JSON (see --help)")
+    else:
+        options = dict(args.backdoor)
+    loaded = load_model(args)
     reference = args.reference or options.get("clean_reference")
-    if reference is not None:
-        _known(reference, zoo.list(), "model")
-    backdoor = Backdoor.from_options(**options)
-    poison_seed = options.get("poison_seed")
-    x_train, y_train = data.load(entry.dataset, "train")
-    x_test, y_test = data.load(entry.dataset, "test")
-    # The recipe draws the poisoned subset first from the entry's seed (or poison_seed).
-    poisoned = backdoor.poison(x_train, y_train,
-                               generator=poison_seed if poison_seed is not None else entry.seed)
-    model = zoo.load(args.model, device=args.device)
+    try:
+        backdoor = Backdoor.from_options(**options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"--backdoor: {err}") from None
+    x_train, y_train = data.load(loaded.dataset, "train")
+    x_test, y_test = data.load(loaded.dataset, "test")
+    poisoned = backdoor.poison(x_train, y_train, generator=int(options.get("poison_seed", 0)))
+    model = loaded.model
     ref_acc = None
     if reference is not None:
-        _, ref_card = zoo.load_with_card(reference, device=args.device)
-        ref_acc = float(ref_card["clean_accuracy"])
+        ref = load_model(argparse.Namespace(
+            model=reference, arch=args.reference_arch, model_kwargs=None,
+            dataset=loaded.dataset, device=args.device))
+        ref_acc = (float(ref.card["clean_accuracy"]) if ref.card is not None
+                   else _accuracy(ref.model, x_test.to(ref.device), y_test.to(ref.device)))
     run_defenses = not args.no_defenses
     report = evaluate_backdoor(model, backdoor, poisoned, x_test, y_test,
                                reference_accuracy=ref_acc, detect=run_defenses,

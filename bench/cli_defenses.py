@@ -1,4 +1,4 @@
-"""``unmask diagnose``: the gradient-masking diagnosis of a zoo model as a table (or JSON).
+"""``unmask diagnose``: the gradient-masking diagnosis of a model as a table (or JSON).
 
 The exit status says the verdict, so a CI job can gate on it: 0 clean, 3 suspicious, 4 masked
 (2 is a usage error, 1 any other error).
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-from .cli import command
-from .cli_attack import add_model_args, load_model_and_data
+from .cli import CLIError, command
+from .cli_attack import add_model_args, load_model, load_model_and_data
 
 # The verdict as the exit status; 1 and 2 stay Python's and argparse's (error, usage).
 EXIT_CODES = {"clean": 0, "suspicious": 3, "masked": 4}
@@ -17,8 +17,9 @@ EXIT_CODES = {"clean": 0, "suspicious": 3, "masked": 4}
 
 @command("diagnose")
 def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("diagnose", help="gradient-masking diagnosis of a zoo model",
-                       description="Run the gradient-masking checks on a zoo model and print "
+    p = sub.add_parser("diagnose", help="gradient-masking diagnosis of a model (zoo, "
+                                        "module:function or checkpoint)",
+                       description="Run the gradient-masking checks on a model and print "
                                    "each check, its evidence and the verdict.",
                        epilog="exit status: 0 clean, 3 suspicious, 4 masked (2 usage error, "
                               "1 other error), so a CI job can gate on the verdict")
@@ -27,7 +28,8 @@ def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--follow-up", action="store_true",
                    help="run the recommended adaptive attack and report robust accuracy "
                         "before and after")
-    p.add_argument("--surrogate", help="a zoo model for the transfer check")
+    p.add_argument("--surrogate", help="a model for the transfer check (zoo name or "
+                                       "module:function)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON ('-': only "
                                                   "the JSON, on stdout)")
     p.add_argument("--checks", metavar="NAME[,NAME...]",
@@ -62,13 +64,12 @@ def _diagnose(args: argparse.Namespace) -> int:
 
     from ..defenses import diagnose
     from ..defenses.masking import CHECKS
-    from . import zoo
     from .core import Threat
 
     if args.list_checks:
         return _list_checks()
     if not args.model:
-        return _usage("a MODEL is required (a zoo name; see: unmask zoo list), unless "
+        return _usage("a MODEL is required (a zoo name, module:function or checkpoint), unless "
                       "--list-checks")
     checks = None
     if args.checks:
@@ -77,9 +78,16 @@ def _diagnose(args: argparse.Namespace) -> int:
         if unknown:
             return _usage(f"unknown check(s) {', '.join(unknown)}; registered: "
                           f"{', '.join(CHECKS)}")
-    threat = Threat(args.norm, args.eps)
+    try:
+        threat = Threat(args.norm, args.eps)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
     model, card, x, y = load_model_and_data(args)
-    surrogate = zoo.load(args.surrogate, device=args.device) if args.surrogate else None
+    surrogate = None
+    if args.surrogate:
+        surrogate = load_model(argparse.Namespace(
+            model=args.surrogate, arch=None, model_kwargs=None, dataset=args.dataset,
+            device=args.device)).model
     report = diagnose(model, x, y, threat, follow_up=args.follow_up, fast=args.fast,
                       generator=torch.Generator().manual_seed(args.seed), surrogate=surrogate,
                       checks=checks)

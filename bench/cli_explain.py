@@ -1,4 +1,4 @@
-"""``unmask explain MODEL``: attribution maps of a zoo model on clean and adversarial inputs.
+"""``unmask explain MODEL``: attribution maps of a model on clean and adversarial inputs.
 
 Draws, for ``--n`` test images spread evenly over the test split, the input, a PGD adversarial example (when
 ``unmask.attacks.PGD`` is available; otherwise the adversarial columns are left out with a
@@ -15,18 +15,19 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .cli import CLIError, _known, _table, command
+from .cli import CLIError, _table, command
+from .cli_attack import add_model_source_args, load_model, probe, test_data
 
 log = logging.getLogger(__name__)
 
 @command("explain")
 def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "explain", help="attribution maps (Captum) of a zoo model, clean and adversarial",
+        "explain", help="attribution maps (Captum) of a model, clean and adversarial",
         description="Draw the input, its PGD adversarial example and each method's attribution "
                     "map for both, and print how faithful the maps are (deletion/insertion AUC "
                     "against a random ranking).")
-    p.add_argument("model", metavar="MODEL", help="zoo entry (see: unmask zoo list)")
+    add_model_source_args(p)
     p.add_argument("--method", action="append", metavar="METHOD",
                    help="attribution method, repeatable: saliency, smoothgrad (sg), "
                         "integrated_gradients (ig), input_x_gradient (ixg); default ig")
@@ -46,7 +47,6 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attack-steps", type=int, default=20, help="PGD steps (default 20)")
     p.add_argument("--no-adversarial", action="store_true", help="leave the adversarial columns out")
     p.add_argument("--seed", type=int, default=0, help="seed of noise, attack and random baseline")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.set_defaults(handler=_explain)
 
 
@@ -76,21 +76,17 @@ def _explain(args: argparse.Namespace) -> int:
     from ..explain.attribution import Method, attribute, integrated_gradients, parse_method
     from ..explain.metrics import attribution_change, deletion_insertion
     from ..explain.plots import plot_attributions, plot_curves
-    from . import data, zoo
-    from .core import select_device
-
-    _known(args.model, zoo.list(), "model")
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     methods = list(dict.fromkeys(parse_method(m) for m in (args.method or ["ig"])))
-    device = select_device(args.device)
-    entry = zoo.get(args.model)
-    model = zoo.load(args.model, device=device)
-    x_all, y_all = data.load(entry.dataset, "test")
+    loaded = load_model(args)
+    model, device, dataset = loaded.model, loaded.device, loaded.dataset
+    x_all, y_all = test_data(dataset, None)
     # Evenly spaced over the test split: mnist5k's test split is sorted by class, so the first
     # n images would all show one digit.
     idx = torch.linspace(0, len(y_all) - 1, min(args.n, len(y_all))).round().long()
     x, y = x_all[idx].to(device), y_all[idx].to(device)
+    probe(model, x, y, args.model)
 
     def options(method):
         if method is Method.INTEGRATED_GRADIENTS:
@@ -102,7 +98,7 @@ def _explain(args: argparse.Namespace) -> int:
 
     x_adv, note = None, None
     if not args.no_adversarial:
-        eps = args.eps if args.eps is not None else _default_eps(entry.dataset, args.norm)
+        eps = args.eps if args.eps is not None else _default_eps(dataset, args.norm)
         x_adv, note = _adversarial(model, x, y, args.norm, eps, args.attack_steps, args.seed)
         if note:
             log.warning("adversarial columns left out: %s", note)

@@ -1,4 +1,4 @@
-"""``unmask gradflow MODEL``: where in a zoo model the input gradient vanishes or explodes.
+"""``unmask gradflow MODEL``: where in a model the input gradient vanishes or explodes.
 
 Audits ``--n`` test images of the model's dataset (the first ``n``: deterministic), prints
 the per-module gradient table and a one-line summary, and writes the depth profile as PNG.
@@ -11,40 +11,37 @@ from __future__ import annotations
 import argparse
 import time
 
-from .cli import CLIError, _known, command
+from .cli import CLIError, command
+from .cli_attack import add_model_source_args, load_model, test_data
 
 
 @command("gradflow")
 def _gradflow_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "gradflow", help="gradient-flow audit: where the input gradient vanishes or explodes",
-        description="Hook every module of a zoo model, run one forward/backward pass of the "
+        description="Hook every module of a model (zoo, module:function or checkpoint), run one forward/backward pass of the "
                     "loss and print, per module, the gradient norm w.r.t. its output and input, "
                     "the gain, the share of exact zeros, NaN/Inf counts and dead ReLU units; "
                     "name the module where the gradient collapses or explodes.")
-    p.add_argument("model", metavar="MODEL", help="zoo entry (see: unmask zoo list)")
+    add_model_source_args(p)
     p.add_argument("--out", help="figure path (PNG): gradient norm over depth, log scale")
     p.add_argument("--n", type=int, default=256, help="test images to audit (default 256)")
     p.add_argument("--loss", default="ce", choices=("ce", "margin"),
                    help="loss whose gradient is audited (default ce)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.set_defaults(handler=_gradflow)
 
 
 def _gradflow(args: argparse.Namespace) -> int:
     from ..explain.gradflow import audit
-    from . import data, zoo
     from .fileio import atomic_write as _atomic_write
 
-    _known(args.model, zoo.list(), "model")
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
-    model = zoo.load(args.model, device=args.device)
-    device = next(iter(model.parameters()), None)
-    x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
-    if device is not None:
-        x, y = x.to(device.device), y.to(device.device)
+    loaded = load_model(args)
+    model = loaded.model
+    x, y = test_data(loaded.dataset, args.n)
+    x, y = x.to(loaded.device), y.to(loaded.device)
     start = time.perf_counter()
     report = audit(model, x, y, loss=args.loss)
     took = time.perf_counter() - start

@@ -72,6 +72,35 @@ def _install_sigterm() -> None:
         pass
 
 
+def _check_models(suite, batch: int = 8) -> list[str]:
+    """Import and call every user builder once and run it on one batch of the suite's data
+    (output shape, finite logits, class count); every problem, not the first one."""
+    from . import data
+    from .models import ModelSourceError
+    from .runner import probe_model
+    from .suite import resolve_user_model
+
+    user = [m for m in suite.models if m.is_user]
+    if not user:
+        return []
+    try:
+        x, y = data.load(suite.dataset, suite.split, n=min(batch, suite.n), **suite.data_options)
+    except (ValueError, FileNotFoundError) as err:
+        return [f"dataset {suite.dataset}: {err}"]
+    problems = []
+    for spec in user:
+        try:
+            model = resolve_user_model(spec)
+            probe_model(model, x.to(next(model.parameters(), x).device), y, spec.key)
+        except ModelSourceError as err:
+            problems.append(f"{spec.key}: {err}")
+        except Exception as err:  # the builder's or the forward's own error, reported as is
+            problems.append(f"{spec.key}: {type(err).__name__}: {err}")
+        else:
+            print(f"  {spec.key}: built and probed on {len(y)} {suite.dataset} samples: ok")
+    return problems
+
+
 def _run(args: argparse.Namespace) -> int:
     from .runner import run_suite
     from .store import StoreError
@@ -93,7 +122,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.check_only:
         if suite is None:
             raise CLIError("--check-only validates a SUITE file; give one")
-        print(f"suite {suite.name} ({suite.source}): valid")
+        print(f"suite {suite.name} ({suite.source}): the file is valid")
         print(f"  dataset {suite.dataset} ({suite.split}), n={suite.n}, batch {suite.batch_size}, "
               f"seed {suite.seed}")
         print(f"  models: {', '.join(m.key for m in suite.models)}")
@@ -102,6 +131,12 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  attacks: {att}; masking {'on' if suite.masking.enabled else 'off'}; "
               f"explain {'on' if suite.explain.enabled else 'off'}; "
               f"backdoor {'on' if suite.backdoor.enabled else 'off'}")
+        problems = _check_models(suite)
+        if problems:
+            print(f"\n{len(problems)} problem(s) with the suite's models:", file=sys.stderr)
+            for p in problems:
+                print(f"  - {p}", file=sys.stderr)
+            return 1
         return 0
     _install_sigterm()
     rank = int(os.environ.get("RANK", "0"))
@@ -124,10 +159,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.resume is None:
             raise
         raise CLIError(str(err)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         if rank == 0:
-            print("unmask: interrupted; finished cells are saved. Resume with: unmask run "
-                  "--resume <RUN_ID> (unmask leaderboard --runs lists them)", file=sys.stderr)
+            run_id = getattr(err, "run_id", None)
+            if run_id is None:  # before the run was recorded: nothing to resume
+                print("unmask: interrupted before the run started; nothing was saved",
+                      file=sys.stderr)
+            else:
+                where = "" if args.store is None else f" --store {args.store}"
+                print(f"unmask: run {run_id} interrupted; finished cells are saved. Resume "
+                      f"with: unmask run --resume {run_id}{where}", file=sys.stderr)
         return 130
     if rank != 0:
         return 0

@@ -32,10 +32,13 @@ __all__ = [
     "Autocast",
     "ProbabilityOutputWarning",
     "NonFiniteOutputError",
+    "LargeEpsWarning",
     "check_images",
     "check_labels",
     "check_inputs",
     "check_logits",
+    "model_dtype",
+    "warnings_once",
     "margin",
     "select_device",
     "make_generator",
@@ -43,10 +46,22 @@ __all__ = [
     "normal",
     "model_mode",
     "parse_enum",
+    "StrEnum",
     "DRAWS",
     "robust_by_majority",
     "SampleOutcomes",
 ]
+
+
+class StrEnum(str, enum.Enum):
+    """A string enum that prints as its value: ``f"{Verdict.CLEAN}"`` is ``clean``, never
+    ``Verdict.CLEAN`` (``enum.StrEnum`` of Python 3.11, here for 3.10 too)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
 
 
 def parse_enum(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
@@ -60,7 +75,7 @@ def parse_enum(enum_cls: type[enum.Enum], value: Any, what: str) -> Any:
         raise ValueError(f"unknown {what} {value!r}; expected one of {valid}") from None
 
 
-class Norm(str, enum.Enum):
+class Norm(StrEnum):
     """The norm of a threat model's perturbation ball."""
 
     LINF = "linf"
@@ -75,7 +90,9 @@ def _per_sample_l2(t: Tensor) -> Tensor:
 class Threat:
     """A threat model: perturbations with ``||delta||_norm <= eps`` that keep the input in [0, 1].
 
-    ``Threat("linf", 8 / 255)`` or ``Threat(Norm.L2, 0.5)``. eps is a finite float >= 0.
+    ``Threat("linf", 8 / 255)`` or ``Threat(Norm.L2, 0.5)``. eps is a finite float >= 0; an
+    Linf eps above 1 (the diameter of [0, 1]) is refused, it is a typo for a radius in pixel
+    units (``8`` for ``8/255``). :meth:`check_for` judges eps against an input's size.
     """
 
     norm: Norm
@@ -91,7 +108,42 @@ class Threat:
             raise ValueError(f"eps must be finite, got {eps}")
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got {eps}")
+        if self.norm is Norm.LINF and eps > 1.0:
+            raise ValueError(
+                f"Linf eps {eps:g} is larger than 1, the diameter of the [0, 1] input range: "
+                f"every image is inside the ball. Radii are in [0, 1] units "
+                f"(8/255 = {8 / 255:.4f}, not 8)")
         object.__setattr__(self, "eps", eps)
+
+    def scaled(self, factor: float) -> Threat:
+        """This threat with eps times ``factor``; an Linf radius is capped at 1 (the ball of
+        radius 1 already holds the whole [0, 1] box)."""
+        eps = self.eps * factor
+        return Threat(self.norm, min(eps, 1.0) if self.norm is Norm.LINF else eps)
+
+    def diameter(self, x: Tensor) -> float:
+        """The diameter of the [0, 1] box of ``x``'s per-sample shape in this norm."""
+        return 1.0 if self.norm is Norm.LINF else math.sqrt(x[0].numel())
+
+    def check_for(self, x: Tensor, stacklevel: int = 3) -> None:
+        """Judge eps against the inputs ``x`` (``N x C x H x W``).
+
+        Raises ``ValueError`` when eps exceeds the box's diameter (L2 above sqrt(C*H*W)), and
+        warns (:class:`LargeEpsWarning`) from half the diameter on: every input is then within
+        eps of the constant 0.5 image, so no classifier that uses its input can be robust on
+        two differently-labelled samples and robust accuracy says nothing about the model.
+        """
+        diameter = self.diameter(x)
+        if self.eps > diameter + 1e-9:
+            raise ValueError(
+                f"{self.norm.value} eps {self.eps:g} is larger than {diameter:.4g}, the diameter "
+                f"of the [0, 1] box of inputs of shape {tuple(x.shape[1:])}")
+        if self.eps >= 0.5 * diameter:
+            warnings.warn(
+                f"{self.norm.value} eps {self.eps:g} is at least half the input box's diameter "
+                f"({0.5 * diameter:.4g}): every input is within eps of the constant 0.5 image, "
+                "so robust accuracy at this radius cannot separate classes", LargeEpsWarning,
+                stacklevel=stacklevel)
 
     def __str__(self) -> str:
         return f"{self.norm.value}:{self.eps:g}"
@@ -196,12 +248,21 @@ class ProbabilityOutputWarning(UserWarning):
     """The model returns probabilities, not logits: gradient attacks on it are unreliable."""
 
 
+class LargeEpsWarning(UserWarning):
+    """eps is at least half the input box's diameter: robustness there is meaningless."""
+
+
 class NonFiniteOutputError(ValueError):
     """The model returned NaN or Inf logits: never counted as robustness, always an error."""
 
 
-def check_images(x: Any, name: str = "x") -> Tensor:
-    """Validate a batch of images: a floating ``N x C x H x W`` tensor, finite, in [0, 1]."""
+def check_images(x: Any, name: str = "x", dtype: torch.dtype | None = None) -> Tensor:
+    """Validate a batch of images: a floating ``N x C x H x W`` tensor, finite, in [0, 1].
+
+    ``dtype``: the floating dtype of the model the images go to; images of another floating
+    dtype (float64 from numpy, float16) are converted to it. Integer images (uint8 0-255) are
+    refused with the conversion to use.
+    """
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape N x C x H x W, got {type(x).__name__}")
     if x.dim() != 4:
@@ -209,7 +270,11 @@ def check_images(x: Any, name: str = "x") -> Tensor:
             f"{name} must have shape N x C x H x W (4 dimensions), got shape {tuple(x.shape)}"
         )
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}")
+        hint = " (uint8 pixels: x.float() / 255)" if x.dtype == torch.uint8 else ""
+        raise TypeError(f"{name} must be a floating-point tensor in [0, 1], got dtype {x.dtype}"
+                        f"{hint}")
+    if dtype is not None and dtype.is_floating_point and x.dtype != dtype:
+        x = x.to(dtype)
     if x.shape[0] == 0:
         raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)})")
     if not bool(torch.isfinite(x).all()):
@@ -242,15 +307,28 @@ def check_labels(y: Any, n: int, num_classes: int | None = None, name: str = "y"
     return y
 
 
-def check_inputs(x: Any, y: Any, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
-    """Validate an (images, labels) pair; returns them with labels as int64 on x's device."""
-    x = check_images(x)
+def model_dtype(model: nn.Module | None) -> torch.dtype | None:
+    """The dtype of ``model``'s first floating parameter or buffer (None: it has none)."""
+    if model is None:
+        return None
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def check_inputs(x: Any, y: Any, num_classes: int | None = None,
+                 model: nn.Module | None = None) -> tuple[Tensor, Tensor]:
+    """Validate an (images, labels) pair; returns them with labels as int64 on x's device and
+    the images in ``model``'s floating dtype when a model is given (float64 data, fp32 model)."""
+    x = check_images(x, dtype=model_dtype(model))
     y = check_labels(y, x.shape[0], num_classes)
     return x, y.to(x.device)
 
 
 def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "warn",
-                 model: nn.Module | None = None, finite: bool = True) -> Tensor:
+                 model: nn.Module | None = None, finite: bool = True,
+                 labels: Tensor | None = None) -> Tensor:
     """Check a model's output: float ``N x K`` logits, all finite.
 
     NaN or Inf logits raise :class:`NonFiniteOutputError` naming the model and the share of
@@ -262,6 +340,9 @@ def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "war
     saturates and hides the gradient, a classic source of false robustness. With
     ``probabilities="warn"`` this is reported with a :class:`ProbabilityOutputWarning`; with
     ``"raise"`` it is an error; ``"ignore"`` skips the check.
+
+    ``labels``: the batch's labels; a label at or above the number of logits K is an error
+    naming both (the one place the labels meet the model's class count).
     """
     if not isinstance(logits, Tensor):
         raise TypeError(
@@ -273,6 +354,9 @@ def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "war
         raise ValueError(
             f"the model returned {logits.shape[0]} rows of logits for a batch of {n} inputs"
         )
+    if labels is not None and labels.numel() and int(labels.max()) >= logits.shape[1]:
+        raise ValueError(f"the labels go up to class {int(labels.max())} but the model returns "
+                         f"{logits.shape[1]} logits (classes 0..{logits.shape[1] - 1})")
     bad_rows = ~torch.isfinite(logits.detach()).all(dim=1)
     if finite and bool(bad_rows.any()):
         k, rows = int(bad_rows.sum()), int(logits.shape[0])
@@ -293,6 +377,27 @@ def check_logits(logits: Any, n: int | None = None, *, probabilities: str = "war
             raise ValueError(msg)
         warnings.warn(msg, ProbabilityOutputWarning, stacklevel=3)
     return logits
+
+
+@contextmanager
+def warnings_once() -> Iterator[None]:
+    """Collect the warnings raised inside and re-emit each distinct one (category and message)
+    once on exit: one probability-output warning per diagnosis, not one per attack it runs."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield
+    finally:
+        _reemit_once(caught)
+
+
+def _reemit_once(caught: list[warnings.WarningMessage]) -> None:
+    seen: set[tuple[type, str]] = set()
+    for w in caught:
+        key = (w.category, str(w.message))
+        if key not in seen:
+            seen.add(key)
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def looks_like_probabilities(logits: Tensor, atol: float = 1e-4) -> bool:
@@ -427,7 +532,7 @@ class Normalize(nn.Module):
         return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}"
 
 
-class Precision(str, enum.Enum):
+class Precision(StrEnum):
     """The arithmetic a model runs in: full fp32, or autocast to bf16 / fp16."""
 
     FP32 = "fp32"

@@ -76,7 +76,8 @@ def _check_split(split: str) -> str:
 def load(name: str, split: str = "test", *, n: int | None = None, **options) -> tuple[Tensor, Tensor]:
     """Load dataset ``name``'s ``split`` as ``(x, y)``: float32 ``N x C x H x W`` in [0, 1], int64 ``N``.
 
-    ``n`` keeps the first ``n`` samples (the order is fixed, so this is deterministic).
+    ``n`` keeps the first ``n`` samples (the order is fixed, so this is deterministic); an ``n``
+    larger than the split is an error, never a silently smaller evaluation.
     Other options go to the dataset's loader (``root=``, ``download=``, ``image_size=``).
     """
     entry = info(name)
@@ -92,6 +93,9 @@ def load(name: str, split: str = "test", *, n: int | None = None, **options) -> 
     if n is not None:
         if n <= 0:
             raise ValueError(f"n must be positive, got {n}")
+        if n > x.shape[0]:
+            raise ValueError(f"n={n} but the {split} split of {name!r} holds {x.shape[0]} "
+                             f"samples; ask for at most {x.shape[0]}")
         x, y = x[:n], y[:n]
     return x, y
 

@@ -57,10 +57,11 @@ from tqdm.auto import tqdm
 
 from . import integrations
 from .core import ProbabilityOutputWarning, Threat, make_generator, select_device
+from .models import ModelSourceError
 from .store import WORST_CASE, Store, wilson
 from .suite import ModelSpec, Suite, parse_suite, resolve_user_model
 
-__all__ = ["run_suite", "RunSummary", "batch_seed", "evaluate_cell", "git_commit"]
+__all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell", "git_commit"]
 
 log = logging.getLogger(__name__)
 
@@ -305,9 +306,9 @@ def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loade
     if spec.is_user:
         try:
             model = resolve_user_model(spec).to(device)
-        except ImportError as err:
-            if spec.optional:
-                raise integrations.Unavailable(f"cannot import {spec.name}: {err}") from None
+        except ModelSourceError as err:
+            if spec.optional and isinstance(err.__cause__, ImportError):
+                raise integrations.Unavailable(str(err)) from None
             raise
         return _Loaded(model, _state_sha256(model), "user")
     if spec.name not in zoo.list():
@@ -689,6 +690,14 @@ def _resumed_suite(stored: dict[str, Any], quick: bool, suite: Suite | None,
     return dataclasses.replace(new, models=models), replaced
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped run ``run_id``; its finished units are in ``store``."""
+
+    def __init__(self, run_id: int, store: Path) -> None:
+        super().__init__(f"run {run_id} interrupted")
+        self.run_id, self.store = run_id, store
+
+
 def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = None,
               resume: int | None = None, device: str | torch.device | None = None,
               progress: bool = True, skip: tuple[str, ...] | list[str] = ()) -> RunSummary:
@@ -714,6 +723,11 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
     dist = _Dist(dev)
     dev = dist.device or dev
     path = default_path(store)
+    if resume is not None and not Path(path).exists():
+        from .store import StoreError
+
+        raise StoreError(f"no results store at {path}: there is no run {resume} to resume "
+                         "(--store PATH names the store the run wrote to)")
     st: Store | None = None
     started = time.perf_counter()
     status = "failed"
@@ -754,9 +768,9 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
                 _once_per_run(ProbabilityOutputWarning)
                 runner.run()
             status = "finished"
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as err:
             status = "interrupted"
-            raise
+            raise RunInterrupted(run_id, path) from err
         finally:
             if st is not None:
                 st.set_status(run_id, status)

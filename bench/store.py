@@ -70,7 +70,8 @@ CREATE TABLE IF NOT EXISTS runs (
     host TEXT,
     started REAL NOT NULL,
     finished REAL,
-    status TEXT NOT NULL
+    status TEXT NOT NULL,
+    paused REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS units (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
@@ -244,10 +245,12 @@ class Run:
     started: float
     finished: float | None
     status: str
+    paused: float = 0.0  # seconds between an interruption and its --resume
 
     @property
     def wall_seconds(self) -> float | None:
-        return None if self.finished is None else self.finished - self.started
+        """Seconds the run ran: start to finish, less the pauses before its resumes."""
+        return None if self.finished is None else self.finished - self.started - self.paused
 
 
 class Store:
@@ -385,6 +388,10 @@ class Store:
         if missing:
             raise StoreError(f"{self.path} is an incomplete unmask store (missing tables: "
                              f"{', '.join(sorted(missing))})")
+        columns = {r[1] for r in self.conn.execute("PRAGMA table_info(runs)")}
+        if "paused" not in columns and not self.readonly:  # a store of before the column
+            with self._transaction() as conn:
+                conn.execute("ALTER TABLE runs ADD COLUMN paused REAL NOT NULL DEFAULT 0")
 
     # --- transactions ---------------------------------------------------------------------
 
@@ -437,8 +444,11 @@ class Store:
         """Mark an interrupted (or failed) run as running again, for ``--resume``."""
         run = self.run(run_id)
         with self._transaction() as conn:
+            # The time since the interruption is a pause, not part of the run's wall time.
+            pause = max(0.0, time.time() - run.finished) if run.finished is not None else 0.0
             conn.execute("UPDATE runs SET status = 'running', finished = NULL, device = ?, "
-                         "world_size = ? WHERE run_id = ?", (device, world_size, run_id))
+                         "world_size = ?, paused = paused + ? WHERE run_id = ?",
+                         (device, world_size, pause, run_id))
         return run
 
     def _run_from_row(self, row: sqlite3.Row) -> Run:
@@ -446,7 +456,8 @@ class Store:
                    config_hash=row["config_hash"], seed=row["seed"], quick=bool(row["quick"]),
                    git_commit=row["git_commit"], versions=json.loads(row["versions"]),
                    device=row["device"], world_size=row["world_size"], host=row["host"],
-                   started=row["started"], finished=row["finished"], status=row["status"])
+                   started=row["started"], finished=row["finished"], status=row["status"],
+                   paused=row["paused"] if "paused" in row.keys() else 0.0)
 
     def run(self, run_id: int) -> Run:
         row = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()

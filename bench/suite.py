@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import inspect
 import json
 import os
@@ -737,16 +736,8 @@ def load_suite(path: str | os.PathLike | None = None, *, check_zoo: bool = True)
 
 
 def resolve_user_model(spec: ModelSpec):
-    """Import ``module:function`` and call it (with the spec's kwargs) for an ``nn.Module``."""
-    from torch import nn
+    """Import ``module:function`` (the working directory on ``sys.path``, as ``python -m``
+    does) and call it with the spec's kwargs for an ``nn.Module`` in eval mode."""
+    from .models import build_user_model
 
-    module_name, _, func_name = spec.name.partition(":")
-    module = importlib.import_module(module_name)
-    fn = getattr(module, func_name, None)
-    if fn is None or not callable(fn):
-        raise ValueError(f"{module_name} has no callable {func_name!r} (model {spec.name!r})")
-    model = fn(**spec.kwargs)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{spec.name} returned {type(model).__name__}, expected a "
-                        "torch.nn.Module taking [0, 1] inputs and returning logits")
-    return model.eval()
+    return build_user_model(spec.name, spec.kwargs)

@@ -119,13 +119,24 @@ class RobustAccuracy:
                 "baseline_written": self.baseline_written}
 
 
-def _data(data: Any, n: int) -> tuple[Tensor, Tensor]:
+DATASET_N = 500  # samples taken from a named dataset when n is not given
+
+
+def _data(data: Any, n: int | None) -> tuple[Tensor, Tensor]:
     if isinstance(data, str):
         from . import data as data_mod
 
+        if n is None:
+            x, y = data_mod.load(data, "test")
+            return x[:DATASET_N], y[:DATASET_N]
         return data_mod.load(data, "test", n=n)
     if isinstance(data, tuple | list) and len(data) == 2:
         x, y = data
+        if n is None:
+            return x, y
+        if n > len(x):
+            raise ValueError(f"n={n} but the data holds {len(x)} samples; ask for at most "
+                             f"{len(x)}")
         return x[:n], y[:n]
     raise TypeError("data must be (x, y) tensors or the name of a registered dataset, got "
                     f"{type(data).__name__}")
@@ -143,7 +154,7 @@ def _data_digest(x: Tensor, y: Tensor) -> str:
 
 def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
                            attacks: str | Sequence[Any] = "quick", *, at_least: float,
-                           n: int = 500, batch_size: int = 250, seed: int = 0,
+                           n: int | None = None, batch_size: int = 250, seed: int = 0,
                            strict: bool = False, diagnose: bool = True,
                            allow_masked: bool = False, baseline: str | os.PathLike | None = None,
                            tolerance: float | None = None,
@@ -162,7 +173,8 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
         attacks: an ensemble preset (``"quick"``, ``"standard"``), or a list of configured
             unmask attacks.
         at_least: the robust accuracy required, in [0, 1]; the measured value is compared.
-        n: samples evaluated (the first ``n``).
+        n: samples evaluated (the first ``n``; an ``n`` larger than the data is an error).
+            Default: all of ``(x, y)``, or the first 500 of a named dataset.
         batch_size, seed: the suite's evaluation: fixed batches of ``batch_size`` (a suite's
             default is 250), batch ``b`` seeded from ``(seed, b)``. Same samples, batch size,
             seed and attacks give the suite's and ``unmask attack``'s numbers, per sample.
@@ -196,7 +208,7 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
 
     if not 0.0 <= float(at_least) <= 1.0:
         raise ValueError(f"at_least must be in [0, 1], got {at_least}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ValueError(f"n must be a positive int, got {n!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

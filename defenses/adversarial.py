@@ -23,7 +23,6 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 import logging
 import math
 import time
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks.base import steepest_step
-from ..bench.core import Threat, check_inputs, make_generator, model_mode, parse_enum
+from ..bench.core import StrEnum, Threat, check_inputs, make_generator, model_mode, parse_enum
 from ..bench.training import accuracy, fit, register_recipe
 
 __all__ = ["Method", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
@@ -44,7 +43,7 @@ __all__ = ["Method", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLo
 log = logging.getLogger(__name__)
 
 
-class Method(str, enum.Enum):
+class Method(StrEnum):
     """Adversarial-training methods of :func:`adversarial_training`."""
 
     PGD = "pgd"

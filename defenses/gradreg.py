@@ -20,7 +20,6 @@ Usage: ``gradient_regularization(model, x, y, lam=0.3, norm="l1", epochs=10)``
 
 from __future__ import annotations
 
-import enum
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,14 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bench.core import Threat, parse_enum
+from ..bench.core import StrEnum, Threat, parse_enum
 from ..bench.training import register_recipe
 from .adversarial import evaluate_for_card, train_with_loss
 
 __all__ = ["PenaltyNorm", "GradientPenaltyLoss", "gradient_regularization", "grad_reg"]
 
 
-class PenaltyNorm(str, enum.Enum):
+class PenaltyNorm(StrEnum):
     """Norm of the input gradient that is penalised."""
 
     L1 = "l1"

@@ -29,7 +29,6 @@ Usage::
 
 from __future__ import annotations
 
-import enum
 import inspect
 import logging
 import math
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bench.core import (
+    StrEnum,
     check_images,
     check_labels,
     check_logits,
@@ -73,7 +73,7 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERNAL_BATCH_SIZE = 256
 
 
-class Method(str, enum.Enum):
+class Method(StrEnum):
     """An attribution method."""
 
     SALIENCY = "saliency"
@@ -86,7 +86,7 @@ ALIASES = {"ig": "integrated_gradients", "sg": "smoothgrad", "ixg": "input_x_gra
            "gradient": "saliency"}
 
 
-class Output(str, enum.Enum):
+class Output(StrEnum):
     """What is explained: the target's logit, its softmax probability or its log-probability."""
 
     LOGIT = "logit"
@@ -94,7 +94,7 @@ class Output(str, enum.Enum):
     LOG_PROBABILITY = "log_probability"
 
 
-class Baseline(str, enum.Enum):
+class Baseline(StrEnum):
     """Named IG baselines: black, uniform noise (seeded), a Gaussian blur of the input."""
 
     ZEROS = "zeros"

@@ -22,7 +22,6 @@ when its forward raises, and its outputs and gradients are bit-identical to an u
 
 from __future__ import annotations
 
-import enum
 import io
 import json
 import logging
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..bench.core import check_inputs, check_logits, margin, model_mode, parse_enum
+from ..bench.core import StrEnum, check_inputs, check_logits, margin, model_mode, parse_enum
 from ..bench.core import warn_if_train_mode as _warn_if_train_mode
 from ..bench.fileio import atomic_write, json_safe
 from .gradtrace import Tracer, merge_calls, trace
@@ -83,7 +82,7 @@ LOSS_ROW = "<loss>"  # the gradient w.r.t. the logits, the first row
 MODEL_ROW = "<model>"  # the model's own forward, when it makes functional calls itself
 
 
-class AuditLoss(str, enum.Enum):
+class AuditLoss(StrEnum):
     """The loss whose gradient is audited: cross-entropy or the (negative) logit margin."""
 
     CE = "ce"
@@ -345,11 +344,8 @@ def audit(model: nn.Module, x: Tensor, y: Tensor, *, loss: str | AuditLoss = "ce
             tracer.watch(xb, INPUT_ROW, "in")
             # The audit localises where NaN or Inf first appears: non-finite logits are its
             # subject, not an input error.
-            logits = check_logits(model(xb), xb.shape[0], finite=False)
+            logits = check_logits(model(xb), xb.shape[0], finite=False, labels=yb)
             tracer.check_inplace()
-            if int(yb.max()) >= logits.shape[1]:
-                raise ValueError(f"y holds class index {int(yb.max())} but the model returns "
-                                 f"{logits.shape[1]} logits")
             tracer.stack.clear()
             if logits.requires_grad:
                 tracer.watch(logits, LOSS_ROW, "in")

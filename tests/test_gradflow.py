@@ -344,7 +344,7 @@ def test_bad_arguments():
         audit(model, x * 3, y)
     with pytest.raises(ValueError, match="batch_size"):
         audit(model, x, y, batch_size=0)
-    with pytest.raises(ValueError, match="class index"):
+    with pytest.raises(ValueError, match="labels go up to class 12"):
         audit(model, x, torch.full((4,), 12))
 
 

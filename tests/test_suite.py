@@ -256,7 +256,8 @@ def test_sigint_then_resume_gives_the_same_table(tmp_path, zoo_cache):
     _, err = proc.communicate(timeout=120)
     err = "".join(seen) + err
     assert proc.returncode == 130, f"exit status {proc.returncode}: {err[-3000:]}"
-    assert "--resume" in err
+    # The message names the run to resume (it printed a literal <RUN_ID> before).
+    assert f"unmask run --resume 1 --store {store}" in err and "<RUN_ID>" not in err
     with Store(store, readonly=True) as st:
         run = st.run(1)
         assert run.status == "interrupted"

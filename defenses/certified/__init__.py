@@ -16,14 +16,13 @@ Supported layers: Linear, Conv2d, ReLU, Flatten, eval-mode BatchNorm, AvgPool2d,
 
 from __future__ import annotations
 
-import enum
 import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from ...bench.core import Threat, check_inputs, model_mode, parse_enum
+from ...bench.core import StrEnum, Threat, check_inputs, model_mode, parse_enum
 from .bounds import InputSet, crown_bounds, ibp_bounds, margin_spec
 from .milp import MilpOutcome, milp_margin
 from .network import Chain, NotSupportedError, to_chain
@@ -32,7 +31,7 @@ __all__ = ["Method", "Status", "CertifyResult", "SoundnessError", "NotSupportedE
            "margin_lower_bound", "assert_sound", "to_chain", "Chain", "milp_margin", "MilpOutcome"]
 
 
-class Method(str, enum.Enum):
+class Method(StrEnum):
     """A bound method: ``ibp`` < ``crown`` < ``milp`` in tightness and cost."""
 
     IBP = "ibp"
@@ -40,7 +39,7 @@ class Method(str, enum.Enum):
     MILP = "milp"
 
 
-class Status(str, enum.Enum):
+class Status(StrEnum):
     """Per-sample verdict of :func:`certify`."""
 
     CERTIFIED = "certified"

@@ -134,7 +134,7 @@ def monotone(ctx: Context) -> Outcome:
     sub = torch.arange(min(ctx.n_att, ctx.budget.monotone_samples), device=ctx.x.device)
     rates = []
     for factor in EPS_FACTORS:
-        t = Threat(ctx.threat.norm, ctx.threat.eps * factor)
+        t = ctx.threat.scaled(factor)
         rates.append(ctx.adapt(PGD(t, steps=ctx.steps))(ctx.view, ctx.xc[sub], ctx.yc[sub],
                                                          generator=ctx.g).success_rate)
     worst = max(rates[i] - rates[i + 1] for i in range(len(rates) - 1))

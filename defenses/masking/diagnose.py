@@ -10,7 +10,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor, nn
 
-from ...bench.core import SampleOutcomes, Threat, robust_by_majority
+from ...bench.core import SampleOutcomes, Threat, robust_by_majority, warnings_once
 from .follow_up import adaptation, bpda_wrap
 from .follow_up import follow_up as run_follow_up
 from .registry import CHECKS, Budget, Context, run_checks
@@ -51,9 +51,20 @@ def diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_u
         a :class:`MaskingReport`; ``outcomes`` holds, per sample, the first attack that broke
         it (``diagnosis:*``, ``follow-up:*``, ``adaptive:*``) or None when none did.
     """
+    with warnings_once():  # a model warning (probabilities, train mode) once, not per attack
+        return _diagnose(model, x, y, threat, follow_up=follow_up, fast=fast,
+                         generator=generator, surrogate=surrogate, audit_flow=audit_flow,
+                         checks=checks, budget=budget, recheck=recheck)
+
+
+def _diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_up: bool,
+              fast: bool, generator: torch.Generator | int | None, surrogate: nn.Module | None,
+              audit_flow: bool, checks: Iterable[str] | None, budget: Budget | None,
+              recheck: bool) -> MaskingReport:
     start = time.perf_counter()
     ctx = Context(model, x, y, threat, budget=budget or Budget.for_mode(fast),
                   generator=generator, surrogate=surrogate)
+    threat.check_for(ctx.x, stacklevel=4)
     results = run_checks(ctx, checks)
     random_model = not float((ctx.logits - ctx.logits2).abs().max()) <= 0.0
     if not ctx.n_att:

@@ -173,7 +173,7 @@ class Context:
                  adaptive: str | None = None) -> None:
         if not isinstance(threat, Threat):
             raise TypeError(f"threat must be a Threat, got {type(threat).__name__}")
-        x, y = check_inputs(x, y)
+        x, y = check_inputs(x, y, model=model)
         self.model, self.x, self.y, self.threat = model, x, y, threat
         self.budget = budget or Budget()
         self.g = make_generator(0 if generator is None else generator)
@@ -192,10 +192,7 @@ class Context:
                 logits2 = model(x)
         # NaN or Inf logits are an error, never robustness (a NaN margin is "not broken").
         for out in (logits, logits2):
-            check_logits(out, x.shape[0], probabilities="ignore", model=model)
-        if int(y.max()) >= logits.shape[1]:
-            raise ValueError(f"y holds class index {int(y.max())} but the model returns "
-                             f"{logits.shape[1]} logits")
+            check_logits(out, x.shape[0], probabilities="ignore", model=model, labels=y)
         self.logits, self.logits2, self.autograd_calls = logits, logits2, calls["calls"]
         self.correct = margin(logits, y) >= 0
         self.idx = self.correct.nonzero().flatten()

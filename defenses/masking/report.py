@@ -3,18 +3,17 @@ report (serialisable both ways, so a stored report reads back as it was written)
 
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...bench.core import SampleOutcomes, Threat
+from ...bench.core import SampleOutcomes, StrEnum, Threat
 from ...bench.fileio import json_safe
 
 __all__ = ["Verdict", "VERDICT_MEANING", "MaskingKind", "CheckResult", "MaskingReport"]
 
 
-class Verdict(str, enum.Enum):
+class Verdict(StrEnum):
     CLEAN = "clean"
     SUSPICIOUS = "suspicious"
     MASKED = "masked"
@@ -30,7 +29,7 @@ VERDICT_MEANING = {
 }
 
 
-class MaskingKind(str, enum.Enum):
+class MaskingKind(StrEnum):
     """What a failed check points to (Athalye et al. 2018's taxonomy, plus the attack's own
     shortfall of Pintor et al. 2022's indicators of attack failure)."""
 
