@@ -56,12 +56,13 @@ caption { text-align: left; font-weight: 600; padding: 0.3em 0; }
 th, td { border-bottom: 1px solid var(--line); padding: 0.35em 0.5em; text-align: left;
          vertical-align: top; overflow-wrap: break-word; }
 td.wrap-any { overflow-wrap: anywhere; }
-th { background: #f2f4f7; font-weight: 600; white-space: nowrap; }
+th { background: #f2f4f7; font-weight: 600; overflow-wrap: normal; }
 table.sortable th { cursor: pointer; user-select: none; }
 table.sortable th::after { content: " \\2195"; color: #9aa1ab; font-size: 0.8em; }
 table.sortable th[aria-sort="ascending"]::after { content: " \\2191"; color: #1d2330; }
 table.sortable th[aria-sort="descending"]::after { content: " \\2193"; color: #1d2330; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
+th.num { text-align: right; }
 tr.masked td { background: #fde8e8; }
 tr.suspicious td { background: #fff6dc; }
 tr.error td, tr.other td { background: #f1f1f1; }
@@ -268,7 +269,7 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
         text += ["", f"## {_threat_title(threat)}", "", tb.markdown(ranked, links=links)]
         if apart.rows:
             text += ["", f"Not ranked at {threat}:", "", tb.markdown(apart, links=links)]
-    text += ["", verdict_legend(), "", tb.marker_legend()]
+    text += ["", verdict_legend(), "", tb.marker_legend(tb.table_draws(df))]
     evidence = _evidence_of_models(main) if links else None
     expl = tb.explanations_frame(store, run_id)
     if len(expl):
@@ -277,9 +278,9 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
                  "", tb.markdown(t, links=links), ""] + [f"- {x}" for x in t.legend]
     bd = tb.backdoor_frame(store, run_id, defenses=defenses)
     if len(bd):
-        t = tb.backdoor_table(bd, evidence=evidence)
-        text += ["", "## Backdoor results", "", tb.markdown(t, links=links), ""]
-        text += [f"- {x}" for x in t.legend]
+        text += ["", "## Backdoor results"]
+        for t in tb.backdoor_tables(bd, evidence=evidence):
+            text += ["", tb.markdown(t, links=links), ""] + [f"- {x}" for x in t.legend]
     missing = sections_frame(store, run_id)
     if len(missing):
         text += ["", "## Not run", "", tb.markdown(_frame_table(missing, "not-run"))]
@@ -302,10 +303,11 @@ def render_html(store: Store, run_id: int, *, evidence_dir: str | None = None) -
     """The main table alone as a self-contained HTML page (``leaderboard.html``)."""
     from .leaderboard import verdict_legend
 
-    _, _, main = _context(store, run_id, evidence_dir)
+    df, _, main = _context(store, run_id, evidence_dir)
     meta = "".join(f"<p>{_E(h)}</p>" for h in header_lines(store, run_id))
     body = (f"<h1>unmask leaderboard</h1><div class=\"meta\">{meta}</div><p>{_E(_INTRO)}</p>"
-            + _main_html(main) + _legend([verdict_legend(), tb.marker_legend()]))
+            + _main_html(main)
+            + _legend([verdict_legend(), tb.marker_legend(tb.table_draws(df))]))
     return page("unmask leaderboard", body)
 
 
@@ -437,16 +439,14 @@ def _cascade(row: dict[str, Any], cells: list[dict[str, Any]], report: dict[str,
     return "\n".join(parts)
 
 
-def _metrics_block(frame: pd.DataFrame, model: str, table_id: str, title: str,
-                   to_table) -> str:
+def _metrics_block(frame: pd.DataFrame, model: str, title: str, to_tables) -> str:
     if frame.empty or "model" not in frame:
         return ""
     sub = frame[frame["model"] == model]
     if sub.empty:
         return ""
-    t = to_table(sub.reset_index(drop=True))
-    t.id = table_id
-    return f"<h2>{_E(title)}</h2>" + html_table(t) + _legend(t.legend)
+    return f"<h2>{_E(title)}</h2>" + "".join(html_table(t) + _legend(t.legend)
+                                             for t in to_tables(sub.reset_index(drop=True)))
 
 
 def evidence_page(store: Store, run_id: int, row: dict[str, Any], *,
@@ -548,10 +548,9 @@ def evidence_page(store: Store, run_id: int, row: dict[str, Any], *,
         parts.append(f"<figure><img src=\"{_E(fig)}\" alt=\"attribution maps of {_E(model)}\">"
                      "<figcaption>First column: clean inputs; then the maps of each method "
                      "(absolute attribution summed over channels).</figcaption></figure>")
-    parts.append(_metrics_block(explanations, model, "explanations",
-                                "Explanation metrics", tb.explanations_table))
-    parts.append(_metrics_block(backdoor, model, "backdoor", "Backdoor results",
-                                tb.backdoor_table))
+    parts.append(_metrics_block(explanations, model, "Explanation metrics",
+                                lambda f: [tb.explanations_table(f)]))
+    parts.append(_metrics_block(backdoor, model, "Backdoor results", tb.backdoor_tables))
     # provenance
     worst = next((c for c in cells if c["attack"] == WORST_CASE), None)
     attack_s = units.get(f"attack/{model}/{threat}",
@@ -625,7 +624,7 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     parts += [f"<p>{_E(h)}</p>" for h in header_lines(store, run_id)]
     parts.append(f"</div><p>{_E(_INTRO)}</p>")
     parts.append(_main_html(main))
-    parts.append(_legend([verdict_legend(), tb.marker_legend()]))
+    parts.append(_legend([verdict_legend(), tb.marker_legend(tb.table_draws(df))]))
     parts.append("<h2 id=\"explanations-section\">Explanation metrics</h2>")
     if len(expl):
         t = tb.explanations_table(expl, evidence=evidence)
@@ -635,8 +634,9 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
         parts.append("<p>No explanation metrics in this run.</p>")
     parts.append("<h2 id=\"backdoor-section\">Backdoor results</h2>")
     if len(bd):
-        t = tb.backdoor_table(bd, evidence=evidence)
-        parts.append("<p>Also <code>backdoor.csv</code>.</p>" + html_table(t) + _legend(t.legend))
+        parts.append("<p>Also <code>backdoor.csv</code>.</p>")
+        for t in tb.backdoor_tables(bd, evidence=evidence):
+            parts.append(html_table(t, caption=True) + _legend(t.legend))
     else:
         parts.append("<p>No backdoored model in this run.</p>")
     missing = sections_frame(store, run_id)

@@ -33,7 +33,8 @@ from .store import Store
 
 __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS", "OVERLAP_MARK",
            "RANDOMISED_MARK", "main_frame", "main_tables", "explanations_frame",
-           "explanations_table", "backdoor_frame", "backdoor_table", "defense_texts",
+           "explanations_table", "backdoor_frame", "table_draws", "backdoor_table", "backdoor_tables",
+           "defense_texts",
            "evidence_name", "markdown", "marker_legend", "explanation_legend",
            "backdoor_legend", "MAIN_CSV_COLUMNS"]
 
@@ -159,8 +160,8 @@ BACKDOOR_METRICS: dict[str, MetricInfo] = {
     "fine_pruning_attack_success_rate": MetricInfo("ASR after fine-pruning", "lower", "[0, 1]",
                                                    "attack success rate after fine-pruning"),
 }
-_BACKDOOR_COUNTS = {"spectral_flagged": "spectral flagged", "clustering_flagged":
-                    "clustering flagged", "poisoned": "poisoned samples"}
+_BACKDOOR_COUNTS = {"poisoned": "poisoned samples", "spectral_flagged": "spectral flagged",
+                    "clustering_flagged": "clustering flagged"}
 
 # The columns of the main table's CSV, in order: the Markdown/HTML columns with the compound
 # cells split into numbers (robust accuracy and its interval, passes and seconds).
@@ -346,14 +347,26 @@ def main_frame(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None 
     return main
 
 
-def marker_legend() -> str:
-    """What the rank and robust-accuracy markers mean."""
-    return (f"Rank: equal robust accuracies share a rank; {OVERLAP_MARK}: this rank's 95% "
+def marker_legend(draws: int | None = None) -> str:
+    """What the rank and robust-accuracy markers and the cost column mean; ``draws``: the
+    draws of a randomised model in the table (its marker is explained only then)."""
+    text = (f"Rank: equal robust accuracies share a rank; {OVERLAP_MARK}: this rank's 95% "
             "interval overlaps the interval of the rank above, so their order is not "
-            f"significant. {RANDOMISED_MARK}: randomised model, a sample counts as robust when "
-            "it is classified correctly on a strict majority of the draws. Cost: the attack "
-            "ensemble's forward + backward passes per sample, and the wall seconds of the "
-            "row's attacks and masking diagnosis.")
+            "significant. Cost: the attack ensemble's forward + backward passes per sample, "
+            "and the wall seconds of the row's attacks and masking diagnosis.")
+    if draws is not None:
+        text += (f" {RANDOMISED_MARK}: randomised model; a sample counts as robust when it is "
+                 f"classified correctly on a strict majority of {int(draws)} fresh draws "
+                 "(robust on a majority of the draws).")
+    return text
+
+
+def table_draws(df: pd.DataFrame) -> int | None:
+    """The draws of the randomised rows of a leaderboard frame (None without one)."""
+    if "draws" not in df:
+        return None
+    values = [int(v) for v in df["draws"] if not _missing(v)]
+    return max(values) if values else None
 
 
 def _cost_cell(passes: Any, seconds: Any) -> Cell:
@@ -376,7 +389,7 @@ def _robust_cell(r: dict[str, Any], draws: Any) -> Cell:
     title = "worst case per sample over every attack; 95% Wilson interval"
     if not _missing(draws):
         text += f" {RANDOMISED_MARK}"
-        title += f"; robust on a majority of {int(draws)} draws"
+        title += f"; randomised: robust on a majority of {int(draws)} draws"
     return Cell(text, sort=float(r["robust_accuracy"]), title=title)
 
 
@@ -526,7 +539,8 @@ def backdoor_frame(store: Store, run_id: int, *, defenses: dict[str, tuple[str, 
         if b["metric"] not in metrics:
             metrics.append(b["metric"])
     for model, row in rows.items():
-        row["backdoor"] = (defenses or {}).get(model, ("", ""))[0]
+        text = (defenses or {}).get(model, ("", ""))[0]
+        row["backdoor"] = text if "backdoor" in text else ""  # a zoo backdoor recipe only
         if not _missing(row.get("target")):
             row["target"] = int(row["target"])
     known = [m for m in BACKDOOR_METRICS if m in metrics]
@@ -546,30 +560,58 @@ def backdoor_legend(columns: list[str]) -> list[str]:
                        f"{info.meaning}.")
     if "target" in columns:
         out.append("target: the class the trigger flips inputs to.")
+    for c in columns:
+        if c in _BACKDOOR_COUNTS:
+            out.append(f"{_BACKDOOR_COUNTS[c]}: a count of training samples.")
     return out
 
 
-def backdoor_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None = None) -> Table:
-    """The display table of :func:`backdoor_frame`."""
-    metrics = [c for c in frame.columns if c not in ("model", "backdoor", "target")]
-    headers = ["model", "backdoor", "target",
-               *[BACKDOOR_METRICS[m].header if m in BACKDOOR_METRICS
-                 else _BACKDOOR_COUNTS.get(m, m) for m in metrics]]
-    t = Table("backdoor", headers, caption="Backdoor results",
-              legend=backdoor_legend(list(frame.columns)))
+_DEFENSE_PREFIXES = ("spectral_", "clustering_", "strip_", "fine_pruning_")
+
+
+def backdoor_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None = None,
+                   part: str = "attack") -> Table:
+    """The display table of :func:`backdoor_frame`: ``part="attack"`` the backdoor itself
+    (trigger, target, poison rate, clean accuracy and its cost, attack success rate),
+    ``part="defenses"`` the detection scores, STRIP and fine-pruning (two tables, so that a
+    run with every defense still fits a 1280-pixel window)."""
+    if part not in ("attack", "defenses"):
+        raise ValueError(f"unknown backdoor table part {part!r}; expected attack or defenses")
+    keys = [c for c in frame.columns if c not in ("model", "backdoor", "target")]
+    is_defense = [k.startswith(_DEFENSE_PREFIXES) for k in keys]
+    metrics = [k for k, d in zip(keys, is_defense) if d == (part == "defenses")]
+    lead = ["model"] + (["backdoor", "target"] if part == "attack" else [])
+    headers = [*lead, *[BACKDOOR_METRICS[m].header if m in BACKDOOR_METRICS
+                        else _BACKDOOR_COUNTS.get(m, m) for m in metrics]]
+    t = Table("backdoor" if part == "attack" else "backdoor-defenses", headers,
+              caption="Backdoor results" if part == "attack" else "Backdoor defenses",
+              legend=backdoor_legend(lead + metrics))
     for r in frame.to_dict("records"):
-        cells = [Cell(r["model"], href=(evidence or {}).get(r["model"])),
-                 Cell(str(r.get("backdoor") or "")),
-                 Cell("" if _missing(r.get("target")) else str(int(r["target"])))]
+        cells = [Cell(r["model"], href=(evidence or {}).get(r["model"]))]
+        if part == "attack":
+            cells += [Cell(str(r.get("backdoor") or "")),
+                      Cell("" if _missing(r.get("target")) else str(int(r["target"])))]
         for m in metrics:
             v = r.get(m)
             if m in _BACKDOOR_COUNTS:
-                cells.append(Cell("" if _missing(v) else str(int(v))))
+                cells.append(Cell("" if _missing(v) else str(int(v)),
+                                  sort=None if _missing(v) else int(v)))
             else:
                 cells.append(Cell(_num(v), sort=None if _missing(v) else float(v)))
         t.rows.append(cells)
         t.classes.append("")
     return t.drop_empty() if t.rows else t
+
+
+def backdoor_tables(frame: pd.DataFrame, *, evidence: dict[str, str] | None = None
+                    ) -> list[Table]:
+    """The backdoor tables with something in them: the attack's, then the defenses'."""
+    out = []
+    for part in ("attack", "defenses"):
+        t = backdoor_table(frame, evidence=evidence, part=part)
+        if t.rows and len(t.columns) > 1:
+            out.append(t)
+    return out
 
 
 # --- Markdown ---------------------------------------------------------------------------------
