@@ -355,9 +355,9 @@ def marker_legend(draws: int | None = None) -> str:
             "significant. Cost: the attack ensemble's forward + backward passes per sample, "
             "and the wall seconds of the row's attacks and masking diagnosis.")
     if draws is not None:
-        text += (f" {RANDOMISED_MARK}: randomised model; a sample counts as robust when it is "
-                 f"classified correctly on a strict majority of {int(draws)} fresh draws "
-                 "(robust on a majority of the draws).")
+        text += (f" {RANDOMISED_MARK}: randomised model, robust on a majority of {int(draws)} "
+                 "draws: a sample counts as robust when it is classified correctly on a "
+                 f"strict majority of {int(draws)} fresh draws.")
     return text
 
 

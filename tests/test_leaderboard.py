@@ -72,6 +72,8 @@ class _Tables(HTMLParser):
             self._table = None
 
     def handle_data(self, data):
+        if self.lasttag in ("style", "script"):  # the page's CSS and sorter are not its text
+            return
         self.text.append(data)
         if self._cell is not None:
             self._cell[0] += data
