@@ -661,7 +661,11 @@ SCREENSHOTS = ("report_main_table.png", "report_evidence.png")
 def _browser(executable: str | None) -> str:
     import shutil
 
-    found = executable or shutil.which("chromium") or shutil.which("chromium-browser")
+    if executable is not None:
+        if not Path(executable).is_file():
+            raise ValueError(f"no Chromium at {executable}: give the path of its executable")
+        return str(executable)
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
     if not found:
         raise ValueError("no Chromium found: install the Debian package 'chromium' or pass "
                          "the browser's path")

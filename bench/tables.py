@@ -501,7 +501,7 @@ def explanation_legend(columns: list[str]) -> list[str]:
         info = EXPLAIN_METRICS.get(c)
         if info is not None:
             out.append(f"{info.header}: {info.better} is better; range {info.range}. "
-                       f"{info.meaning}.")
+                       f"{info.meaning[:1].upper()}{info.meaning[1:]}.")
         elif c not in ("model", "method", "n"):
             out.append(f"{c}: the store's metric, direction not stated.")
     return out
@@ -514,8 +514,9 @@ def explanations_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None =
     metrics = [c for c in frame.columns if c not in ("model", "method", "n")]
     headers = ["model", "method", *[EXPLAIN_METRICS[m].header if m in EXPLAIN_METRICS else m
                                     for m in metrics], "n"]
+    shown = [m for m in metrics if frame[m].notna().any()]
     t = Table("explanations", headers, caption="Explanation metrics",
-              legend=explanation_legend(list(frame.columns)))
+              legend=explanation_legend(shown))
     for r in frame.to_dict("records"):
         t.rows.append([Cell(r["model"], href=(evidence or {}).get(r["model"])),
                        Cell(_METHOD_NAMES.get(r["method"], r["method"]))]
@@ -557,7 +558,7 @@ def backdoor_legend(columns: list[str]) -> list[str]:
         info = BACKDOOR_METRICS.get(c)
         if info is not None:
             out.append(f"{info.header}: {info.better} is better; range {info.range}. "
-                       f"{info.meaning}.")
+                       f"{info.meaning[:1].upper()}{info.meaning[1:]}.")
     if "target" in columns:
         out.append("target: the class the trigger flips inputs to.")
     for c in columns:
@@ -585,7 +586,7 @@ def backdoor_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None = Non
                         else _BACKDOOR_COUNTS.get(m, m) for m in metrics]]
     t = Table("backdoor" if part == "attack" else "backdoor-defenses", headers,
               caption="Backdoor results" if part == "attack" else "Backdoor defenses",
-              legend=backdoor_legend(lead + metrics))
+              legend=backdoor_legend(lead + [m for m in metrics if frame[m].notna().any()]))
     for r in frame.to_dict("records"):
         cells = [Cell(r["model"], href=(evidence or {}).get(r["model"]))]
         if part == "attack":

@@ -297,6 +297,10 @@ def test_cli_leaderboard_report_and_runs(runs, tmp_path, capsys):
     assert main(["report", "--store", str(store), "--run", "1", "--out-dir",
                  str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "report.html").exists()
+    assert main(["report", "--store", str(store), "--run", "1", "--out-dir",
+                 str(tmp_path / "rep"), "--screenshots", "--browser", "/nonexistent/chromium"]) == 2
+    err = capsys.readouterr().err
+    assert "no Chromium at /nonexistent/chromium" in err or "Playwright" in err
     bad = tmp_path / "bad.sqlite"
     bad.write_bytes(b"garbage" * 100)
     assert main(["leaderboard", "--store", str(bad)]) == 2
