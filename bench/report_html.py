@@ -266,7 +266,9 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
     if not main:
         text += ["", "(no results)"]
     for threat, ranked, apart in main:
-        text += ["", f"## {_threat_title(threat)}", "", tb.markdown(ranked, links=links)]
+        text += ["", f"## {_threat_title(threat)}", "",
+                 tb.markdown(ranked, links=links) if ranked.rows else
+                 f"No model is ranked at {threat}."]
         if apart.rows:
             text += ["", f"Not ranked at {threat}:", "", tb.markdown(apart, links=links)]
     text += ["", verdict_legend(), "", tb.marker_legend(tb.table_draws(df))]
@@ -292,7 +294,8 @@ def _main_html(main: list) -> str:
     for threat, ranked, apart in main:
         parts.append(f"<h2 id=\"threat-{_E(tb._safe(threat.replace(':', '_')))}\">Leaderboard: "
                      f"{_E(_threat_title(threat))}</h2>")
-        parts.append(html_table(ranked) if ranked.rows else "<p>No ranked model.</p>")
+        parts.append(html_table(ranked) if ranked.rows else
+                     f"<p>No model is ranked at {_E(threat)}.</p>")
         if apart.rows:
             parts.append(f"<h3>Not ranked at {_E(threat)}</h3>")
             parts.append(html_table(apart))

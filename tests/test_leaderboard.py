@@ -314,9 +314,12 @@ def test_cli_run_with_report_writes_the_report(tmp_path, capsys, zoo_cache):
                  "--report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "finished" in printed and f"wrote {out / 'report.html'}" in printed
-    ranked = [r for t in _md_tables((out / "leaderboard.md").read_text()) for r in t
-              if "rank" in r]
-    assert [r["model"] for r in ranked] == ["digits-mlp"] * 2  # one row per eps
+    md = (out / "leaderboard.md").read_text()
+    # masking off: no row is ranked; each is listed apart with the reason, one per eps
+    apart = [r for t in _md_tables(md) for r in t]
+    assert [r["model"] for r in apart] == ["digits-mlp"] * 2
+    assert all("masking is off" in r["not ranked because"] for r in apart)
+    assert md.count("No model is ranked at linf:") == 2
 
 
 def test_check_passes_against_itself_and_fails_on_a_weakened_model(runs, tmp_path, capsys):
