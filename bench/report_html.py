@@ -719,7 +719,8 @@ def write_screenshots(report_dir: Path, out_dir: Path | None = None, *,
                 pg.goto((report_dir / href).resolve().as_uri())
                 shot = out / SCREENSHOTS[1]
                 # the summary, the masking checks and the attack cascade
-                height = pg.evaluate("(() => { const h = document.querySelector('#broken-by')"
+                height = pg.evaluate("(() => { const h = document.querySelector("
+                                     "'#broken-by + p') || document.querySelector('#broken-by')"
                                      " || document.querySelector('#cascade') || document"
                                      ".querySelector('#checks'); return h ? h."
                                      "getBoundingClientRect().bottom + window.scrollY + 20"
