@@ -86,6 +86,7 @@ class MetricInfo:
 
     @property
     def header(self) -> str:
+        """The column header: the label with an arrow pointing the better way."""
         return f"{self.label} {'↑' if self.better == 'higher' else '↓'}"
 
 

@@ -544,8 +544,17 @@ def test_each_table_has_its_columns_and_legends(runs, tmp_path):
             assert cols == MAIN_COLUMNS and len(rows) == 1
     md = _md_tables((out / "leaderboard.md").read_text())
     assert [list(t[0]) for t in md[:2]] == [MAIN_COLUMNS, MAIN_COLUMNS]
-    assert list(pd.read_csv(out / "leaderboard.csv").columns) == [
-        c for c in tb.MAIN_CSV_COLUMNS if not c.startswith("certified")]
+    csv = pd.read_csv(out / "leaderboard.csv")
+    assert list(csv.columns) == [c for c in tb.MAIN_CSV_COLUMNS if not c.startswith("certified")]
+    # Markdown, HTML and CSV alike: the same rows with the same values
+    for i, threat in enumerate(("linf_0.05", "linf_0.1")):
+        html_rows = _records(report, f"leaderboard-{threat}")
+        assert html_rows == md[i] == _records(board, f"leaderboard-{threat}")
+        row, line = csv.iloc[i], html_rows[0]
+        assert (str(row["rank"]), row["model"], f"{row['clean_accuracy']:.3f}") == (
+            line["rank"], line["model"], line["clean"])
+        assert line["robust [95% CI]"] == (f"{row['robust_accuracy']:.3f} [{row['ci_low']:.3f}, "
+                                           f"{row['ci_high']:.3f}]")
     assert report.tables["explanations"][0] == ["model", "method", "deletion AUC ↓",
                                                 "insertion AUC ↑", "n"]
     assert list(pd.read_csv(out / "explanations.csv").columns) == [
@@ -566,6 +575,13 @@ def test_each_table_has_its_columns_and_legends(runs, tmp_path):
     rows = _records(evidence, "checks")
     assert [r["check"] for r in rows] == [c["name"] for c in stored]
     assert [r["rule"] for r in rows] == [c["rule"] for c in stored]
+    for r, c in zip(rows, stored):
+        assert r["result"] == ("pass" if c["passed"] else f"FAIL → {c['severity']}") \
+            if not c["skipped"] else r["result"] == f"skipped: {c['skipped']}"
+        if isinstance(c["value"], float):
+            assert r["value"] == f"{c['value']:.4g}"
+        for key in c["evidence"]:
+            assert f"{key}: " in r["evidence"]
     assert "Provenance" in evidence.page_text and "provenance" in evidence.ids
 
 
