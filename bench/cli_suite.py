@@ -143,27 +143,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
-    import pandas as pd
-
+    from . import tables as tb
     from .leaderboard import leaderboard_frame
     from .store import Store
 
     with Store(summary.store, readonly=True) as st:
         df = leaderboard_frame(st, summary.run_id)
+        main = tb.main_tables(df, defenses=tb.defense_texts(st, summary.run_id),
+                              evidence_dir=None)
     print(f"\nrun {summary.run_id} {summary.status} in {summary.wall_seconds:.1f}s: "
           f"{summary.units_run} units run, {summary.units_skipped} skipped "
           f"(store {summary.store})")
-    if len(df):
-        rows = []
-        for _, r in df.iterrows():
-            if r.get("status", "ok") != "ok":  # a failed model or cell: its error, no number
-                rows.append(("-", r["model"], r["threat"], "", r["status"], r["masking"], ""))
-                continue
-            rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
-                         f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                         r["masking"], r["broken_by"]))
-        print(_table(rows, ("rank", "model", "threat", "clean", "worst-case robust [95% CI]",
-                            "masking", "broken by")))
+    for threat, ranked, apart in main:  # the report's main table, per threat
+        for title, t in ((f"ranked at {threat}", ranked), (f"not ranked at {threat}", apart)):
+            if t.rows:
+                print(f"\n{title}:")
+                print(_table([[c.text for c in r] for r in t.rows], t.columns))
     for model, section, reason in summary.unavailable:
         print(f"unavailable: {model} {section}: {reason}")
     for model, section, reason in summary.errors:

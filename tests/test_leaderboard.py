@@ -314,6 +314,9 @@ def test_cli_run_with_report_writes_the_report(tmp_path, capsys, zoo_cache):
                  "--report", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "finished" in printed and f"wrote {out / 'report.html'}" in printed
+    # the summary prints the report's main table: masking off, so nothing is ranked
+    assert "not ranked at linf:0.05:" in printed and "ranked at linf:0.1:" not in \
+        printed.replace("not ranked at", "") and "masking is off" in printed
     md = (out / "leaderboard.md").read_text()
     # masking off: no row is ranked; each is listed apart with the reason, one per eps
     apart = [r for t in _md_tables(md) for r in t]
