@@ -4,8 +4,9 @@
   default when omitted) into the results store, with progress bars and a summary;
 * ``unmask leaderboard [--run ID] [--format md|csv|html|latex] [--out FILE]``: the table of a
   run (the latest by default) on stdout or into a file;
-* ``unmask report [--run ID] [--out-dir results]``: leaderboard.{md,csv,html}, figures and the
-  HTML report;
+* ``unmask report [--run ID] [--out-dir results] [--screenshots]``: the main table
+  (leaderboard.{md,csv,html}), explanations.csv, backdoor.csv, figures, one evidence page per
+  model and threat and the HTML report (with ``--screenshots`` also PNGs of it);
 * ``unmask check --baseline FILE [--run ID] [--write]``: compare a run with a baseline within
   the statistical tolerance of both runs' binomial intervals; exit 1 on a regression.
 """
@@ -183,27 +184,22 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
-    import pandas as pd
-
+    from . import tables as tb
     from .leaderboard import leaderboard_frame
     from .store import Store
 
     with Store(summary.store, readonly=True) as st:
         df = leaderboard_frame(st, summary.run_id)
+        main = tb.main_tables(df, defenses=tb.defense_texts(st, summary.run_id),
+                              evidence_dir=None)
     print(f"\nrun {summary.run_id} {summary.status} in {summary.wall_seconds:.1f}s: "
           f"{summary.units_run} units run, {summary.units_skipped} skipped "
           f"(store {summary.store})")
-    if len(df):
-        rows = []
-        for _, r in df.iterrows():
-            if r.get("status", "ok") != "ok":  # a failed model or cell: its error, no number
-                rows.append(("-", r["model"], r["threat"], "", r["status"], r["masking"], ""))
-                continue
-            rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
-                         f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                         r["masking"], r["broken_by"]))
-        print(_table(rows, ("rank", "model", "threat", "clean", "worst-case robust [95% CI]",
-                            "masking", "broken by")))
+    for threat, ranked, apart in main:  # the report's main table, per threat
+        for title, t in ((f"ranked at {threat}", ranked), (f"not ranked at {threat}", apart)):
+            if t.rows:
+                print(f"\n{title}:")
+                print(_table([[c.text for c in r] for r in t.rows], t.columns))
     for model, section, reason in summary.unavailable:
         print(f"unavailable: {model} {section}: {reason}")
     for model, section, reason in summary.errors:
@@ -271,11 +267,20 @@ def _leaderboard(args: argparse.Namespace) -> int:
 @command("report")
 def _report_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="write the leaderboard files, figures and HTML report",
-                       description="Write leaderboard.{md,csv,html}, figures/*.png and "
-                                   "report.html for a run (the latest by default).")
+                       description="Write the main table (leaderboard.{md,csv,html}), "
+                                   "explanations.csv, backdoor.csv, figures/*.png, "
+                                   "evidence/<model>-<threat>.html and report.html for a run "
+                                   "(the latest by default).")
     p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
     p.add_argument("--out-dir", default="results", metavar="DIR",
                    help="where to write (default: results)")
+    p.add_argument("--screenshots", action="store_true",
+                   help="also write figures/report_main_table.png and "
+                        "figures/report_evidence.png (1280 px wide) with the system Chromium "
+                        "driven by Playwright (pip install playwright; no browser download)")
+    p.add_argument("--browser", metavar="PATH",
+                   help="with --screenshots: the Chromium executable (default: chromium on "
+                        "PATH)")
     _store_arg(p)
     p.set_defaults(handler=_report)
 
@@ -286,6 +291,13 @@ def _report(args: argparse.Namespace) -> int:
     with _open_readonly(args.store) as st:
         run_id = args.run if args.run is not None else st.latest_run().run_id
         paths = lb.write_report(st, run_id, Path(args.out_dir))
+    if args.screenshots:
+        from .report_html import write_screenshots
+
+        try:
+            paths += write_screenshots(Path(args.out_dir), executable=args.browser)
+        except ValueError as err:
+            raise CLIError(str(err)) from None
     for p in paths:
         print(f"wrote {p}")
     return 0

@@ -1,29 +1,28 @@
-"""The leaderboard and the HTML report of a run, built with pandas from the results store.
+"""The leaderboard of a run as a pandas frame, built from the results store; the tables a
+reader sees are in :mod:`unmask.bench.tables`, the pages in :mod:`unmask.bench.report_html`.
 
 One row per model and threat: clean accuracy, each attack's robust accuracy in the cascade,
 the row's one robust number (per sample the worst case over the ensemble, the masking
 diagnosis's attacks and its follow-up, :func:`row_outcomes`) with its 95% Wilson interval, the
 masking verdict with its failing checks and the follow-up (named, with its sample count), who
 broke what, explanation scores, backdoor ASR, n, seed, runtime, checkpoint hash and versions.
-Rows are ranked by that number within each threat, and only rows whose diagnosis finished: a
-``masked`` row is marked and not ranked (unless the adaptive attack's re-checks passed:
-``adaptive``), and a row without a diagnosis (masking off, interrupted, error) or whose cell
-failed (``error: <message>``) says why it is not ranked. A randomised model's sample is robust
-when it is classified correctly on a strict majority of the draws
-(:func:`unmask.bench.core.robust_by_majority`).
+Rows are ranked by that number within each threat (equal numbers share a rank), and only
+rows whose diagnosis finished: a ``masked`` row is marked and not ranked (unless the adaptive
+attack's re-checks passed: ``adaptive``), and a row without a diagnosis (masking off,
+interrupted, error) or whose cell failed (``error: <message>``) says why it is not ranked. A
+randomised model's sample is robust when it is classified correctly on a strict majority of
+the draws (:func:`unmask.bench.core.robust_by_majority`).
 
 Usage::
 
     with Store("results/unmask.sqlite", readonly=True) as st:
         df = leaderboard_frame(st, st.latest_run().run_id)
-        write_report(st, run_id, Path("results"))   # leaderboard.{md,csv,html}, report.html
+        write_report(st, run_id, Path("results"))   # tables, evidence/, report.html
 """
 
 from __future__ import annotations
 
-import html
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -270,13 +269,16 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
                         ascending=[True, True, True, True, False, True], kind="mergesort")
     ranks = []
     for (_, _), group in df.groupby(["norm", "eps"], sort=False, dropna=False):
-        r = 0
-        for unranked in group["_unranked"]:
+        # competition ranking: equal robust accuracies share a rank (1, 2, 2, 4)
+        position, rank, last = 0, 0, None
+        for unranked, value in zip(group["_unranked"], group["robust_accuracy"]):
             if unranked:
                 ranks.append(None)
-            else:
-                r += 1
-                ranks.append(r)
+                continue
+            position += 1
+            if last is None or not abs(float(value) - last) <= 1e-12:
+                rank, last = position, float(value)
+            ranks.append(rank)
     df.insert(0, "rank", pd.array(ranks, dtype="Int64"))
     return df.drop(columns=["_unranked", "_order", "_missing", "_rankable"]
                    ).reset_index(drop=True)
@@ -294,66 +296,7 @@ def sections_frame(store: Store, run_id: int) -> pd.DataFrame:
                                                   "reason"])
 
 
-# --- rendering --------------------------------------------------------------------------------
-
-_DISPLAY_FIXED = ["rank", "model", "threat", "clean_accuracy"]
-
-
-def _num(v: Any) -> str:
-    return "" if v is None or pd.isna(v) else f"{v:.3f}"
-
-
-def _display(df: pd.DataFrame) -> pd.DataFrame:
-    """The human table: accuracy with its interval in one column, a masking mark."""
-    if df.empty:
-        return df
-    out = pd.DataFrame()
-    out["rank"] = [("-" if pd.isna(r) else str(int(r))) for r in df["rank"]]
-    marks = []
-    for m, v, rank, adaptive in zip(df["model"], df["masking"], df["rank"], df["adaptive"]):
-        if bool(adaptive):
-            marks.append(f"{m} (adaptive)")
-        elif v == "masked":
-            marks.append(f"{m} (masked, not ranked)")
-        elif pd.isna(rank):
-            marks.append(f"{m} (not ranked)")
-        else:
-            marks.append(m)
-    out["model"] = marks
-    out["threat"] = df["threat"]
-    out["clean"] = df["clean_accuracy"].map(_num)
-    for col in df.columns:
-        if col.startswith("after "):
-            out[col[6:]] = df[col].map(_num)
-    worst = []
-    for status, r, lo, hi, s, draws in zip(df["status"], df["robust_accuracy"], df["ci_low"],
-                                           df["ci_high"], df["robust_accuracy_std"],
-                                           df.get("draws", pd.Series([None] * len(df)))):
-        if status != "ok":
-            worst.append(status)
-        elif draws is not None and not pd.isna(draws):
-            worst.append(f"{r:.3f} [{lo:.3f}, {hi:.3f}] (robust on a majority of {int(draws)} "
-                         f"draws; per-draw spread ±{s:.3f})")
-        else:
-            worst.append(f"{r:.3f} [{lo:.3f}, {hi:.3f}]")
-    out["worst-case [95% CI]"] = worst
-    out["worst case over"] = df["worst_case_over"].fillna("")
-    out["masking"] = [v + (f" ({f})" if f else "") + (f"; {fu}" if fu else "")
-                      for v, f, fu in zip(df["masking"], df["failing_checks"].fillna(""),
-                                          df["follow_up"].fillna(""))]
-    out["not ranked because"] = [note if pd.isna(rank) else "" for note, rank
-                                 in zip(df["rank_note"].fillna(""), df["rank"])]
-    out["broken by"] = df["broken_by"]
-    for col in df.columns:
-        if any(col.endswith(" " + short) for short in _EXPLAIN_COLUMNS.values()):
-            out[col] = df[col].map(_num)
-    out["backdoor ASR"] = df["backdoor_asr"].map(_num) if "backdoor_asr" in df else ""
-    out["n"] = df["n"].map(lambda v: "" if pd.isna(v) else str(int(v)))
-    out["seed"] = df["seed"].astype(str)
-    out["runtime"] = df["runtime_s"].map(lambda v: "" if pd.isna(v) else f"{v:.1f}s")
-    out["checkpoint"] = df["checkpoint_sha256"].fillna("").str[:12]
-    out["versions"] = df["versions"]
-    return out
+# --- rendering (the tables: tables.py; the pages: report_html.py) ---------------------------
 
 
 def verdict_legend() -> str:
@@ -363,29 +306,6 @@ def verdict_legend() -> str:
     except ImportError:  # pragma: no cover - the masking package is part of unmask
         return ""
     return "Verdicts: " + "; ".join(f"{k}: {v}" for k, v in VERDICT_MEANING.items()) + "."
-
-
-_INTRO = ("Worst case per sample over every attack that ran on it: the attack ensemble, the "
-          "masking diagnosis's own attacks and its follow-up (on the samples the diagnosis "
-          "ran on; see 'worst case over'). Attack columns are the robust accuracy after the "
-          "cascade reached that attack. Only rows whose masking diagnosis finished are ranked; "
-          "masked rows are not, unless the adaptive attack's re-checks passed (marked "
-          "adaptive).")
-
-
-def _markdown(df: pd.DataFrame) -> str:
-    if df.empty:
-        return "(no results)"
-    cols = list(df.columns)
-
-    def esc(v: Any) -> str:
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(esc(c) for c in cols) + " |",
-             "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(esc(v) for v in row) + " |"
-              for row in df.itertuples(index=False)]
-    return "\n".join(lines)
 
 
 def _header_lines(store: Store, run_id: int) -> list[str]:
@@ -404,27 +324,34 @@ def _header_lines(store: Store, run_id: int) -> list[str]:
     return lines
 
 
-def render(store: Store, run_id: int, fmt: str = "md") -> str:
-    """The leaderboard of ``run_id`` as Markdown, CSV, an HTML table or LaTeX."""
-    df = leaderboard_frame(store, run_id)
+def render(store: Store, run_id: int, fmt: str = "md", *, evidence_dir: str | None = None
+           ) -> str:
+    """The main table of ``run_id`` as Markdown (with the explanation and backdoor tables),
+    CSV (:data:`unmask.bench.tables.MAIN_CSV_COLUMNS`), a self-contained HTML page or LaTeX.
+    ``evidence_dir``: link each model to its evidence page there (relative; the pages are
+    written by :func:`write_report`, so the default is no links)."""
+    from . import report_html as rh
+    from . import tables as tb
+
     if fmt == "csv":
-        return df.to_csv(index=False)
-    shown = _display(df)
+        return rh.main_csv(store, run_id, evidence_dir=evidence_dir)
     if fmt == "md":
-        text = ["# unmask leaderboard", ""] + [f"- {h}" for h in _header_lines(store, run_id)]
-        text += ["", _INTRO, "", verdict_legend(), "", _markdown(shown)]
-        missing = sections_frame(store, run_id)
-        if len(missing):
-            text += ["", "## Not run", "", _markdown(missing)]
-        return "\n".join(text) + "\n"
+        return rh.render_markdown(store, run_id, evidence_dir=evidence_dir)
     if fmt == "html":
-        header = "".join(f"<p>{html.escape(h)}</p>" for h in
-                         [*_header_lines(store, run_id), _INTRO, verdict_legend()])
-        return _html_page("unmask leaderboard", header + _html_table(shown, store, run_id))
+        return rh.render_html(store, run_id, evidence_dir=evidence_dir)
     if fmt == "latex":
-        if shown.empty:
+        df = leaderboard_frame(store, run_id)
+        frames = []
+        for threat, ranked, apart in tb.main_tables(df, defenses=tb.defense_texts(store, run_id),
+                                                    evidence_dir=None):
+            for t in (ranked, apart):
+                if t.rows:
+                    part = pd.DataFrame([[c.text for c in r] for r in t.rows], columns=t.columns)
+                    part.insert(0, "threat", threat)
+                    frames.append(part)
+        if not frames:
             return "% no results\n"
-        return shown.to_latex(index=False, escape=True)
+        return pd.concat(frames, ignore_index=True).fillna("").to_latex(index=False, escape=True)
     raise ValueError(f"unknown format {fmt!r}; expected md, csv, html or latex")
 
 
@@ -433,59 +360,6 @@ def write_text(path: Path, text: str) -> Path:
 
     _atomic_write(Path(path), text.encode("utf-8"))
     return Path(path)
-
-
-# --- HTML report ------------------------------------------------------------------------------
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px; color: #222; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
-th { background: #f0f0f0; }
-tr.masked td { background: #fde2e2; }
-tr.suspicious td { background: #fff4d6; }
-tr.error td { background: #eeeeee; color: #8a1c1c; }
-.meta { color: #555; font-size: 0.9em; }
-figure { display: inline-block; margin: 0.5em; }
-figure img { max-width: 640px; border: 1px solid #ddd; }
-pre { background: #f7f7f7; padding: 0.5em; overflow-x: auto; max-height: 30em; }
-"""
-
-
-def _html_page(title: str, body: str) -> str:
-    return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head>\n<body>\n"
-            f"{body}\n</body></html>\n")
-
-
-def _html_table(shown: pd.DataFrame, store: Store, run_id: int, table_id: str = "leaderboard"
-                ) -> str:
-    if shown.empty:
-        return "<p>(no results)</p>"
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    body = []
-    for row in shown.itertuples(index=False):
-        masking = str(row[list(shown.columns).index("masking")]) if "masking" in shown else ""
-        cls = ("masked" if masking.startswith("masked") else
-               "suspicious" if masking.startswith("suspicious") else
-               "error" if "error: " in " ".join(map(str, row)) else "")
-        cells = "".join(f"<td>{html.escape(str(v))}</td>" for v in row)
-        body.append(f"<tr class=\"{cls}\">{cells}</tr>")
-    return (f"<table id=\"{table_id}\"><thead><tr>{head}</tr></thead><tbody>"
-            + "".join(body) + "</tbody></table>")
-
-
-def _plain_table(df: pd.DataFrame, table_id: str) -> str:
-    if df.empty:
-        return "<p>(none)</p>"
-    shown = df.copy()
-    for col in shown.columns:
-        if shown[col].dtype.kind == "f":
-            shown[col] = shown[col].map(lambda v: "" if pd.isna(v) else f"{v:.4g}")
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in shown.columns)
-    rows = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r) + "</tr>"
-                   for r in shown.itertuples(index=False))
-    return f"<table id=\"{table_id}\"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>"
 
 
 def _figure(_: Path | None = None):
@@ -627,60 +501,10 @@ def _safe(name: str) -> str:
 
 
 def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
-    """Write leaderboard.{md,csv,html}, figures/*.png and report.html under ``out_dir``."""
-    out_dir = Path(out_dir)
-    fig_dir = out_dir / "figures"
-    df = leaderboard_frame(store, run_id)
-    written = [write_text(out_dir / "leaderboard.md", render(store, run_id, "md")),
-               write_text(out_dir / "leaderboard.csv", render(store, run_id, "csv")),
-               write_text(out_dir / "leaderboard.html", render(store, run_id, "html"))]
-    figures = _plots(store, run_id, df, fig_dir)
-    written += [p for p, _ in figures]
-    parts = ["<h1>unmask report</h1>", "<div class=\"meta\">"]
-    parts += [f"<p>{html.escape(h)}</p>" for h in _header_lines(store, run_id)]
-    parts.append("</div>")
-    parts.append(f"<h2>Leaderboard</h2><p>{html.escape(_INTRO)} The interval is the 95% "
-                 "Wilson interval; <em>suspicious</em> rows are highlighted.</p>"
-                 f"<p>{html.escape(verdict_legend())}</p>")
-    parts.append(_html_table(_display(df), store, run_id))
-    missing = sections_frame(store, run_id)
-    parts.append("<h2>Not run</h2><p>Sections the suite asked for that could not run here, "
-                 "with the reason.</p>")
-    parts.append(_plain_table(missing, "not-run"))
-    parts.append("<h2>Figures</h2>")
-    for p, caption in figures:
-        rel = os.path.relpath(p, out_dir)
-        parts.append(f"<figure><img src=\"{html.escape(rel)}\" alt=\"{html.escape(caption)}\">"
-                     f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    masking = store.rows("masking", run_id)
-    parts.append("<h2>Masking diagnosis</h2>")
-    if masking:
-        for m in masking:
-            failing = ", ".join(json.loads(m["failing"])) or "none"
-            extra = ""
-            follow = _follow_up_text(_parse_report(m), m)
-            if follow:
-                extra = f"; {follow}"
-            try:
-                pretty = json.dumps(json.loads(m["report"]), indent=2)
-            except json.JSONDecodeError:
-                pretty = m["report"]
-            parts.append(f"<details><summary>{html.escape(m['model'])} at "
-                         f"{html.escape(m['norm'])}:{m['eps']:g}: <b>{html.escape(m['verdict'])}"
-                         f"</b> (failing: {html.escape(failing)}; next: "
-                         f"{html.escape(str(m['next_attack'] or '-'))}{html.escape(extra)})"
-                         f"</summary><pre>{html.escape(pretty)}</pre></details>")
-    else:
-        parts.append("<p>No masking diagnosis in this run (see Not run).</p>")
-    expl = pd.DataFrame([{k: e[k] for k in ("model", "method", "metric", "value", "n")}
-                         for e in store.rows("explanations", run_id)])
-    parts.append("<h2>Explanation metrics</h2>")
-    parts.append(_plain_table(expl, "explanations"))
-    bd = pd.DataFrame([{k: b[k] for k in ("model", "metric", "value")}
-                       for b in store.rows("backdoor", run_id)])
-    if not bd.empty:
-        bd = bd.pivot(index="model", columns="metric", values="value").reset_index()
-    parts.append("<h2>Backdoor metrics</h2>")
-    parts.append(_plain_table(bd, "backdoor"))
-    report = write_text(out_dir / "report.html", _html_page("unmask report", "\n".join(parts)))
-    return written + [report]
+    """Write the report of ``run_id`` under ``out_dir``: ``leaderboard.{md,csv,html}`` (the
+    main table), ``explanations.csv``, ``backdoor.csv``, ``figures/*.png``,
+    ``evidence/<model>-<threat>.html`` and ``report.html``
+    (:func:`unmask.bench.report_html.write_report`); returns the paths written."""
+    from .report_html import write_report as _write
+
+    return _write(store, run_id, Path(out_dir))
