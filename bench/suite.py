@@ -421,8 +421,13 @@ def _tname(value: Any) -> str:
             float: "a float", bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
+# A model spec string naming a RobustBench-style checkpoint (unmask.bench.robustbench_models).
+ROBUSTBENCH_PREFIX = "robustbench:"
+
+
 def is_user_model(name: str) -> bool:
-    """``module:function`` names a user's own model; anything else is a zoo name."""
+    """``module:function`` (or ``robustbench:<dataset>/<threat>/<name>``) names a user's own
+    model; anything else is a zoo name."""
     return ":" in name
 
 
@@ -456,7 +461,18 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
         t.done()
         if kwargs and not is_user_model(name):
             raise t.error("kwargs", "only a module:function model takes kwargs")
-        if is_user_model(name):
+        if name.startswith(ROBUSTBENCH_PREFIX):
+            from .robustbench_models import SPEC_OPTIONS, parse_robustbench_spec
+
+            try:
+                parse_robustbench_spec(name)
+            except ValueError as err:
+                raise SuiteError(f"{key}.name", str(err), source) from None
+            for opt in kwargs:
+                if opt not in SPEC_OPTIONS:
+                    raise SuiteError(f"{key}.kwargs.{opt}", f"a robustbench model takes "
+                                     f"{', '.join(SPEC_OPTIONS)}", source)
+        elif is_user_model(name):
             module, _, func = name.partition(":")
             if not module or not func or not all(p.isidentifier() for p in module.split(".")) \
                     or not func.isidentifier():
@@ -825,8 +841,15 @@ def load_suite(path: str | os.PathLike | None = None, *, check_zoo: bool = True)
 
 
 def resolve_user_model(spec: ModelSpec):
-    """Import ``module:function`` and call it (with the spec's kwargs) for an ``nn.Module``."""
+    """Import ``module:function`` and call it (with the spec's kwargs) for an ``nn.Module``;
+    ``robustbench:<dataset>/<threat>/<name>`` loads a local RobustBench-style checkpoint
+    (:func:`unmask.bench.robustbench_models.load_spec`, kwargs ``model_dir``, ``arch``)."""
     from torch import nn
+
+    if spec.name.startswith(ROBUSTBENCH_PREFIX):
+        from .robustbench_models import load_spec
+
+        return load_spec(spec.name, spec.kwargs, device="cpu")
 
     module_name, _, func_name = spec.name.partition(":")
     module = importlib.import_module(module_name)
