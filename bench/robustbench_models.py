@@ -15,6 +15,9 @@ layout:
 * nothing is ever downloaded: a missing file is a ``FileNotFoundError`` naming the path.
 
 RobustBench models take ``[0, 1]`` inputs and hold their normalisation inside, as unmask's do.
+(``robustbench`` 1.1.1 from PyPI imports ``pkg_resources``, gone from setuptools >= 81, and the
+git-only ``autoattack`` package when imported; where that fails the error says so and asks for
+``arch=``.)
 
 In a suite, the model spec string ``robustbench:<dataset>/<threat_model>/<model_name>`` with
 ``kwargs = { model_dir = "models", arch = "..." }`` loads the same way::
