@@ -64,7 +64,8 @@ def curves_frame(store, run_id: int) -> pd.DataFrame:
 
     run = store.run(run_id)
     config = run.config if isinstance(run.config, dict) else {}
-    in_run = [m.get("label") or m["name"] for m in config.get("models", [])]
+    in_run = [m if isinstance(m, str) else (m.get("label") or m["name"])
+              for m in config.get("models", [])]
     rows = [r for r in store.rows("curves", run_id) if not in_run or r["model"] in in_run]
     if not rows:
         return pd.DataFrame(columns=CURVE_COLUMNS)
