@@ -134,15 +134,16 @@ def _hand_run(st: Store, robust: list[int], broken_at: list[float | None]) -> in
 
 
 def test_report_caps_the_curve_by_the_row_per_sample(tmp_path):
-    # the row: samples 0 (clean), 1, 2 broken at 0.1; the search missed 2 and broke 5 at 0.05
+    # the row: samples 0 (clean), 1, 2 broken at 0.1 (5 of 8 robust); the search missed 1 and
+    # 2 (6 robust at 0.1 by itself: above the row) and broke 5 at 0.05, which the row missed
     robust = [0, 0, 0, 1, 1, 1, 1, 1]
-    broken_at = [0.0, 0.05, None, None, None, 0.05, None, None]
+    broken_at = [0.0, None, None, None, None, 0.05, None, None]
     with Store(tmp_path / "r.sqlite") as st:
         run_id = _hand_run(st, robust, broken_at)
         frame = curves_frame(st, run_id)
         path = write_curves_csv(st, run_id, tmp_path / "curves.csv")
     got = {e: (r, c) for e, r, c in zip(frame["eps"], frame["robust"], frame["capped"])}
-    assert got == {0.0: (7, 0), 0.05: (5, 0), 0.1: (4, 1)}
+    assert got == {0.0: (7, 0), 0.05: (6, 0), 0.1: (4, 2)}
     # never above the row at the suite's eps: the row has 5 robust, the curve 4 (sample 5,
     # broken by the search, is an adversarial example the row's attacks missed)
     assert frame[frame["eps"] == 0.1]["suite_eps"].item()
