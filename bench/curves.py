@@ -11,9 +11,10 @@ grid, for the smallest grid eps at which an attack breaks it:
   ``e`` means broken at every eps >= ``e`` (its adversarial example lies in every larger
   ball), robust at ``e`` is taken as robust at every smaller eps;
 * the remaining grid points between the bracket's ends are bisected with the search ensemble
-  (default APGD-CE then APGD-T with 3 targets, 50 steps each: :data:`CURVE_ATTACKS`), so a
-  sample costs about ``log2(points)`` attack runs, and a sample robust under the cascade at
-  the largest eps costs nothing when the grid stops there (the default);
+  (default APGD-CE then APGD-T with 1 target, 20 steps each:
+  :data:`unmask.bench.suite.CURVE_ATTACKS`), so a sample costs about ``log2(points)`` attack
+  runs, and a sample robust under the cascade at the largest eps costs nothing when the grid
+  stops there (the default);
 * ``broken_at`` of a sample is the smallest grid eps at which it was broken (0 when the clean
   input is misclassified; None when nothing broke it on the grid).
 
