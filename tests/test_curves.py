@@ -150,6 +150,18 @@ def test_report_caps_the_curve_by_the_row_per_sample(tmp_path):
     assert (frame["bound"] == "upper").all()
     lines = path.read_text().splitlines()
     assert lines[0].split(",") == CSV_COLUMNS and len(lines) == 4
+    # the same file from the CLI; a run without curves is an error that says so
+    from unmask.bench.cli import main
+
+    out = tmp_path / "cli.csv"
+    assert main(["export", str(run_id), "--format", "curves", "--out", str(out),
+                 "--store", str(tmp_path / "r.sqlite")]) == 0
+    assert out.read_text() == path.read_text()
+    with Store(tmp_path / "r.sqlite") as st:
+        bare = st.start_run(suite="t", config={}, config_hash="h", seed=0, quick=False,
+                            git_commit=None, versions={}, device="cpu")
+    assert main(["export", str(bare), "--format", "curves", "--out", str(out),
+                 "--store", str(tmp_path / "r.sqlite")]) == 2
 
 
 def test_old_store_without_the_curves_table(tmp_path):
