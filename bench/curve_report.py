@@ -130,7 +130,8 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
 
     A model without a curve (not selected by ``[curves] models``, or a run without curves)
     shows only its measured points: the suite's eps with their intervals, never a line from
-    eps 0 (nothing was measured in between). ``df`` is the leaderboard frame."""
+    eps 0 (nothing was measured in between), labelled "(no curve)" when other models of the
+    run have one. ``df`` is the leaderboard frame."""
     from .leaderboard import _figure, _safe, _save
 
     out: list[tuple[Path, str]] = []
@@ -150,7 +151,7 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
         for model, style in zip(models, line_styles(len(models))):
             c = curves[curves["model"] == model].sort_values("eps")
             pts = rows[rows["model"] == model].sort_values("eps")
-            label = model
+            label = model if len(c) or curves.empty else f"{model} (no curve)"
             if len(c):
                 ax.plot(c["eps"], c["robust_accuracy"], label=label, markersize=4, **style)
                 label = None
