@@ -11,7 +11,7 @@ grid, for the smallest grid eps at which an attack breaks it:
   ``e`` means broken at every eps >= ``e`` (its adversarial example lies in every larger
   ball), robust at ``e`` is taken as robust at every smaller eps;
 * the remaining grid points between the bracket's ends are bisected with the search ensemble
-  (default APGD-CE then APGD-T with 1 target, 20 steps each:
+  (default APGD-CE then APGD-T with 1 target, 40 steps each:
   :data:`unmask.bench.suite.CURVE_ATTACKS`), so a sample costs about ``log2(points)`` attack
   runs, and a sample robust under the cascade at the largest eps costs nothing when the grid
   stops there (the default);
@@ -26,11 +26,14 @@ its follow-up, :func:`unmask.bench.leaderboard.row_outcomes`), so the curve neve
 more robust at a suite eps than the row does; it equals the row there unless the search broke a
 sample the row's attacks did not (then the curve is lower, with the evidence).
 
-Cost, measured on the default suite's 7 ranked models (100 mnist5k samples, Linf up to 0.3,
-10 points, 1 CPU thread): 59k forward and 52k backward passes, 33 s, against the suite's 5 to
-11 minutes. The same search with 50 steps and 3 targets took 4x the passes; its curves were
-within 4 points of these except mnist-cnn-fastat at 0.24 and 0.27 (8 and 7 points lower):
-between the suite's eps the default is the looser bound.
+Cost and tightness, measured on the default suite's 7 ranked models (100 mnist5k samples,
+Linf up to 0.3, 10 points, 1 CPU thread): 105k forward and 98k backward passes in all (the
+suite's cascade and diagnosis: 5 to 11 minutes on 2 cores). Against the full standard ensemble
+(APGD-CE, APGD-T 9 targets, Square 5000) run at an intermediate eps on the same samples, the
+curve reads mnist-cnn 0.56 vs 0.55 at 0.12, mnist-cnn-pgdat 0.91 vs 0.91 at 0.15,
+mnist-cnn-gradreg 0.53 vs 0.50 at 0.18 and mnist-cnn-fastat 0.33 vs 0.32 at 0.24. With 20 steps
+each (59k + 52k passes) fastat read 0.40 there; with 50 steps and 3 targets (239k forward
+passes) 0.32.
 
 Usage::
 
