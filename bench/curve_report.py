@@ -146,7 +146,7 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
         if not models:
             continue
         fig = _figure(fig_dir)
-        fig.set_size_inches(8, 5)
+        fig.set_size_inches(9, 5)
         ax = fig.add_subplot(1, 1, 1)
         for model, style in zip(models, line_styles(len(models))):
             c = curves[curves["model"] == model].sort_values("eps")
@@ -170,7 +170,8 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
                 else "no curves in this run: the suite's eps only")
         ax.set_title(f"Security curves ({norm}); {what}; black-edged points: the rows with "
                      "95% CI", fontsize=8)
-        ax.legend(fontsize=7, loc="upper right", ncol=2 if len(models) > 6 else 1)
+        # beside the axes: with a dozen models a legend inside hides the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
         p = _save(fig, fig_dir / f"robust_vs_eps_{_safe(norm)}.png")
         out.append((p, f"Security curves ({norm}): robust accuracy against eps, an upper bound "
                        "(per-sample minimum-eps search, capped by the cascade at the suite's "
