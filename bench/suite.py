@@ -279,8 +279,8 @@ class Suite:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def quick(self) -> Suite:
-        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis (and at
-        most 4 curve points)."""
+        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis (and
+        security curves of at most 4 points, searched with at most 10 steps)."""
         q = self.quick_spec
         threats = []
         for t in self.threats:
@@ -303,7 +303,10 @@ class Suite:
             explain=dataclasses.replace(self.explain, n=min(self.explain.n, q.explain_n),
                                         metrics=metrics, maps=min(self.explain.maps, 2)),
             backdoor=dataclasses.replace(self.backdoor, defenses=False),
-            curves=dataclasses.replace(self.curves, points=min(self.curves.points, 4)),
+            curves=dataclasses.replace(
+                self.curves, points=min(self.curves.points, 4),
+                attacks=tuple({**a, "steps": min(a["steps"], 10)} if "steps" in a else a
+                              for a in self.curves.attacks)),
             is_quick=True)
 
     def build_attacks(self, norm: str, eps: float):
