@@ -14,7 +14,9 @@ ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard"
 
 MODEL_HELP = ("a zoo name (unmask zoo list), package.module:function (a builder of yours, "
               "imported from the working directory), or a checkpoint file (.pt, .pth, .ckpt, "
-              ".bin, .safetensors: a state dict with --arch, or a TorchScript archive)")
+              ".bin, .safetensors: a state dict with --arch, or a TorchScript archive), or "
+              "robustbench:DATASET/THREAT/NAME (a local RobustBench-style checkpoint; "
+              "--model-kwargs '{\"model_dir\": ...}')")
 
 
 def add_model_source_args(p: argparse.ArgumentParser, optional_model: bool = False) -> None:

@@ -3,7 +3,9 @@
 * ``--format robustbench``: one RobustBench ``model_info`` JSON per model and threat, under
   ``OUT/<dataset>/<Linf|L2>/`` (see :mod:`unmask.bench.export`);
 * ``--format csv|parquet``: the per-sample outcomes (sample id, label, robust, the attack that
-  broke it, margin) as one table for pandas.
+  broke it, margin) as one table for pandas;
+* ``--format curves``: the security curves (model, threat_norm, eps, robust_accuracy, n, ...;
+  see :mod:`unmask.bench.curve_report`) as CSV.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                                    "JSON files, or the per-sample outcomes as CSV or Parquet.")
     p.add_argument("run", nargs="?", type=int, metavar="RUN",
                    help="run id (default: the latest)")
-    p.add_argument("--format", choices=("robustbench", "csv", "parquet"), required=True)
+    p.add_argument("--format", choices=("robustbench", "csv", "parquet", "curves"),
+                   required=True)
     p.add_argument("--out", metavar="PATH",
                    help="folder for robustbench (default: export/model_info), file for csv and "
-                        "parquet (default: export/samples.<format>)")
+                        "parquet (default: export/samples.<format>) and curves (default: "
+                        "export/curves.csv)")
     _store_arg(p)
     p.set_defaults(handler=_export)
 
@@ -43,6 +47,14 @@ def _export(args: argparse.Namespace) -> int:
                 for path in paths:
                     print(path)
                 print(f"wrote {len(paths)} model_info files under {out}", file=sys.stderr)
+            elif args.format == "curves":
+                from .curve_report import write_curves_csv
+
+                out = Path(args.out or "export/curves.csv")
+                if write_curves_csv(st, run_id, out) is None:
+                    raise CLIError(f"run {run_id} has no security curves (a suite's [curves] "
+                                   "section computes them)")
+                print(f"wrote {out}", file=sys.stderr)
             else:
                 out = Path(args.out or f"export/samples.{args.format}")
                 export.export_samples(st, run_id, out, args.format)

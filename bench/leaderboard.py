@@ -393,26 +393,10 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         df = df[df["robust_accuracy"].notna()]  # rows of failed cells have no numbers
     if df.empty:
         return out
-    # robust accuracy vs eps, per norm
-    for norm, group in df.groupby("norm"):
-        fig = _figure(fig_dir)
-        ax = fig.add_subplot(1, 1, 1)
-        for model, g in group.groupby("model", sort=False):
-            g = g.sort_values("eps")
-            eps = [0.0] + g["eps"].tolist()
-            acc = [g["clean_accuracy"].iloc[0]] + g["robust_accuracy"].tolist()
-            lo = [acc[0]] + g["ci_low"].tolist()
-            hi = [acc[0]] + g["ci_high"].tolist()
-            style = "--" if (g["masking"] == "masked").any() else "-"
-            line, = ax.plot(eps, acc, style, marker="o", label=model)
-            ax.fill_between(eps, lo, hi, alpha=0.15, color=line.get_color())
-        ax.set_xlabel(f"eps ({norm})")
-        ax.set_ylabel("worst-case robust accuracy")
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(f"Robust accuracy vs eps ({norm}; dashed: masked; band: 95% CI)")
-        ax.legend(fontsize=7, loc="upper right")
-        p = _save(fig, fig_dir / f"robust_vs_eps_{norm}.png")
-        out.append((p, f"Worst-case robust accuracy vs eps ({norm}) with 95% Wilson bands"))
+    # robust accuracy vs eps, per norm: the security curves (unmask.bench.curve_report)
+    from .curve_report import robust_vs_eps_figures
+
+    out += robust_vs_eps_figures(store, run_id, df, fig_dir)
     # who broke what + attack cost, per threat
     cells = store.rows("cells", run_id)
     for threat, group in df.groupby("threat", sort=False):

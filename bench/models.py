@@ -4,6 +4,9 @@
 * ``mypkg.models:build``: a user's builder, imported with the working directory on
   ``sys.path`` (as ``python -m`` does) and called with ``kwargs``; it returns an ``nn.Module``
   taking ``[0, 1]`` inputs and returning logits;
+* ``robustbench:<dataset>/<threat>/<name>``: a RobustBench-style local checkpoint
+  (``<model_dir>/<dataset>/<threat>/<name>.pt``; ``kwargs`` ``model_dir``, ``arch_kwargs``;
+  :func:`unmask.bench.robustbench_models.load_spec`), never downloaded;
 * ``path/to/weights.pt`` (or ``.pth``, ``.ckpt``, ``.bin``, ``.safetensors``): a state dict
   loaded into ``arch`` (a registered architecture such as ``small-cnn``, ``tv:resnet18``, or a
   ``module:function`` builder), never unpickling arbitrary objects; a TorchScript archive
@@ -29,6 +32,8 @@ import torch
 from torch import nn
 
 from .core import select_device
+
+ROBUSTBENCH_PREFIX = "robustbench:"
 
 __all__ = ["LoadedModel", "ModelSourceError", "CHECKPOINT_SUFFIXES", "DEFAULT_DATASET",
            "is_user_builder", "is_checkpoint", "import_callable", "build_user_model",
@@ -189,6 +194,17 @@ def load_model(name: str, *, arch: str | None = None, kwargs: dict[str, Any] | N
                                    f"{dataset}")
         model, card = zoo.load_with_card(name, device=dev, progress=progress)
         return LoadedModel(model.eval(), name, "zoo", entry.dataset, card)
+    if name.startswith(ROBUSTBENCH_PREFIX):
+        from .robustbench_models import load_spec, parse_robustbench_spec
+
+        options = dict(kwargs or {}, **({"arch": arch} if arch is not None else {}))
+        try:
+            rb_dataset = parse_robustbench_spec(name)[0]
+            model = load_spec(name, options, device=dev)
+        except (ValueError, FileNotFoundError) as err:
+            raise ModelSourceError(str(err)) from err
+        dataset = dataset or (rb_dataset if rb_dataset in data.names() else DEFAULT_DATASET)
+        return LoadedModel(model.eval(), name, "robustbench", dataset, details=options)
     dataset = dataset or DEFAULT_DATASET
     if is_user_builder(name):
         if arch is not None:

@@ -590,7 +590,8 @@ def evidence_page(store: Store, run_id: int, row: dict[str, Any], *,
 
 def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     """Write under ``out_dir``: ``leaderboard.{md,csv,html}`` (the main table),
-    ``explanations.csv``, ``backdoor.csv``, ``figures/*.png``, ``evidence/*.html`` (one page
+    ``explanations.csv``, ``backdoor.csv``, ``curves.csv`` (when the run has security
+    curves), ``figures/*.png``, ``evidence/*.html`` (one page
     per model and threat) and ``report.html``; returns the paths written."""
     from .leaderboard import _plots, leaderboard_frame, sections_frame, verdict_legend, write_text
 
@@ -613,6 +614,10 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     ]
     figures = _plots(store, run_id, df, out_dir / "figures")
     written += [p for p, _ in figures]
+    from .curve_report import write_curves_csv
+
+    curves_csv = write_curves_csv(store, run_id, out_dir / "curves.csv")
+    written += [curves_csv] if curves_csv is not None else []
     model_figs = {}
     for p, caption in figures:
         if caption.startswith("Attribution maps of "):
@@ -648,6 +653,9 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     parts.append(html_table(_frame_table(missing, "not-run")) if len(missing)
                  else "<p>(none)</p>")
     parts.append("<h2 id=\"figures\">Figures</h2>")
+    if curves_csv is not None:
+        parts.append("<p>The security curves' data (robust accuracy against eps, an upper "
+                     "bound per point): <a href=\"curves.csv\">curves.csv</a>.</p>")
     for p, caption in figures:
         rel = os.path.relpath(p, out_dir)
         parts.append(f"<figure><img src=\"{_E(rel)}\" alt=\"{_E(caption)}\">"

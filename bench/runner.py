@@ -443,7 +443,12 @@ class _Runner:
             units.append(f"explain/{key}")
         if self._wants_backdoor(spec):
             units.append(f"backdoor/{key}")
+        if s.curves.enabled:
+            units += [f"curve/{key}/{norm}" for norm in self._curve_norms()]
         return units
+
+    def _curve_norms(self) -> list[str]:
+        return list(dict.fromkeys(norm for norm, _ in self.suite.threat_list()))
 
     def _wants_backdoor(self, spec: ModelSpec) -> bool:
         b = self.suite.backdoor
@@ -488,6 +493,10 @@ class _Runner:
                 self._attack_cell(spec, loaded, threat, x, y)
             if s.masking.enabled and self.dist.main and not self._is_done(f"masking/{key}/{tk}"):
                 self._masking(spec, loaded, threat, x, y)
+        if s.curves.enabled and self.dist.main:
+            for norm in self._curve_norms():
+                if not self._is_done(f"curve/{key}/{norm}"):
+                    self._curve(spec, loaded, norm, x, y)
         if s.explain.enabled and self.dist.main and not self._is_done(f"explain/{key}"):
             self._explain(spec, loaded, x, y)
         if self._wants_backdoor(spec) and self.dist.main and not self._is_done(f"backdoor/{key}"):
@@ -528,6 +537,50 @@ class _Runner:
         except Exception as err:  # the rows of this cell are rolled back, nothing else
             log.warning("attacks on %s at %s failed: %s", spec.key, threat, err)
             self._section(unit, spec.key, "attack", "error", _message(err), str(threat))
+
+    def _curve(self, spec: ModelSpec, loaded: _Loaded, norm: str, x: Tensor, y: Tensor
+               ) -> None:
+        """The security-curve search of one model and norm (:mod:`unmask.bench.curves`), on
+        the suite's samples, bracketed by the cascade's per-sample rows (rank 0)."""
+        from . import curves
+
+        assert self.store is not None
+        c, key = self.suite.curves, spec.key
+        unit = f"curve/{key}/{norm}"
+        eps_list = [e for nm, e in self.suite.threat_list() if nm == norm]
+        masking = {(m["norm"], float(m["eps"])): m["verdict"]
+                   for m in self.store.rows("masking", self.run_id) if m["model"] == key}
+        verdicts = {e: masking.get((norm, float(e))) for e in eps_list}
+        selected, why, final = curves.curve_selection(c.models, key, verdicts)
+        if not selected:
+            log.info("no security curve for %s (%s): %s", key, norm, why)
+            if final:  # the selection cannot change on resume: the unit is finished
+                with self._unit(unit, 0.0):
+                    pass
+            return
+        cascade = [r for r in self.store.rows("samples", self.run_id)
+                   if r["model"] == key and r["norm"] == norm]
+        if {float(r["eps"]) for r in cascade} != {float(e) for e in eps_list}:
+            log.info("no security curve for %s (%s): its attack cells did not finish", key, norm)
+            return  # the failed cell is the row's error; a resumed run comes back here
+        start = time.perf_counter()
+        try:
+            grid = curves.curve_grid(eps_list, points=c.points, explicit=c.eps.get(norm))
+            res = curves.search_for_suite(
+                loaded.model, x, y, norm=norm, grid=grid, attacks=c.attacks, cascade=cascade,
+                seed=self.suite.seed, batch_size=self.suite.batch_size,
+                draws=self.suite.attacks.draws, precision=self.suite.attacks.precision,
+                label=key)
+        except Exception as err:
+            log.warning("security curve of %s (%s) failed: %s", key, norm, err)
+            self._section(unit, key, "curve", "error", _message(err), norm)
+            return
+        seconds = time.perf_counter() - start
+        with self._unit(unit, seconds, clears=(key, "curve", norm)) as tx:
+            tx.add_curve({"model": key, "norm": norm, "grid": res.grid,
+                          "broken_at": res.broken_at, "n": res.n, "attacks": list(c.attacks),
+                          "forwards": res.forwards, "backwards": res.backwards,
+                          "wall_seconds": seconds})
 
     def _surrogate_model(self) -> tuple[str | None, nn.Module | None, str]:
         """The transfer check's surrogate, loaded once per run: ``(name, model, why)``;

@@ -21,6 +21,10 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
 * ``explanations`` explanation metrics per model x method x metric (a number, or a status);
 * ``explanation_maps`` a few attribution maps per model x method, for the report's figures;
 * ``backdoor``     backdoor metrics per model;
+* ``curves``       the security-curve search per model x norm (``[curves]`` of the suite): the
+  eps grid and, per sample, the smallest grid eps at which an attack broke it (JSON lists; see
+  :mod:`unmask.bench.curves`). Added after schema 1 was released: a store without it gets it
+  on the first writable open, and a read-only store without it reads as having no curves;
 * ``sections``     anything the suite asked for that did not run: status ``unavailable`` (a
   sibling feature not installed, an optional zoo entry missing) or ``error`` (it raised; the
   reason is the message; a resumed run tries it again and clears it when it succeeds).
@@ -158,6 +162,19 @@ CREATE TABLE IF NOT EXISTS backdoor (
     value REAL,
     PRIMARY KEY (run_id, model, metric)
 );
+CREATE TABLE IF NOT EXISTS curves (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    model TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    grid TEXT NOT NULL,
+    broken_at TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    attacks TEXT NOT NULL,
+    forwards INTEGER NOT NULL,
+    backwards INTEGER NOT NULL,
+    wall_seconds REAL NOT NULL,
+    PRIMARY KEY (run_id, model, norm)
+);
 CREATE TABLE IF NOT EXISTS sections (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     model TEXT NOT NULL,
@@ -171,6 +188,9 @@ CREATE TABLE IF NOT EXISTS sections (
 
 _TABLES = {"meta", "runs", "units", "cells", "samples", "masking", "explanations",
            "explanation_maps", "backdoor", "sections"}
+# Tables added within schema 1 (additive: older unmask versions ignore them). A writable open
+# creates a missing one; a read-only store without one reads it as empty.
+_ADDED_TABLES = {"curves"}
 
 
 def _when_unlocked(fn, timeout: float | None = None):
@@ -348,6 +368,9 @@ class Store:
         if tables and "meta" not in tables:
             raise StoreError(self._foreign_message(tables))
         if "meta" in tables:
+            missing = _ADDED_TABLES - tables
+            if missing:
+                self._add_tables(missing)
             return
         with self._transaction():
             if self._tables():  # another process created it while we waited
@@ -359,6 +382,15 @@ class Store:
                                   [("application", APPLICATION),
                                    ("schema_version", str(SCHEMA_VERSION)),
                                    ("created", str(time.time()))])
+
+    def _add_tables(self, names: set[str]) -> None:
+        """Create the tables of ``names`` from the schema (a store written before they were
+        added), in one transaction; another process doing the same is harmless."""
+        with self._transaction():
+            for statement in _SCHEMA.split(";"):
+                head = statement.strip().split("(")[0].split()
+                if head and head[-1] in names:
+                    self.conn.execute(statement)
 
     def _foreign_message(self, tables: Iterable[str]) -> str:
         return (f"{self.path} is an SQLite database of another application (tables: "
@@ -510,8 +542,10 @@ class Store:
     # --- reading tables -------------------------------------------------------------------
 
     def rows(self, table: str, run_id: int) -> list[dict[str, Any]]:
-        if table not in _TABLES - {"meta"}:
+        if table not in (_TABLES | _ADDED_TABLES) - {"meta"}:
             raise ValueError(f"unknown table {table!r}")
+        if table in _ADDED_TABLES and table not in self._tables():
+            return []  # a read-only store written before the table was added
         order = {"cells": "model, norm, eps, position", "samples": "model, norm, eps, sample",
                  "units": "unit"}.get(table, "rowid")
         cur = self.conn.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {order}",
@@ -561,6 +595,14 @@ class UnitWriter:
     def add_backdoor(self, model: str, metrics: Mapping[str, Any]) -> None:
         rows = [{"model": model, "metric": k, "value": _number(v)} for k, v in metrics.items()]
         self._insert("backdoor", ("model", "metric", "value"), rows)
+
+    def add_curve(self, row: Mapping[str, Any]) -> None:
+        """One security-curve search (model x norm): ``grid`` and ``broken_at`` as lists."""
+        row = {**row, "grid": _json(list(row["grid"])), "broken_at": _json(list(row["broken_at"])),
+               "attacks": _json(row.get("attacks", []))}
+        cols = ("model", "norm", "grid", "broken_at", "n", "attacks", "forwards", "backwards",
+                "wall_seconds")
+        self._insert("curves", cols, [row])
 
     def add_section(self, model: str, section: str, status: str, reason: str,
                     detail: str = "") -> None:

@@ -44,6 +44,13 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     [backdoor]
     enabled = true
 
+    [curves]                     # security curves: robust accuracy against eps
+    enabled = true
+    models = "ranked"            # "ranked" (ranked and not masked), "all", or model keys
+    points = 10                  # grid per norm: 10 eps evenly up to its largest suite eps
+    # eps = { linf = [0.05, 0.1, 0.2, 0.3] }   # or an explicit grid per norm
+    # attacks = ["apgd", "apgd-t"]             # the per-sample search ([attacks] list syntax)
+
     [quick]                      # what --quick changes (all optional)
     n = 100
 
@@ -66,6 +73,7 @@ from pathlib import Path
 from typing import Any
 
 from .core import DRAWS, Precision
+from .models import ROBUSTBENCH_PREFIX
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,7 +83,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "ExplainSpec",
            "BackdoorSpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
            "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
-           "build_attack", "default_surrogate", "WRAPPERS"]
+           "build_attack", "default_surrogate", "WRAPPERS", "CurveSpec", "CURVE_MODELS"]
 
 EXPLAIN_METRICS = ("deletion_insertion", "randomisation", "max_sensitivity", "completeness",
                    "attribution_change", "trigger_localisation")
@@ -166,6 +174,34 @@ class BackdoorSpec:
     defenses: bool = False        # poison detection, STRIP and fine-pruning (slow)
 
 
+# ``[curves] models`` selections that name no model.
+CURVE_MODELS = ("ranked", "all")
+# The per-sample minimum-eps search of the curves: APGD-CE then APGD-T (1 target), 40 steps
+# each. Measured on the default suite's ranked models (docs in unmask.bench.curves): within 3
+# points of the full standard ensemble at the intermediate eps checked, at 0.44x the passes
+# of 50 steps and 3 targets; 20 steps each halve the cost but read up to 8 points high.
+CURVE_ATTACKS: tuple[dict[str, Any], ...] = (
+    {"name": "apgd", "steps": 40, "loss": "ce"}, {"name": "apgd-t", "steps": 40, "n_targets": 1})
+
+
+@dataclass(frozen=True)
+class CurveSpec:
+    """The ``[curves]`` section: security curves (robust accuracy against eps) from a
+    per-sample minimum-eps search (:mod:`unmask.bench.curves`).
+
+    ``models``: ``("ranked",)`` (the models whose diagnosis at every eps of the norm finished,
+    is ranked and is not ``masked``: a gradient search is as blind as the masking), ``("all",)``
+    or model keys. ``points``: the grid of a norm is ``points`` eps evenly spaced up to the
+    norm's largest suite eps; ``eps`` (norm -> list) replaces it. The suite's own eps are always
+    on the grid. ``attacks``: the search, ``[attacks] list`` syntax."""
+
+    enabled: bool = False
+    models: tuple[str, ...] = ("ranked",)
+    points: int = 10
+    eps: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    attacks: tuple[dict[str, Any], ...] = CURVE_ATTACKS
+
+
 @dataclass(frozen=True)
 class QuickSpec:
     """What ``--quick`` changes: fewer samples, the quick ensemble, a fast diagnosis."""
@@ -201,6 +237,7 @@ class Suite:
     masking: MaskingSpec = MaskingSpec()
     explain: ExplainSpec = ExplainSpec()
     backdoor: BackdoorSpec = BackdoorSpec()
+    curves: CurveSpec = CurveSpec()
     quick_spec: QuickSpec = QuickSpec()
     is_quick: bool = False
     source: str | None = None
@@ -227,6 +264,10 @@ class Suite:
         for key in ("device",):
             if d[key] is None:
                 d.pop(key)
+        if not self.curves.enabled:  # absent when off: earlier runs keep their config hash
+            d.pop("curves")
+        else:
+            d["curves"]["attacks"] = [dict(a) for a in self.curves.attacks]
         q = d["quick"]
         for key in ("batch_size", "eps"):
             if q[key] is None:
@@ -238,7 +279,8 @@ class Suite:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def quick(self) -> Suite:
-        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis."""
+        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis (and
+        security curves of at most 4 points, searched with at most 10 steps)."""
         q = self.quick_spec
         threats = []
         for t in self.threats:
@@ -261,6 +303,10 @@ class Suite:
             explain=dataclasses.replace(self.explain, n=min(self.explain.n, q.explain_n),
                                         metrics=metrics, maps=min(self.explain.maps, 2)),
             backdoor=dataclasses.replace(self.backdoor, defenses=False),
+            curves=dataclasses.replace(
+                self.curves, points=min(self.curves.points, 4),
+                attacks=tuple({**a, "steps": min(a["steps"], 10)} if "steps" in a else a
+                              for a in self.curves.attacks)),
             is_quick=True)
 
     def build_attacks(self, norm: str, eps: float):
@@ -382,8 +428,12 @@ def _tname(value: Any) -> str:
             float: "a float", bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
+# A model spec string naming a RobustBench-style checkpoint (unmask.bench.robustbench_models).
+
+
 def is_user_model(name: str) -> bool:
-    """``module:function`` names a user's own model; anything else is a zoo name."""
+    """``module:function`` (or ``robustbench:<dataset>/<threat>/<name>``) names a user's own
+    model; anything else is a zoo name."""
     return ":" in name
 
 
@@ -417,7 +467,18 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
         t.done()
         if kwargs and not is_user_model(name):
             raise t.error("kwargs", "only a module:function model takes kwargs")
-        if is_user_model(name):
+        if name.startswith(ROBUSTBENCH_PREFIX):
+            from .robustbench_models import SPEC_OPTIONS, parse_robustbench_spec
+
+            try:
+                parse_robustbench_spec(name)
+            except ValueError as err:
+                raise SuiteError(f"{key}.name", str(err), source) from None
+            for opt in kwargs:
+                if opt not in SPEC_OPTIONS:
+                    raise SuiteError(f"{key}.kwargs.{opt}", f"a robustbench model takes "
+                                     f"{', '.join(SPEC_OPTIONS)}", source)
+        elif is_user_model(name):
             module, _, func = name.partition(":")
             if not module or not func or not all(p.isidentifier() for p in module.split(".")) \
                     or not func.isidentifier():
@@ -490,20 +551,20 @@ def _attack_names() -> dict[str, Any]:
     return usable
 
 
-def _attacks(t: _Table) -> AttackSpec:
+def _attacks(t: _Table, list_key: str = "list") -> AttackSpec:
     draws = t.integer("draws", DRAWS, minimum=1)
     precision = t.text("precision", "fp32", choices=[p.value for p in Precision])
-    if t.has("preset") and t.has("list"):
-        raise t.error("list", "give either 'preset' or 'list', not both")
-    if t.has("list"):
-        raw = t.raw("list")
+    if t.has("preset") and t.has(list_key):
+        raise t.error(list_key, f"give either 'preset' or '{list_key}', not both")
+    if t.has(list_key):
+        raw = t.raw(list_key)
         if not isinstance(raw, list) or not raw:
-            raise t.error("list", "expected a non-empty list of attack names or tables "
-                                  "{ name = 'pgd', steps = 40 }")
+            raise t.error(list_key, "expected a non-empty list of attack names or tables "
+                                    "{ name = 'pgd', steps = 40 }")
         usable = _attack_names()
         specs = []
         for i, item in enumerate(raw):
-            key = f"{t.key('list')}[{i}]"
+            key = f"{t.key(list_key)}[{i}]"
             spec = {"name": item} if isinstance(item, str) else item
             if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
                 raise SuiteError(key, "expected an attack name or a table with a 'name'",
@@ -632,6 +693,45 @@ def _backdoor(t: _Table) -> BackdoorSpec:
                         models=t.str_list("models", ()), defenses=t.flag("defenses", False))
 
 
+def _curves(t: _Table, threats: tuple[ThreatSpec, ...]) -> CurveSpec:
+    models = t.str_list("models", ("ranked",))
+    if not models:
+        raise t.error("models", "is empty; give 'ranked', 'all' or model keys")
+    if len(models) > 1 and set(models) & set(CURVE_MODELS):
+        raise t.error("models", f"{' and '.join(CURVE_MODELS)} stand alone; got {list(models)}")
+    points = t.integer("points", 10, minimum=1)
+    norms = {th.norm for th in threats}
+    grids: dict[str, tuple[float, ...]] = {}
+    raw = t.raw("eps", None)
+    if raw is not None:
+        if isinstance(raw, list):  # one grid: only for a suite of one norm
+            if len(norms) != 1:
+                raise t.error("eps", "a plain list is only for a suite of one norm; give a "
+                              "table per norm: eps = { linf = [...], l2 = [...] }")
+            raw = {next(iter(norms)): raw}
+        if not isinstance(raw, Mapping):
+            raise t.error("eps", f"expected a list of numbers or a table norm -> list, got "
+                                 f"{_tname(raw)}")
+        for norm, values in raw.items():
+            key = f"{t.key('eps')}.{norm}"
+            if norm not in norms:
+                raise SuiteError(key, f"the suite has no {norm!r} threat; its norms: "
+                                 f"{', '.join(sorted(norms))}", t.source)
+            if not isinstance(values, list) or not values:
+                raise SuiteError(key, "expected a non-empty list of numbers", t.source)
+            grid = tuple(_number(v, f"{key}[{j}]", t.source) for j, v in enumerate(values))
+            if any(e <= 0 for e in grid):
+                raise SuiteError(key, f"grid eps must be > 0 (eps 0 is the clean accuracy), "
+                                 f"got {list(grid)}", t.source)
+            grids[norm] = grid
+    attacks: tuple[dict[str, Any], ...] = CURVE_ATTACKS
+    if t.has("attacks"):
+        attacks = _attacks(_Table({"attacks": t.raw("attacks")}, t.path, t.source),
+                           list_key="attacks").attacks
+    return CurveSpec(enabled=t.flag("enabled", bool(t.data)), models=models, points=points,
+                     eps=grids, attacks=attacks)
+
+
 def _quick(t: _Table) -> QuickSpec:
     eps = None
     if t.has("eps"):
@@ -687,9 +787,11 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     explain = _explain(explain_t)
     backdoor_t = top.table("backdoor")
     backdoor = _backdoor(backdoor_t)
+    curves_t = top.table("curves")
+    curves = _curves(curves_t, threats)
     quick_t = top.table("quick")
     quick = _quick(quick_t)
-    for t in (masking_t, explain_t, backdoor_t, quick_t):
+    for t in (masking_t, explain_t, backdoor_t, curves_t, quick_t):
         t.done()
     top.done()
     for i, m in enumerate(quick.models):
@@ -700,11 +802,20 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
         if m not in {s.key for s in models}:
             raise SuiteError(f"backdoor.models[{i}]", f"{m!r} is not one of the suite's models",
                              source)
+    if curves.enabled and "ranked" in curves.models and not masking.enabled:
+        raise SuiteError("curves.models", "'ranked' selects by the masking diagnosis, which is "
+                         "off ([masking] enabled = false); enable it or list the models",
+                         source)
+    for i, m in enumerate(curves.models):
+        if m not in CURVE_MODELS and m not in {s.key for s in models}:
+            raise SuiteError(f"curves.models[{i}]", f"{m!r} is not one of the suite's models "
+                             f"(or {' / '.join(repr(c) for c in CURVE_MODELS)})", source)
     return Suite(name=name, description=description, dataset=dataset, split=split, n=n,
                  batch_size=batch_size, seed=seed, device=device, channels_last=channels_last,
                  data_options=dict(data_options),
                  models=models, threats=threats, attacks=attacks, masking=masking,
-                 explain=explain, backdoor=backdoor, quick_spec=quick, source=source)
+                 explain=explain, backdoor=backdoor, curves=curves, quick_spec=quick,
+                 source=source)
 
 
 def default_suite_path() -> Path:
@@ -737,7 +848,13 @@ def load_suite(path: str | os.PathLike | None = None, *, check_zoo: bool = True)
 
 def resolve_user_model(spec: ModelSpec):
     """Import ``module:function`` (the working directory on ``sys.path``, as ``python -m``
-    does) and call it with the spec's kwargs for an ``nn.Module`` in eval mode."""
+    does) and call it with the spec's kwargs for an ``nn.Module`` in eval mode;
+    ``robustbench:<dataset>/<threat>/<name>`` loads a local RobustBench-style checkpoint
+    (:func:`unmask.bench.robustbench_models.load_spec`, kwargs ``model_dir``, ``arch``)."""
+    if spec.name.startswith(ROBUSTBENCH_PREFIX):
+        from .robustbench_models import load_spec
+
+        return load_spec(spec.name, spec.kwargs, device="cpu")
     from .models import build_user_model
 
     return build_user_model(spec.name, spec.kwargs)

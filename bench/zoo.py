@@ -52,7 +52,7 @@ from .training import RECIPES, accuracy, seeded_init
 __all__ = ["ModelEntry", "MODELS", "register_model", "list", "entries", "get", "load",
            "load_with_card", "card", "cache_dir", "wrap", "from_checkpoint", "read_state_dict",
            "CacheCorruptionWarning", "ThreadCountWarning", "versions", "isolated",
-           "fingerprint"]
+           "fingerprint", "load_robustbench"]
 
 log = logging.getLogger(__name__)
 
@@ -617,6 +617,9 @@ def from_checkpoint(path: str | os.PathLike, arch: str | nn.Module, *, mean=None
 # --- entries of the foundation -------------------------------------------------------------
 
 from .archs import MLP, SmallCNN  # noqa: E402
+
+# RobustBench-style local checkpoint directories (<dir>/<dataset>/<threat>/<name>.pt).
+from .robustbench_models import load_robustbench  # noqa: E402
 
 
 @register_model("mnist-cnn", dataset="mnist5k", recipe="standard", epochs=6, seed=0,

@@ -409,3 +409,28 @@ def test_a_diagnosis_warns_about_probability_outputs_once():
                  checks=["zero gradients", "one-step beats iterative", "monotone in eps"])
     probs = [w for w in caught if issubclass(w.category, ProbabilityOutputWarning)]
     assert len(probs) == 1, [str(w.message)[:60] for w in probs]
+
+
+def test_attack_on_a_robustbench_style_checkpoint(in_project, capsys, tmp_path):
+    from unmask.bench.archs import MLP
+
+    torch.manual_seed(0)
+    mlp = MLP(in_features=64, hidden=16, num_classes=10)
+    path = tmp_path / "rb" / "digits" / "Linf" / "Mine2026.pt"
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": mlp.state_dict()}, path)
+    out_json = tmp_path / "r.json"
+    kwargs = json.dumps({"model_dir": str(tmp_path / "rb"),
+                         "arch_kwargs": {"in_features": 64, "hidden": 16, "num_classes": 10}})
+    code, out, err = _cli(capsys, "attack", "robustbench:digits/Linf/Mine2026", "--arch", "mlp",
+                          "--model-kwargs", kwargs, "--eps", "0.1", "--n", "16", "--attack",
+                          "fgsm", "--json", out_json)
+    assert code == 0, err
+    assert "evaluated on digits" in err  # the spec's dataset, registered here
+    x, y = data.load("digits", "test", n=16)
+    with torch.no_grad():
+        clean = float((mlp.eval()(x).argmax(1) == y).float().mean())
+    assert json.loads(out_json.read_text())["clean_accuracy"] == pytest.approx(clean)
+    code, _, err = _cli(capsys, "attack", "robustbench:digits/Linf/Missing", "--arch", "mlp",
+                        "--model-kwargs", kwargs)
+    assert code == 2 and "Missing.pt" in err
