@@ -25,6 +25,7 @@ from torch import Tensor, nn
 
 from ...bench.core import Threat, check_inputs, model_mode, parse_enum
 from .bounds import InputSet, crown_bounds, ibp_bounds, margin_spec
+from .milp import TOL as MILP_TOL
 from .milp import MilpOutcome, milp_margin
 from .network import Chain, NotSupportedError, to_chain
 
@@ -147,8 +148,11 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
                     status.append(Status.CERTIFIED.value)
                     advs.append(None)
                     continue
+                per_class = torch.full((k,), float("inf"), dtype=torch.float64)
+                per_class[[j for j in range(k) if j != int(y[i])]] = crown_low[i].double().cpu()
                 out = milp_margin(chain, inputs.lo[i], inputs.hi[i], int(y[i]),
-                                  [(lo[i], hi[i]) for lo, hi in pre], time_limit=time_limit)
+                                  [(lo[i], hi[i]) for lo, hi in pre], time_limit=time_limit,
+                                  class_lower=per_class)
                 low = max(out.lower, float(crown_low[i].min()))
                 adv = None
                 if out.x_adv is not None:
@@ -160,7 +164,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
                 advs.append(adv)
                 if adv is not None:
                     status.append(Status.BROKEN.value)
-                elif low > 0:
+                elif low > MILP_TOL:
                     status.append(Status.CERTIFIED.value)
                 else:
                     status.append(Status.UNKNOWN.value)
