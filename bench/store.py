@@ -21,6 +21,12 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
 * ``explanations`` explanation metrics per model x method x metric (a number, or a status);
 * ``explanation_maps`` a few attribution maps per model x method, for the report's figures;
 * ``backdoor``     backdoor metrics per model;
+* ``certified``    per model x threat x certification method (``[certify]``): n, certified /
+  broken / unknown counts, certified robust accuracy, seconds, status (``ok`` or ``not
+  supported``/``unavailable``) and the reason;
+* ``certified_samples`` per sample and method: ``certified`` / ``broken`` / ``unknown``, the
+  proven lower bound of the margin, and whether the MILP found a counterexample (verified on
+  the model in fp32; the leaderboard counts it as broken in the row's worst case);
 * ``sections``     anything the suite asked for that did not run: status ``unavailable`` (a
   sibling feature not installed, an optional zoo entry missing) or ``error`` (it raised; the
   reason is the message; a resumed run tries it again and clears it when it succeeds).
@@ -157,6 +163,34 @@ CREATE TABLE IF NOT EXISTS backdoor (
     value REAL,
     PRIMARY KEY (run_id, model, metric)
 );
+CREATE TABLE IF NOT EXISTS certified (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    model TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    method TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    certified INTEGER,
+    broken INTEGER,
+    unknown INTEGER,
+    certified_accuracy REAL,
+    seconds REAL NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, model, norm, eps, method)
+);
+CREATE TABLE IF NOT EXISTS certified_samples (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    model TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    method TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    lower REAL,
+    counterexample INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, model, norm, eps, method, sample)
+);
 CREATE TABLE IF NOT EXISTS sections (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     model TEXT NOT NULL,
@@ -170,6 +204,9 @@ CREATE TABLE IF NOT EXISTS sections (
 
 _TABLES = {"meta", "runs", "units", "cells", "samples", "masking", "explanations",
            "explanation_maps", "backdoor", "sections"}
+# Tables added after schema 1 without a version bump (additive): created on opening an older
+# store for writing, read as empty from an older store opened read-only.
+_ADDED_TABLES = {"certified", "certified_samples"}
 
 
 def _when_unlocked(fn, timeout: float | None = None):
@@ -345,6 +382,12 @@ class Store:
         if tables and "meta" not in tables:
             raise StoreError(self._foreign_message(tables))
         if "meta" in tables:
+            if _ADDED_TABLES - tables:  # an older store: add the new tables, nothing else
+                with self._transaction():
+                    for statement in _SCHEMA.split(";"):
+                        name = statement.split("EXISTS")[-1].split("(")[0].strip()
+                        if statement.strip() and name in _ADDED_TABLES:
+                            self.conn.execute(statement)
             return
         with self._transaction():
             if self._tables():  # another process created it while we waited
@@ -499,9 +542,13 @@ class Store:
     # --- reading tables -------------------------------------------------------------------
 
     def rows(self, table: str, run_id: int) -> list[dict[str, Any]]:
-        if table not in _TABLES - {"meta"}:
+        if table not in (_TABLES | _ADDED_TABLES) - {"meta"}:
             raise ValueError(f"unknown table {table!r}")
+        if table in _ADDED_TABLES and table not in self._tables():
+            return []  # an older store opened read-only
         order = {"cells": "model, norm, eps, position", "samples": "model, norm, eps, sample",
+                 "certified": "model, norm, eps, method",
+                 "certified_samples": "model, norm, eps, method, sample",
                  "units": "unit"}.get(table, "rowid")
         cur = self.conn.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {order}",
                                 (run_id,))
@@ -550,6 +597,17 @@ class UnitWriter:
     def add_backdoor(self, model: str, metrics: Mapping[str, Any]) -> None:
         rows = [{"model": model, "metric": k, "value": _number(v)} for k, v in metrics.items()]
         self._insert("backdoor", ("model", "metric", "value"), rows)
+
+    def add_certified(self, rows: Sequence[Mapping[str, Any]],
+                      samples: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Rows of ``certified`` (one per model x threat x method) and their per-sample rows
+        (``lower``: -inf and NaN are stored as NULL)."""
+        self._insert("certified", ("model", "norm", "eps", "method", "n", "certified", "broken",
+                                   "unknown", "certified_accuracy", "seconds", "status",
+                                   "reason"), rows)
+        self._insert("certified_samples", ("model", "norm", "eps", "method", "sample", "status",
+                                           "lower", "counterexample"),
+                     [{**r, "lower": _number(r.get("lower"))} for r in samples])
 
     def add_section(self, model: str, section: str, status: str, reason: str,
                     detail: str = "") -> None:

@@ -44,6 +44,11 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     [backdoor]
     enabled = true
 
+    [certify]                    # proven lower bounds next to the attack numbers
+    methods = ["ibp", "crown", "milp"]   # milp: exact (Linf only), needs highspy
+    time_limit = 10.0            # MILP seconds per sample; a timeout leaves it "unknown"
+    n = 100                      # optional: the first n samples (default: all)
+
     [quick]                      # what --quick changes (all optional)
     n = 100
 
@@ -74,12 +79,13 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "ExplainSpec",
-           "BackdoorSpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
+           "BackdoorSpec", "CertifySpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
            "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
            "build_attack", "default_surrogate", "WRAPPERS"]
 
 EXPLAIN_METRICS = ("deletion_insertion", "randomisation", "max_sensitivity", "completeness",
                    "attribution_change", "trigger_localisation")
+CERTIFY_METHODS = ("ibp", "crown", "milp")
 EXPLAIN_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "input_x_gradient")
 PRESETS = ("quick", "standard")
 
@@ -168,6 +174,19 @@ class BackdoorSpec:
 
 
 @dataclass(frozen=True)
+class CertifySpec:
+    """The ``[certify]`` section: proven lower bounds of robust accuracy
+    (:func:`unmask.defenses.certified.certify`) for every model whose layers the bounds
+    support, at every threat of the suite, on the first ``n`` samples (None: all).
+    ``time_limit``: MILP seconds per sample (a timeout leaves the sample unknown)."""
+
+    enabled: bool = False
+    methods: tuple[str, ...] = CERTIFY_METHODS
+    time_limit: float = 10.0
+    n: int | None = None
+
+
+@dataclass(frozen=True)
 class QuickSpec:
     """What ``--quick`` changes: fewer samples, the quick ensemble, a fast diagnosis."""
 
@@ -202,6 +221,7 @@ class Suite:
     masking: MaskingSpec = MaskingSpec()
     explain: ExplainSpec = ExplainSpec()
     backdoor: BackdoorSpec = BackdoorSpec()
+    certify: CertifySpec = CertifySpec()
     quick_spec: QuickSpec = QuickSpec()
     is_quick: bool = False
     source: str | None = None
@@ -225,6 +245,10 @@ class Suite:
             d["attacks"]["precision"] = att["precision"]
         if d["masking"]["surrogate"] == SURROGATE_AUTO:  # absent for the default: hashes kept
             d["masking"].pop("surrogate")
+        if not d["certify"]["enabled"]:  # absent when off: earlier runs keep their hash
+            d.pop("certify")
+        elif d["certify"]["n"] is None:
+            d["certify"].pop("n")
         for key in ("device",):
             if d[key] is None:
                 d.pop(key)
@@ -239,7 +263,8 @@ class Suite:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def quick(self) -> Suite:
-        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis."""
+        """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis
+        (``[certify]`` kept, its MILP time limit capped at 2 s per sample)."""
         q = self.quick_spec
         threats = []
         for t in self.threats:
@@ -262,6 +287,9 @@ class Suite:
             explain=dataclasses.replace(self.explain, n=min(self.explain.n, q.explain_n),
                                         metrics=metrics, maps=min(self.explain.maps, 2)),
             backdoor=dataclasses.replace(self.backdoor, defenses=False),
+            # the bounds are cheap; a smoke run caps the MILP at 2 s per sample
+            certify=dataclasses.replace(self.certify,
+                                        time_limit=min(self.certify.time_limit, 2.0)),
             is_quick=True)
 
     def build_attacks(self, norm: str, eps: float):
@@ -633,6 +661,24 @@ def _backdoor(t: _Table) -> BackdoorSpec:
                         models=t.str_list("models", ()), defenses=t.flag("defenses", False))
 
 
+def _certify(t: _Table) -> CertifySpec:
+    methods = t.str_list("methods", CERTIFY_METHODS, CERTIFY_METHODS)
+    if len(set(methods)) != len(methods):
+        raise t.error("methods", f"lists a method twice: {list(methods)}")
+    time_limit = 10.0
+    raw = t.raw("time_limit")
+    if raw is not None:
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < float("inf"):
+            raise t.error("time_limit", f"expected a number of seconds > 0 (the MILP's limit "
+                                        f"per sample), got {raw!r}")
+        time_limit = float(raw)
+    spec = CertifySpec(enabled=t.flag("enabled", bool(t.data)), methods=methods,
+                       time_limit=time_limit, n=t.integer("n", None, minimum=1))
+    if spec.enabled and not spec.methods:
+        raise t.error("methods", f"is empty; name at least one of {', '.join(CERTIFY_METHODS)}")
+    return spec
+
+
 def _quick(t: _Table) -> QuickSpec:
     eps = None
     if t.has("eps"):
@@ -688,9 +734,11 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     explain = _explain(explain_t)
     backdoor_t = top.table("backdoor")
     backdoor = _backdoor(backdoor_t)
+    certify_t = top.table("certify")
+    certify = _certify(certify_t)
     quick_t = top.table("quick")
     quick = _quick(quick_t)
-    for t in (masking_t, explain_t, backdoor_t, quick_t):
+    for t in (masking_t, explain_t, backdoor_t, certify_t, quick_t):
         t.done()
     top.done()
     for i, m in enumerate(quick.models):
@@ -705,7 +753,8 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
                  batch_size=batch_size, seed=seed, device=device, channels_last=channels_last,
                  data_options=dict(data_options),
                  models=models, threats=threats, attacks=attacks, masking=masking,
-                 explain=explain, backdoor=backdoor, quick_spec=quick, source=source)
+                 explain=explain, backdoor=backdoor, certify=certify, quick_spec=quick,
+                 source=source)
 
 
 def default_suite_path() -> Path:

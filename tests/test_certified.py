@@ -153,3 +153,145 @@ def test_bad_method_and_milp_l2_are_rejected():
         certify(model, x, y, Threat("linf", 0.1), method="foo")
     with pytest.raises(ValueError, match="linf"):
         certify(model, x, y, Threat("l2", 0.1), method="milp")
+
+
+# --- [certify] in a suite run -----------------------------------------------------------------
+
+NOT_SUPPORTED_MODULE = '''
+from torch import nn
+
+
+def pooled():
+    """A digits model with max pooling: the bounds do not support it."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 10)).eval()
+'''
+
+CERTIFY_SUITE = """
+name = "cert"
+dataset = "digits"
+n = 32
+batch_size = 16
+seed = 0
+models = [{models}]
+
+[[threats]]
+norm = "linf"
+eps = [0.02, 0.1]
+
+[attacks]
+preset = "quick"
+
+[masking]
+enabled = false
+
+[certify]
+methods = ["ibp", "crown", "milp"]
+time_limit = 5.0
+"""
+
+
+@pytest.fixture
+def certify_suite(tmp_path, zoo_cache):
+    """A suite file on digits with [certify], and a module with an unsupported user model."""
+    import sys
+
+    (tmp_path / "certmods.py").write_text(NOT_SUPPORTED_MODULE)
+    sys.path.insert(0, str(tmp_path))
+
+    def make(models: str):
+        path = tmp_path / "cert.toml"
+        path.write_text(CERTIFY_SUITE.format(models=models))
+        return path
+
+    yield make
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("certmods", None)
+
+
+def test_suite_certify_rows_bracket_the_attack_and_record_not_supported(tmp_path,
+                                                                       certify_suite):
+    from unmask.bench.leaderboard import leaderboard_frame, render
+    from unmask.bench.runner import run_suite
+    from unmask.bench.store import Store
+    from unmask.bench.suite import load_suite
+
+    suite = load_suite(certify_suite('"digits-mlp", "certmods:pooled"'))
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    assert summary.status == "finished"
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        rows = st.rows("certified", summary.run_id)
+        samples = st.rows("certified_samples", summary.run_id)
+        df = leaderboard_frame(st, summary.run_id)
+        md = render(st, summary.run_id, "md")
+        csv = render(st, summary.run_id, "csv")
+        attack = {(s["eps"], s["sample"]): s for s in st.rows("samples", summary.run_id)
+                  if s["model"] == "digits-mlp"}
+    ok = [r for r in rows if r["model"] == "digits-mlp"]
+    assert {(r["eps"], r["method"]) for r in ok} == {(e, m) for e in (0.02, 0.1)
+                                                     for m in ("ibp", "crown", "milp")}
+    assert all(r["status"] == "ok" and r["n"] == 32 for r in ok)
+    for eps in (0.02, 0.1):
+        acc = {r["method"]: r["certified_accuracy"] for r in ok if r["eps"] == eps}
+        assert acc["ibp"] <= acc["crown"] <= acc["milp"]
+        # every sample decided by the MILP on this tiny MLP, and the exact verdicts agree
+        # with the attack: certified samples were robust to it
+        milp = [s for s in samples if s["model"] == "digits-mlp" and s["eps"] == eps
+                and s["method"] == "milp"]
+        assert len(milp) == 32 and {s["status"] for s in milp} <= {"certified", "broken"}
+        for s in milp:
+            if s["status"] == "certified":
+                assert attack[(eps, s["sample"])]["robust"] == 1
+                assert s["lower"] > 0
+    pooled = [r for r in rows if r["model"] == "certmods:pooled"]
+    assert len(pooled) == 6 and all(r["status"] == "not supported" for r in pooled)
+    assert all("not supported: MaxPool2d" in r["reason"] for r in pooled)
+    assert all(r["certified_accuracy"] is None for r in pooled)
+    # the leaderboard: certified <= robust, gap = robust - certified, exact where they meet
+    mlp = df[df["model"] == "digits-mlp"]
+    assert len(mlp) == 2
+    for _, row in mlp.iterrows():
+        assert row["certified_method"] == "milp"
+        assert row["certified"] <= row["robust_accuracy"] + 1e-12
+        assert abs(row["gap"] - (row["robust_accuracy"] - row["certified"])) < 1e-12
+        assert bool(row["exact"]) == (abs(row["gap"]) < 1e-12)
+    # the MILP decides every sample here and its counterexamples join the worst case: exact
+    assert mlp["exact"].astype(bool).all()
+    pool_row = df[df["model"] == "certmods:pooled"].iloc[0]
+    assert pd_isna(pool_row["certified"]) and "MaxPool2d" in pool_row["certified_note"]
+    assert "certified" in csv.splitlines()[0] and "gap" in csv.splitlines()[0]
+    assert "(milp) exact" in md and "not supported: MaxPool2d" in md
+
+
+def pd_isna(v) -> bool:
+    import math
+
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypatch):
+    import unmask.defenses.certified as certified
+    from unmask.bench.runner import CertifiedSoundnessError, run_suite
+    from unmask.bench.store import Store
+    from unmask.bench.suite import load_suite
+
+    real = certified.certify
+
+    def lying(model, x, y, threat, **kw):  # a broken certifier: every sample "certified"
+        res = real(model, x, y, threat, **kw)
+        return certified.CertifyResult(res.method, threat, [1.0] * res.n,
+                                       ["certified"] * res.n, res.seconds, [None] * res.n)
+
+    monkeypatch.setattr(certified, "certify", lying)
+    suite = load_suite(certify_suite('"digits-mlp"'))
+    with pytest.raises(CertifiedSoundnessError) as err:
+        run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        run = st.latest_run()
+        broken = [s for s in st.rows("samples", run.run_id) if not s["robust"]]
+        errors = [r for r in st.rows("sections", run.run_id) if r["section"] == "certify"]
+    first = min(s["sample"] for s in broken if s["eps"] == 0.02)
+    assert f"sample {first} is certified robust by ibp" in str(err.value)
+    assert "digits-mlp at linf:0.02" in str(err.value)
+    assert run.status == "failed"
+    assert errors and f"sample {first}" in errors[0]["reason"]
