@@ -113,6 +113,8 @@ def test_default_suite_ships_and_round_trips():
     assert suite.attacks.preset == "standard" and suite.masking.follow_up
     assert suite.explain.enabled and suite.backdoor.enabled
     assert {m.key for m in suite.models if m.optional} >= {"mnist-cnn-pgdat", "mnist-cnn-badnets"}
+    assert suite.certify.enabled and "milp" in suite.certify.methods
+    assert "mnist-mlp-ibp03" in [m.key for m in suite.models]  # the model whose bracket closes
     assert load_suite("default").to_dict() == suite.to_dict()
     quick = suite.quick()
     assert quick.is_quick and quick.n <= 100 and quick.attacks.preset == "quick"
