@@ -294,3 +294,32 @@ def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypa
     assert "digits-mlp at linf:0.1" in str(err.value)
     assert run.status == "failed"
     assert errors and f"sample {first}" in errors[0]["reason"]
+
+
+def test_store_without_certified_tables_reads_empty_and_gains_them(tmp_path):
+    import sqlite3
+
+    from unmask.bench.store import Store
+
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    conn = sqlite3.connect(path)  # a store written before [certify] existed
+    conn.execute("DROP TABLE certified")
+    conn.execute("DROP TABLE certified_samples")
+    conn.commit()
+    conn.close()
+    with Store(path, readonly=True) as st:
+        assert st.rows("certified", 1) == [] and st.rows("certified_samples", 1) == []
+    with Store(path) as st:  # opened for writing: the tables are added, nothing else changes
+        run = st.start_run(suite="s", config={}, config_hash="h", seed=0, quick=False,
+                           git_commit=None, versions={}, device="cpu")
+        with st.unit(run, "certify/m/linf:0.1") as tx:
+            tx.add_certified([{"model": "m", "norm": "linf", "eps": 0.1, "method": "ibp",
+                               "n": 1, "certified": 0, "broken": 1, "unknown": 0,
+                               "certified_accuracy": 0.0, "seconds": 0.1, "status": "ok",
+                               "reason": ""}],
+                             [{"model": "m", "norm": "linf", "eps": 0.1, "method": "ibp",
+                               "sample": 0, "status": "broken", "lower": float("-inf"),
+                               "counterexample": 0}])
+        assert st.rows("certified", run)[0]["certified_accuracy"] == 0.0
+        assert st.rows("certified_samples", run)[0]["lower"] is None  # -inf stored as NULL
