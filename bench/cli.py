@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "unmask.bench.cli_suite",
     "unmask.bench.cli_perf",
     "unmask.bench.cli_export",
+    "unmask.bench.cli_certify",
 )
 _COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
 

@@ -323,3 +323,26 @@ def test_store_without_certified_tables_reads_empty_and_gains_them(tmp_path):
                                "counterexample": 0}])
         assert st.rows("certified", run)[0]["certified_accuracy"] == 0.0
         assert st.rows("certified_samples", run)[0]["lower"] is None  # -inf stored as NULL
+
+
+def test_cli_certify_prints_each_method_and_names_unsupported_layers(zoo_cache, capsys,
+                                                                     tmp_path):
+    import json
+
+    from unmask.bench.cli import main
+
+    out_json = tmp_path / "c.json"
+    assert main(["certify", "digits-mlp", "--eps", "0.1", "--n", "12", "--methods", "ibp",
+                 "milp", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln[:4] in ("ibp ", "milp")}
+    assert set(lines) == {"ibp", "milp"}
+    saved = json.loads(out_json.read_text())
+    assert [r["method"] for r in saved] == ["ibp", "milp"]
+    assert float(lines["ibp"][1]) == pytest.approx(saved[0]["certified_accuracy"], abs=5e-4)
+    assert saved[0]["certified_accuracy"] <= saved[1]["certified_accuracy"]
+    assert "unknown" not in saved[1]["status"]  # the MILP decides every sample of digits-mlp
+    assert main(["certify", "digits-mlp", "--eps", "0.1", "--methods", "alpha"]) == 2
+    assert "unknown method 'alpha'" in capsys.readouterr().err
+    assert main(["certify", "mnist-cnn", "--eps", "0.1", "--n", "2"]) == 2
+    assert "not supported: MaxPool2d" in capsys.readouterr().err
