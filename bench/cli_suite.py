@@ -162,9 +162,12 @@ def _print_summary(summary) -> None:
             if r.get("status", "ok") != "ok":  # a failed model or cell: its error, no number
                 rows.append(("-", r["model"], r["threat"], "", r["status"], r["masking"], ""))
                 continue
+            robust = f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]"
+            if not pd.isna(r.get("certified", float("nan"))):  # [certify]: the lower bound
+                robust += (f"; certified {r['certified']:.3f} ({r['certified_method']}"
+                           f"{', exact' if bool(r['exact']) else ''})")
             rows.append(("-" if r["rank"] is None or r["rank"] is pd.NA else r["rank"], r["model"], r["threat"], f"{r['clean_accuracy']:.3f}",
-                         f"{r['robust_accuracy']:.3f} [{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
-                         r["masking"], r["broken_by"]))
+                         robust, r["masking"], r["broken_by"]))
         print(_table(rows, ("rank", "model", "threat", "clean", "worst-case robust [95% CI]",
                             "masking", "broken by")))
     for model, section, reason in summary.unavailable:

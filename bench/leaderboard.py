@@ -391,7 +391,7 @@ def _display(df: pd.DataFrame) -> pd.DataFrame:
     out["backdoor ASR"] = df["backdoor_asr"].map(_num) if "backdoor_asr" in df else ""
     if "certified" in df:  # [certify]: the proven lower bound next to the attack's number
         out["certified"] = [
-            (f"{c:.3f} ({meth}){' exact' if ex is True else ''}" if not pd.isna(c) else
+            (f"{c:.3f} ({meth}){' exact' if bool(ex) else ''}" if not pd.isna(c) else
              (note if isinstance(note, str) else ""))
             for c, meth, ex, note in zip(df["certified"], df["certified_method"], df["exact"],
                                          df["certified_note"])]
