@@ -46,8 +46,9 @@ DEFAULT_ROWS = (("mnist-mlp-ibp03", 0.3), ("mnist-cnn-ibp03", 0.3), ("mnist-cnn-
 @dataclass
 class CertifyRow:
     """One model at one eps; accuracies in [0, 1] (None where a method does not apply) and
-    seconds per sample; ``milp_n`` the samples the MILP ran on, ``milp_unknown`` how many it
-    left undecided (time limit); ``note`` why a method did not apply."""
+    seconds per sample; ``crown_n`` / ``milp_n`` the samples CROWN / the MILP ran on (the
+    first ones), ``milp_unknown`` how many the MILP left undecided (time limit); ``note`` why
+    a method did not apply."""
 
     model: str
     eps: float
@@ -56,6 +57,7 @@ class CertifyRow:
     ibp: float | None
     crown: float | None
     milp: float | None
+    crown_n: int
     milp_n: int
     milp_unknown: int | None
     attack: float
@@ -71,9 +73,10 @@ class CertifyRow:
 
 
 def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None = None,
-                time_limit: float = 10.0, suite=None, device: str = "cpu") -> CertifyRow:
-    """Measure one row (see the module docstring); ``milp_n`` limits the MILP to the first
-    ``milp_n`` samples (default: all ``n``)."""
+                crown_n: int | None = None, time_limit: float = 10.0, suite=None,
+                device: str = "cpu") -> CertifyRow:
+    """Measure one row (see the module docstring); ``milp_n`` / ``crown_n`` limit the MILP /
+    CROWN to the first samples (default: all ``n``)."""
     from ..defenses.certified import NotSupportedError, assert_sound, certify
     from . import data, zoo
     from .runner import evaluate_cell
@@ -95,9 +98,10 @@ def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None
     out: dict[str, Any] = {}
     note = ""
     milp_n = n if milp_n is None else min(milp_n, n)
+    crown_n = n if crown_n is None else min(crown_n, n)
     worst = list(broken)
     for method in ("ibp", "crown", "milp"):
-        k = milp_n if method == "milp" else n
+        k = {"milp": milp_n, "crown": crown_n}.get(method, n)
         try:
             res = certify(model, x[:k], y[:k], threat, method=method, time_limit=time_limit)
         except NotSupportedError as err:
@@ -112,7 +116,7 @@ def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None
                 if adv is not None:
                     worst[i] = True
     return CertifyRow(model=model_name, eps=eps, n=n, clean=clean, ibp=out["ibp"],
-                      crown=out["crown"], milp=out["milp"], milp_n=milp_n,
+                      crown=out["crown"], milp=out["milp"], crown_n=crown_n, milp_n=milp_n,
                       milp_unknown=out.get("milp_unknown"), attack=sum(robust) / n,
                       worst_case=(n - sum(worst)) / n, ibp_s=out["ibp_s"],
                       crown_s=out["crown_s"], milp_s=out["milp_s"], attack_s=attack_s,
@@ -139,8 +143,9 @@ def markdown_table(rows: Sequence[CertifyRow]) -> str:
         else:
             milp = _acc(r.milp) + (f" (first {r.milp_n})" if r.milp_n != r.n else "")
             milp += f", {r.milp_unknown} undecided" if r.milp_unknown else ", all decided"
+        crown = _acc(r.crown) + (f" (first {r.crown_n})" if r.crown_n != r.n else "")
         lines.append(f"| {r.model} | {r.eps:g} | {r.n} | {r.clean:.2f} | {_acc(r.ibp)} | "
-                     f"{_acc(r.crown)} | {milp} | {r.attack:.2f} | {r.worst_case:.2f} | "
+                     f"{crown} | {milp} | {r.attack:.2f} | {r.worst_case:.2f} | "
                      f"{_ms(r.ibp_s)} / {_ms(r.crown_s)} / {_ms(r.milp_s)} / "
                      f"{_ms(r.attack_s)} | {r.note} |")
     return "\n".join(lines) + "\n"
@@ -167,8 +172,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=100, help="samples (default: the suite's 100)")
     p.add_argument("--milp-n", type=int, default=None,
                    help="run the MILP on the first N samples only (default: all)")
-    p.add_argument("--milp-n-conv", type=int, default=10,
-                   help="MILP samples for conv nets (each takes up to --time-limit; default 10)")
+    p.add_argument("--milp-n-conv", type=int, default=5,
+                   help="MILP samples for conv nets (each takes up to --time-limit; default 5)")
+    p.add_argument("--crown-n-conv", type=int, default=20,
+                   help="CROWN samples for conv nets (seconds each on a CPU; default 20)")
     p.add_argument("--time-limit", type=float, default=10.0, help="MILP seconds per sample")
     p.add_argument("--write", default=None, help="replace the table between the markers here")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
@@ -185,7 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, eps in wanted:
         conv = "cnn" in name
         milp_n = args.milp_n if args.milp_n is not None else (args.milp_n_conv if conv else None)
-        row = certify_row(name, eps, n=args.n, milp_n=milp_n, time_limit=args.time_limit)
+        row = certify_row(name, eps, n=args.n, milp_n=milp_n,
+                          crown_n=args.crown_n_conv if conv else None,
+                          time_limit=args.time_limit)
         print(json.dumps(row.to_dict()), flush=True)
         rows.append(row)
     table = markdown_table(rows)
