@@ -17,6 +17,7 @@ Supported layers: Linear, Conv2d, ReLU, Flatten, eval-mode BatchNorm, AvgPool2d,
 from __future__ import annotations
 
 import enum
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -89,7 +90,9 @@ class CertifyResult:
     def to_dict(self) -> dict:
         return {"method": self.method, "threat": {"norm": self.threat.norm.value,
                                                    "eps": self.threat.eps},
-                "lower": self.lower, "status": self.status, "seconds": self.seconds,
+                # -inf (misclassified at x) as null: the dict stays valid JSON
+                "lower": [v if math.isfinite(v) else None for v in self.lower],
+                "status": self.status, "seconds": self.seconds,
                 "certified_accuracy": self.certified_accuracy}
 
 
