@@ -143,7 +143,8 @@ def markdown_table(rows: Sequence[CertifyRow]) -> str:
         else:
             milp = _acc(r.milp) + (f" (first {r.milp_n})" if r.milp_n != r.n else "")
             milp += f", {r.milp_unknown} undecided" if r.milp_unknown else ", all decided"
-        crown = _acc(r.crown) + (f" (first {r.crown_n})" if r.crown_n != r.n else "")
+        crown = _acc(r.crown) + (f" (first {r.crown_n})" if r.crown is not None
+                                 and r.crown_n != r.n else "")
         lines.append(f"| {r.model} | {r.eps:g} | {r.n} | {r.clean:.2f} | {_acc(r.ibp)} | "
                      f"{crown} | {milp} | {r.attack:.2f} | {r.worst_case:.2f} | "
                      f"{_ms(r.ibp_s)} / {_ms(r.crown_s)} / {_ms(r.milp_s)} / "
