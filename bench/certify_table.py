@@ -61,6 +61,7 @@ class CertifyRow:
     milp_n: int
     milp_unknown: int | None
     attack: float
+    attack_milp: float  # the attack's robust accuracy on the MILP's samples
     worst_case: float
     ibp_s: float | None
     crown_s: float | None
@@ -118,6 +119,7 @@ def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None
     return CertifyRow(model=model_name, eps=eps, n=n, clean=clean, ibp=out["ibp"],
                       crown=out["crown"], milp=out["milp"], crown_n=crown_n, milp_n=milp_n,
                       milp_unknown=out.get("milp_unknown"), attack=sum(robust) / n,
+                      attack_milp=sum(robust[:milp_n]) / milp_n,
                       worst_case=(n - sum(worst)) / n, ibp_s=out["ibp_s"],
                       crown_s=out["crown_s"], milp_s=out["milp_s"], attack_s=attack_s,
                       note=note)
@@ -141,7 +143,8 @@ def markdown_table(rows: Sequence[CertifyRow]) -> str:
         if r.milp is None:
             milp = "-"
         else:
-            milp = _acc(r.milp) + (f" (first {r.milp_n})" if r.milp_n != r.n else "")
+            milp = _acc(r.milp) + (f" (first {r.milp_n}, attack there {r.attack_milp:.2f})"
+                                   if r.milp_n != r.n else "")
             milp += f", {r.milp_unknown} undecided" if r.milp_unknown else ", all decided"
         crown = _acc(r.crown) + (f" (first {r.crown_n})" if r.crown is not None
                                  and r.crown_n != r.n else "")
