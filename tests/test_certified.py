@@ -346,3 +346,23 @@ def test_cli_certify_prints_each_method_and_names_unsupported_layers(zoo_cache, 
     assert "unknown method 'alpha'" in capsys.readouterr().err
     assert main(["certify", "mnist-cnn", "--eps", "0.1", "--n", "2"]) == 2
     assert "not supported: MaxPool2d" in capsys.readouterr().err
+
+
+def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cache, tmp_path):
+    from unmask.bench.certify_table import MARKERS, certify_row, markdown_table, write_table
+    from unmask.bench.suite import parse_suite
+
+    suite = parse_suite({"name": "t", "dataset": "digits", "models": ["digits-mlp"],
+                         "threats": [{"norm": "linf", "eps": [0.1]}], "n": 16,
+                         "batch_size": 16, "attacks": {"preset": "quick"}})
+    row = certify_row("digits-mlp", 0.1, n=16, milp_n=12, suite=suite)
+    assert row.ibp <= row.crown <= row.milp  # certified accuracies, each a lower bound
+    assert row.milp_unknown == 0 and row.milp <= row.attack_milp
+    assert row.worst_case <= row.attack and row.note == ""
+    table = markdown_table([row])
+    assert "| digits-mlp | 0.1 | 16 |" in table and "(first 12, attack there" in table
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{MARKERS[0]}\nold\n{MARKERS[1]}\nrest\n")
+    write_table(doc, table)
+    text = doc.read_text()
+    assert "old" not in text and table in text and text.endswith("rest\n")
