@@ -590,9 +590,11 @@ class _Runner:
         rows, samples = [], []
         for r in results:
             res = r["result"]
-            if res is None:
+            if res is None:  # not supported / unavailable: the row says why
                 rows.append({**common, "method": r["method"], "status": r["status"],
                              "reason": r["reason"], "seconds": 0.0})
+                if r["status"] == "unavailable":
+                    self.unavailable.append((spec.key, f"certify/{r['method']}", r["reason"]))
                 continue
             if broken is not None:  # the soundness stop
                 assert_sound = integrations.feature("unmask.defenses.certified", "assert_sound")
