@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "unmask.bench.cli_perf",
     "unmask.bench.cli_export",
     "unmask.bench.cli_compare",
+    "unmask.bench.cli_certify",
 )
 _COMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], None]]] = []
 

@@ -132,6 +132,10 @@ def _run(args: argparse.Namespace) -> int:
         print(f"  attacks: {att}; masking {'on' if suite.masking.enabled else 'off'}; "
               f"explain {'on' if suite.explain.enabled else 'off'}; "
               f"backdoor {'on' if suite.backdoor.enabled else 'off'}")
+        c = suite.certify
+        print("  certify: " + (f"{', '.join(c.methods)} (MILP limit {c.time_limit:g} s/sample"
+                               f"{f', first {c.n} samples' if c.n else ''})" if c.enabled
+                               else "off"))
         problems = _check_models(suite)
         if problems:
             print(f"\n{len(problems)} problem(s) with the suite's models:", file=sys.stderr)

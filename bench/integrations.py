@@ -12,6 +12,7 @@ Adapters return plain dicts of numbers and strings, ready for :mod:`unmask.bench
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import logging
 from collections.abc import Callable
@@ -21,7 +22,8 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["Unavailable", "feature", "diagnose", "masking_row", "note_surrogate",
-           "diagnose_masking", "explain_model", "backdoor_metrics", "trigger_mask"]
+           "diagnose_masking", "explain_model", "backdoor_metrics", "trigger_mask",
+           "certify_model", "report_outcomes"]
 
 log = logging.getLogger(__name__)
 
@@ -253,3 +255,50 @@ def backdoor_metrics(model: nn.Module, entry, x: Tensor, y: Tensor, *, device,
                    "poison_rate": backdoor.rate}
     metrics["target"] = backdoor.target
     return metrics
+
+
+# --- certified bounds -------------------------------------------------------------------------
+
+
+def certify_model(model: nn.Module, x: Tensor, y: Tensor, threat, *, methods, time_limit: float
+                  ) -> list[dict[str, Any]]:
+    """Certify ``(x, y)`` against ``threat`` with each of ``methods``
+    (``unmask.defenses.certified.certify``).
+
+    Returns one dict per method: ``{"method", "status", "reason", "result"}`` with status
+    ``ok`` (``result`` the :class:`CertifyResult`), ``not supported`` (a layer the bounds
+    cannot handle, or MILP under an L2 threat; ``reason`` names it) or ``unavailable`` (the
+    MILP's solver ``highspy`` is not installed). Raises :class:`Unavailable` when the certified
+    package itself is not importable; any other failure propagates (the runner records it).
+    """
+    certify = feature("unmask.defenses.certified", "certify")
+    not_supported = feature("unmask.defenses.certified", "NotSupportedError")
+    out: list[dict[str, Any]] = []
+    for method in methods:
+        row: dict[str, Any] = {"method": method, "status": "ok", "reason": "", "result": None}
+        if method == "milp" and threat.norm.value != "linf":
+            row.update(status="not supported", reason="not supported: milp needs a linf threat "
+                       "(an L2 ball is not linear)")
+        elif method == "milp" and importlib.util.find_spec("highspy") is None:
+            row.update(status="unavailable", reason="the MILP solver highspy is not installed "
+                       "(pip install 'unmask[certified]')")
+        else:
+            try:
+                row["result"] = certify(model, x, y, threat, method=method,
+                                        time_limit=time_limit)
+            except not_supported as err:
+                row.update(status="not supported", reason=str(err))
+        out.append(row)
+    return out
+
+
+def report_outcomes(masking_row: dict[str, Any] | None):
+    """The per-sample outcomes (:class:`~unmask.bench.core.SampleOutcomes`) of a stored
+    masking diagnosis, or None when the row holds none."""
+    if masking_row is None:
+        return None
+    try:
+        MaskingReport = feature("unmask.defenses", "MaskingReport")
+        return MaskingReport.from_dict(json.loads(masking_row["report"])).outcomes
+    except Exception:  # an older or hand-written row: no per-sample outcomes
+        return None

@@ -146,6 +146,13 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
     diagnosis finished and the report is rankable (not masked, or masked but the adaptive
     re-checks passed: then ``adaptive`` is true); ``rank_note`` says why not otherwise. A
     section that failed shows ``error: <message>`` and is never ranked.
+
+    With ``[certify]``: ``certified`` is the certified robust accuracy of the best method
+    (``certified_method``; per method ``certified_<method>``), a proven lower bound on the
+    same samples; ``gap`` is ``robust_accuracy - certified`` and ``exact`` is true when the
+    two coincide (the robust accuracy is then exact); ``certified_note`` says why a row has
+    none (``not supported: <layer>``). A MILP counterexample (verified on the model in fp32)
+    counts as broken in the row's worst case (``broken_by`` names it ``certify:milp``).
     """
     run = store.run(run_id)
     config = run.config if isinstance(run.config, dict) else {}
@@ -161,6 +168,13 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
     for b in store.rows("backdoor", run_id):
         backdoor[b["model"]][b["metric"]] = b["value"]
     units = {u["unit"]: u["wall_seconds"] for u in store.rows("units", run_id)}
+    certified_of: dict[tuple, list] = defaultdict(list)
+    for c in store.rows("certified", run_id):
+        certified_of[(c["model"], c["norm"], c["eps"])].append(c)
+    counterexamples: dict[tuple, dict[int, str]] = defaultdict(dict)
+    for c in store.rows("certified_samples", run_id):
+        if c["counterexample"]:
+            counterexamples[(c["model"], c["norm"], c["eps"])][c["sample"]] = c["method"]
     versions = run.versions
     version_text = ", ".join(f"{k} {versions[k]}" for k in ("unmask", "torch") if k in versions)
     by_sample: dict[tuple, list] = defaultdict(list)
@@ -184,6 +198,10 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
                                masking_on)
         merged, m = row_outcomes(by_sample[(model, norm, eps)], state["report"])
         n = worst["n"]
+        cex = counterexamples.get((model, norm, eps))
+        if cex and merged.n == n:  # a verified MILP counterexample breaks the sample
+            merged = merged.merge(SampleOutcomes(tuple(
+                f"certify:{cex[i]}" if i in cex else None for i in range(n))))
         if merged.n == n:
             robust = n - len([b for b in merged.broken_by if b is not None])
         else:  # no per-sample rows (hand-written cells): the ensemble's count
@@ -219,6 +237,7 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
                 row[col] = e["value"]
         bd = backdoor.get(model, {})
         row["backdoor_asr"] = bd.get("attack_success_rate")
+        row.update(_certified_fields(certified_of.get((model, norm, eps), []), robust, n))
         runtime = units.get(f"attack/{model}/{threat}", worst["wall_seconds"])
         runtime += units.get(f"masking/{model}/{threat}", 0.0)
         row.update({
@@ -259,7 +278,7 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
                                      "broken_by"])
     for col in ("clean_accuracy", "robust_accuracy", "ci_low", "ci_high",
                 "ensemble_robust_accuracy", "robust_accuracy_std", "masking_follow_up",
-                "backdoor_asr", "runtime_s"):
+                "backdoor_asr", "runtime_s", "certified", "gap"):
         if col in df:
             df[col] = pd.to_numeric(df[col], errors="coerce")
     df["_unranked"] = ~df["_rankable"].astype(bool)
@@ -282,6 +301,28 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
     df.insert(0, "rank", pd.array(ranks, dtype="Int64"))
     return df.drop(columns=["_unranked", "_order", "_missing", "_rankable"]
                    ).reset_index(drop=True)
+
+
+def _certified_fields(rows: list[dict[str, Any]], robust: int, n: int) -> dict[str, Any]:
+    """The certified columns of one leaderboard row from its ``certified`` rows."""
+    if not rows:
+        return {}
+    out: dict[str, Any] = {}
+    for r in rows:
+        out[f"certified_{r['method']}"] = r["certified_accuracy"]
+    tightness = {"ibp": 0, "crown": 1, "milp": 2}  # a tie names the tightest method
+    usable = [r for r in rows if r["status"] == "ok" and r["n"] == n]
+    best = max(usable, key=lambda r: (r["certified"], tightness.get(r["method"], -1)),
+               default=None)
+    notes = sorted({r["reason"] for r in rows if r["status"] != "ok" and r["reason"]})
+    if best is None:
+        out.update(certified=None, certified_method="", gap=None, exact=False,
+                   certified_note="; ".join(notes) or "certified on fewer samples than the row")
+        return out
+    out.update(certified=best["certified_accuracy"], certified_method=best["method"],
+               gap=(robust - best["certified"]) / n, exact=best["certified"] == robust,
+               certified_note="; ".join(notes))
+    return out
 
 
 def sections_frame(store: Store, run_id: int) -> pd.DataFrame:

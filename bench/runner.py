@@ -7,7 +7,12 @@ For every model of the suite (zoo entry trained or loaded from the cache, or a u
    -> ``cells`` (one per attack plus ``worst-case``) and per-sample outcomes;
 2. per threat, the masking diagnosis (``unmask.defenses.diagnose``) -> ``masking``;
 3. explanations and their metrics (``unmask.explain``) -> ``explanations``;
-4. backdoor metrics for backdoored entries -> ``backdoor``.
+4. backdoor metrics for backdoored entries -> ``backdoor``;
+5. per threat, ``[certify]``: proven lower bounds (IBP, CROWN, exact MILP) on the first
+   ``n`` samples -> ``certified`` and ``certified_samples``; a model the bounds do not apply
+   to records ``not supported: <layer>``. A sample certified robust that any attack of the
+   row broke (the ensemble or the masking diagnosis) is a soundness bug: the run stops with
+   :class:`CertifiedSoundnessError` naming the model, threat and sample.
 
 Each of these units is committed in its own transaction; ``resume=RUN_ID`` skips the units
 already finished, so an interrupted run resumed gives the same table as an uninterrupted one.
@@ -61,9 +66,15 @@ from .models import ModelSourceError
 from .store import WORST_CASE, Store, wilson
 from .suite import ModelSpec, Suite, parse_suite, resolve_user_model
 
-__all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell", "git_commit"]
+__all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell",
+           "git_commit", "CertifiedSoundnessError"]
 
 log = logging.getLogger(__name__)
+
+
+class CertifiedSoundnessError(RuntimeError):
+    """A sample was certified robust and an attack of the same run broke it: the bounds or the
+    attack are wrong, so no number of the run can be trusted; the run stops."""
 
 
 @dataclass
@@ -445,6 +456,8 @@ class _Runner:
             units.append(f"backdoor/{key}")
         if s.curves.enabled:
             units += [f"curve/{key}/{norm}" for norm in self._curve_norms()]
+        if s.certify.enabled:
+            units += [f"certify/{key}/{_threat_key(norm, eps)}" for norm, eps in s.threat_list()]
         return units
 
     def _curve_norms(self) -> list[str]:
@@ -493,6 +506,8 @@ class _Runner:
                 self._attack_cell(spec, loaded, threat, x, y)
             if s.masking.enabled and self.dist.main and not self._is_done(f"masking/{key}/{tk}"):
                 self._masking(spec, loaded, threat, x, y)
+            if s.certify.enabled and self.dist.main and not self._is_done(f"certify/{key}/{tk}"):
+                self._certify(spec, loaded, threat, x, y)
         if s.curves.enabled and self.dist.main:
             for norm in self._curve_norms():
                 if not self._is_done(f"curve/{key}/{norm}"):
@@ -581,6 +596,80 @@ class _Runner:
                           "broken_at": res.broken_at, "n": res.n, "attacks": list(c.attacks),
                           "forwards": res.forwards, "backwards": res.backwards,
                           "wall_seconds": seconds})
+    def _row_broken(self, key: str, threat: Threat, n: int) -> list[str | None] | None:
+        """Per sample (first ``n``), who broke it in this run's row: the ensemble's samples
+        merged with the masking diagnosis's outcomes; None when the attack cell has no rows."""
+        from .core import SampleOutcomes
+
+        assert self.store is not None
+        norm, eps = threat.norm.value, threat.eps
+        rows = sorted((r for r in self.store.rows("samples", self.run_id)
+                       if r["model"] == key and r["norm"] == norm and r["eps"] == eps),
+                      key=lambda r: r["sample"])
+        if len(rows) < n:
+            return None
+        merged = SampleOutcomes(tuple(None if r["robust"] else (r["broken_by"] or "ensemble")
+                                      for r in rows[:n]))
+        m_row = next((r for r in self.store.rows("masking", self.run_id)
+                      if r["model"] == key and r["norm"] == norm and r["eps"] == eps), None)
+        outcomes = integrations.report_outcomes(m_row)
+        if outcomes is not None:
+            k = min(outcomes.n, n)
+            head = SampleOutcomes(merged.broken_by[:k]).merge(
+                SampleOutcomes(tuple(outcomes.broken_by[:k])))
+            merged = SampleOutcomes(head.broken_by + merged.broken_by[k:])
+        return list(merged.broken_by)
+
+    def _certify(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
+                 y: Tensor) -> None:
+        c = self.suite.certify
+        tk = _threat_key(threat.norm.value, threat.eps)
+        unit = f"certify/{spec.key}/{tk}"
+        n = min(c.n or int(x.shape[0]), int(x.shape[0]))
+        start = time.perf_counter()
+        try:
+            results = integrations.certify_model(loaded.model, x[:n].clone(), y[:n].clone(),
+                                                 threat, methods=c.methods,
+                                                 time_limit=c.time_limit)
+        except integrations.Unavailable as err:
+            self._section(unit, spec.key, "certify", "unavailable", str(err), str(threat))
+            return
+        except Exception as err:
+            log.warning("certification of %s at %s failed: %s", spec.key, threat, err)
+            self._section(unit, spec.key, "certify", "error", _message(err), str(threat))
+            return
+        broken = self._row_broken(spec.key, threat, n)
+        common = {"model": spec.key, "norm": threat.norm.value, "eps": threat.eps, "n": n}
+        rows, samples = [], []
+        for r in results:
+            res = r["result"]
+            if res is None:  # not supported / unavailable: the row says why
+                rows.append({**common, "method": r["method"], "status": r["status"],
+                             "reason": r["reason"], "seconds": 0.0})
+                if r["status"] == "unavailable":
+                    self.unavailable.append((spec.key, f"certify/{r['method']}", r["reason"]))
+                continue
+            if broken is not None:  # the soundness stop
+                assert_sound = integrations.feature("unmask.defenses.certified", "assert_sound")
+                try:
+                    assert_sound(res, [who is not None for who in broken])
+                except RuntimeError as err:
+                    who = next(w for ok, w in zip(res.certified, broken) if ok and w is not None)
+                    message = (f"{spec.key} at {threat}: {err} (broken by {who}); the bounds "
+                               "or the attack are wrong, so the run stops")
+                    self._section(unit, spec.key, "certify", "error", message, str(threat))
+                    raise CertifiedSoundnessError(message) from err
+            counts = {s: res.status.count(s) for s in ("certified", "broken", "unknown")}
+            rows.append({**common, "method": res.method, "status": "ok", "reason": "",
+                         **counts, "certified_accuracy": res.certified_accuracy,
+                         "seconds": res.seconds})
+            advs = res.x_adv or [None] * res.n
+            samples += [{**common, "method": res.method, "sample": i, "status": st,
+                         "lower": low, "counterexample": int(adv is not None)}
+                        for i, (st, low, adv) in enumerate(zip(res.status, res.lower, advs))]
+        seconds = time.perf_counter() - start
+        with self._unit(unit, seconds, clears=(spec.key, "certify", str(threat))) as tx:
+            tx.add_certified(rows, samples)
 
     def _surrogate_model(self) -> tuple[str | None, nn.Module | None, str]:
         """The transfer check's surrogate, loaded once per run: ``(name, model, why)``;

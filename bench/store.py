@@ -25,6 +25,12 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
   eps grid and, per sample, the smallest grid eps at which an attack broke it (JSON lists; see
   :mod:`unmask.bench.curves`). Added after schema 1 was released: a store without it gets it
   on the first writable open, and a read-only store without it reads as having no curves;
+* ``certified``    per model x threat x certification method (``[certify]``): n, certified /
+  broken / unknown counts, certified robust accuracy, seconds, status (``ok`` or ``not
+  supported``/``unavailable``) and the reason;
+* ``certified_samples`` per sample and method: ``certified`` / ``broken`` / ``unknown``, the
+  proven lower bound of the margin, and whether the MILP found a counterexample (verified on
+  the model in fp32; the leaderboard counts it as broken in the row's worst case);
 * ``sections``     anything the suite asked for that did not run: status ``unavailable`` (a
   sibling feature not installed, an optional zoo entry missing) or ``error`` (it raised; the
   reason is the message; a resumed run tries it again and clears it when it succeeds).
@@ -175,6 +181,34 @@ CREATE TABLE IF NOT EXISTS curves (
     wall_seconds REAL NOT NULL,
     PRIMARY KEY (run_id, model, norm)
 );
+CREATE TABLE IF NOT EXISTS certified (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    model TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    method TEXT NOT NULL,
+    n INTEGER NOT NULL,
+    certified INTEGER,
+    broken INTEGER,
+    unknown INTEGER,
+    certified_accuracy REAL,
+    seconds REAL NOT NULL DEFAULT 0,
+    status TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (run_id, model, norm, eps, method)
+);
+CREATE TABLE IF NOT EXISTS certified_samples (
+    run_id INTEGER NOT NULL REFERENCES runs(run_id),
+    model TEXT NOT NULL,
+    norm TEXT NOT NULL,
+    eps REAL NOT NULL,
+    method TEXT NOT NULL,
+    sample INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    lower REAL,
+    counterexample INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (run_id, model, norm, eps, method, sample)
+);
 CREATE TABLE IF NOT EXISTS sections (
     run_id INTEGER NOT NULL REFERENCES runs(run_id),
     model TEXT NOT NULL,
@@ -190,7 +224,7 @@ _TABLES = {"meta", "runs", "units", "cells", "samples", "masking", "explanations
            "explanation_maps", "backdoor", "sections"}
 # Tables added within schema 1 (additive: older unmask versions ignore them). A writable open
 # creates a missing one; a read-only store without one reads it as empty.
-_ADDED_TABLES = {"curves"}
+_ADDED_TABLES = {"curves", "certified", "certified_samples"}
 
 
 def _when_unlocked(fn, timeout: float | None = None):
@@ -547,6 +581,8 @@ class Store:
         if table in _ADDED_TABLES and table not in self._tables():
             return []  # a read-only store written before the table was added
         order = {"cells": "model, norm, eps, position", "samples": "model, norm, eps, sample",
+                 "certified": "model, norm, eps, method",
+                 "certified_samples": "model, norm, eps, method, sample",
                  "units": "unit"}.get(table, "rowid")
         cur = self.conn.execute(f"SELECT * FROM {table} WHERE run_id = ? ORDER BY {order}",
                                 (run_id,))
@@ -603,6 +639,16 @@ class UnitWriter:
         cols = ("model", "norm", "grid", "broken_at", "n", "attacks", "forwards", "backwards",
                 "wall_seconds")
         self._insert("curves", cols, [row])
+    def add_certified(self, rows: Sequence[Mapping[str, Any]],
+                      samples: Sequence[Mapping[str, Any]] = ()) -> None:
+        """Rows of ``certified`` (one per model x threat x method) and their per-sample rows
+        (``lower``: -inf and NaN are stored as NULL)."""
+        self._insert("certified", ("model", "norm", "eps", "method", "n", "certified", "broken",
+                                   "unknown", "certified_accuracy", "seconds", "status",
+                                   "reason"), rows)
+        self._insert("certified_samples", ("model", "norm", "eps", "method", "sample", "status",
+                                           "lower", "counterexample"),
+                     [{**r, "lower": _number(r.get("lower"))} for r in samples])
 
     def add_section(self, model: str, section: str, status: str, reason: str,
                     detail: str = "") -> None:

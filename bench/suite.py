@@ -50,6 +50,10 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     points = 10                  # grid per norm: 10 eps evenly up to its largest suite eps
     # eps = { linf = [0.05, 0.1, 0.2, 0.3] }   # or an explicit grid per norm
     # attacks = ["apgd", "apgd-t"]             # the per-sample search ([attacks] list syntax)
+    [certify]                    # proven lower bounds next to the attack numbers
+    methods = ["ibp", "crown", "milp"]   # milp: exact (Linf only), needs highspy
+    time_limit = 10.0            # MILP seconds per sample; a timeout leaves it "unknown"
+    n = 100                      # optional: the first n samples (default: all)
 
     [quick]                      # what --quick changes (all optional)
     n = 100
@@ -81,12 +85,13 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "ExplainSpec",
-           "BackdoorSpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
+           "BackdoorSpec", "CertifySpec", "QuickSpec", "SuiteError", "load_suite", "parse_suite",
            "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
            "build_attack", "default_surrogate", "WRAPPERS", "CurveSpec", "CURVE_MODELS"]
 
 EXPLAIN_METRICS = ("deletion_insertion", "randomisation", "max_sensitivity", "completeness",
                    "attribution_change", "trigger_localisation")
+CERTIFY_METHODS = ("ibp", "crown", "milp")
 EXPLAIN_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "input_x_gradient")
 PRESETS = ("quick", "standard")
 
@@ -203,6 +208,19 @@ class CurveSpec:
 
 
 @dataclass(frozen=True)
+class CertifySpec:
+    """The ``[certify]`` section: proven lower bounds of robust accuracy
+    (:func:`unmask.defenses.certified.certify`) for every model whose layers the bounds
+    support, at every threat of the suite, on the first ``n`` samples (None: all).
+    ``time_limit``: MILP seconds per sample (a timeout leaves the sample unknown)."""
+
+    enabled: bool = False
+    methods: tuple[str, ...] = CERTIFY_METHODS
+    time_limit: float = 10.0
+    n: int | None = None
+
+
+@dataclass(frozen=True)
 class QuickSpec:
     """What ``--quick`` changes: fewer samples, the quick ensemble, a fast diagnosis."""
 
@@ -238,6 +256,7 @@ class Suite:
     explain: ExplainSpec = ExplainSpec()
     backdoor: BackdoorSpec = BackdoorSpec()
     curves: CurveSpec = CurveSpec()
+    certify: CertifySpec = CertifySpec()
     quick_spec: QuickSpec = QuickSpec()
     is_quick: bool = False
     source: str | None = None
@@ -261,6 +280,10 @@ class Suite:
             d["attacks"]["precision"] = att["precision"]
         if d["masking"]["surrogate"] == SURROGATE_AUTO:  # absent for the default: hashes kept
             d["masking"].pop("surrogate")
+        if not d["certify"]["enabled"]:  # absent when off: earlier runs keep their hash
+            d.pop("certify")
+        elif d["certify"]["n"] is None:
+            d["certify"].pop("n")
         for key in ("device",):
             if d[key] is None:
                 d.pop(key)
@@ -280,7 +303,8 @@ class Suite:
 
     def quick(self) -> Suite:
         """The smoke variant: ``[quick]``'s sample count, preset, eps and fast diagnosis (and
-        security curves of at most 4 points, searched with at most 10 steps)."""
+        security curves of at most 4 points, searched with at most 10 steps; ``[certify]``
+        kept, its MILP time limit capped at 2 s per sample)."""
         q = self.quick_spec
         threats = []
         for t in self.threats:
@@ -307,6 +331,9 @@ class Suite:
                 self.curves, points=min(self.curves.points, 4),
                 attacks=tuple({**a, "steps": min(a["steps"], 10)} if "steps" in a else a
                               for a in self.curves.attacks)),
+            # the bounds are cheap; a smoke run caps the MILP at 2 s per sample
+            certify=dataclasses.replace(self.certify,
+                                        time_limit=min(self.certify.time_limit, 2.0)),
             is_quick=True)
 
     def build_attacks(self, norm: str, eps: float):
@@ -730,6 +757,22 @@ def _curves(t: _Table, threats: tuple[ThreatSpec, ...]) -> CurveSpec:
                            list_key="attacks").attacks
     return CurveSpec(enabled=t.flag("enabled", bool(t.data)), models=models, points=points,
                      eps=grids, attacks=attacks)
+def _certify(t: _Table) -> CertifySpec:
+    methods = t.str_list("methods", CERTIFY_METHODS, CERTIFY_METHODS)
+    if len(set(methods)) != len(methods):
+        raise t.error("methods", f"lists a method twice: {list(methods)}")
+    time_limit = 10.0
+    raw = t.raw("time_limit")
+    if raw is not None:
+        if isinstance(raw, bool) or not isinstance(raw, int | float) or not 0 < raw < float("inf"):
+            raise t.error("time_limit", f"expected a number of seconds > 0 (the MILP's limit "
+                                        f"per sample), got {raw!r}")
+        time_limit = float(raw)
+    spec = CertifySpec(enabled=t.flag("enabled", bool(t.data)), methods=methods,
+                       time_limit=time_limit, n=t.integer("n", None, minimum=1))
+    if spec.enabled and not spec.methods:
+        raise t.error("methods", f"is empty; name at least one of {', '.join(CERTIFY_METHODS)}")
+    return spec
 
 
 def _quick(t: _Table) -> QuickSpec:
@@ -789,9 +832,11 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     backdoor = _backdoor(backdoor_t)
     curves_t = top.table("curves")
     curves = _curves(curves_t, threats)
+    certify_t = top.table("certify")
+    certify = _certify(certify_t)
     quick_t = top.table("quick")
     quick = _quick(quick_t)
-    for t in (masking_t, explain_t, backdoor_t, curves_t, quick_t):
+    for t in (masking_t, explain_t, backdoor_t, curves_t, certify_t, quick_t):
         t.done()
     top.done()
     for i, m in enumerate(quick.models):
@@ -814,7 +859,8 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
                  batch_size=batch_size, seed=seed, device=device, channels_last=channels_last,
                  data_options=dict(data_options),
                  models=models, threats=threats, attacks=attacks, masking=masking,
-                 explain=explain, backdoor=backdoor, curves=curves, quick_spec=quick,
+                 explain=explain, backdoor=backdoor, curves=curves, certify=certify,
+                 quick_spec=quick,
                  source=source)
 
 

@@ -18,7 +18,7 @@ from unmask.defenses.certified.bounds import margin_spec
 
 
 def _mlp(seed: int, hidden: int = 12, n_in: int = 6, k: int = 3) -> nn.Module:
-    torch.manual_seed(seed)  # noqa: test-only weight init, tests are seeded
+    torch.manual_seed(seed)  # test-only weight init, tests are seeded
     return nn.Sequential(Normalize((0.5,), (0.5,)), nn.Flatten(), nn.Linear(n_in, hidden),
                          nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, k)).eval()
 
@@ -153,3 +153,238 @@ def test_bad_method_and_milp_l2_are_rejected():
         certify(model, x, y, Threat("linf", 0.1), method="foo")
     with pytest.raises(ValueError, match="linf"):
         certify(model, x, y, Threat("l2", 0.1), method="milp")
+
+
+# --- [certify] in a suite run -----------------------------------------------------------------
+
+NOT_SUPPORTED_MODULE = '''
+from torch import nn
+
+
+def pooled():
+    """A digits model with max pooling: the bounds do not support it."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                         nn.Linear(4 * 4 * 4, 10)).eval()
+'''
+
+CERTIFY_SUITE = """
+name = "cert"
+dataset = "digits"
+n = 32
+batch_size = 16
+seed = 0
+models = [{models}]
+
+[[threats]]
+norm = "linf"
+eps = 0.1
+
+[attacks]
+preset = "quick"
+
+[masking]
+enabled = false
+
+[certify]
+methods = ["ibp", "crown", "milp"]
+time_limit = 5.0
+"""
+
+
+@pytest.fixture
+def certify_suite(tmp_path, zoo_cache):
+    """A suite file on digits with [certify], and a module with an unsupported user model."""
+    import sys
+
+    (tmp_path / "certmods.py").write_text(NOT_SUPPORTED_MODULE)
+    sys.path.insert(0, str(tmp_path))
+
+    def make(models: str):
+        path = tmp_path / "cert.toml"
+        path.write_text(CERTIFY_SUITE.format(models=models))
+        return path
+
+    yield make
+    sys.path.remove(str(tmp_path))
+    sys.modules.pop("certmods", None)
+
+
+def test_suite_certify_rows_bracket_the_attack_and_record_not_supported(tmp_path,
+                                                                       certify_suite):
+    from unmask.bench.leaderboard import leaderboard_frame, render
+    from unmask.bench.runner import run_suite
+    from unmask.bench.store import Store
+    from unmask.bench.suite import load_suite
+
+    suite = load_suite(certify_suite('"digits-mlp", "certmods:pooled"'))
+    summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    assert summary.status == "finished"
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        rows = st.rows("certified", summary.run_id)
+        samples = st.rows("certified_samples", summary.run_id)
+        df = leaderboard_frame(st, summary.run_id)
+        md = render(st, summary.run_id, "md")
+        csv = render(st, summary.run_id, "csv")
+        attack = {(s["eps"], s["sample"]): s for s in st.rows("samples", summary.run_id)
+                  if s["model"] == "digits-mlp"}
+    ok = [r for r in rows if r["model"] == "digits-mlp"]
+    assert {r["method"] for r in ok} == {"ibp", "crown", "milp"}
+    assert all(r["status"] == "ok" and r["n"] == 32 and r["eps"] == 0.1 for r in ok)
+    for eps in (0.1,):
+        acc = {r["method"]: r["certified_accuracy"] for r in ok if r["eps"] == eps}
+        assert acc["ibp"] <= acc["crown"] <= acc["milp"]
+        # every sample decided by the MILP on this tiny MLP, and the exact verdicts agree
+        # with the attack: certified samples were robust to it
+        milp = [s for s in samples if s["model"] == "digits-mlp" and s["eps"] == eps
+                and s["method"] == "milp"]
+        assert len(milp) == 32 and {s["status"] for s in milp} <= {"certified", "broken"}
+        for s in milp:
+            if s["status"] == "certified":
+                assert attack[(eps, s["sample"])]["robust"] == 1
+                assert s["lower"] > 0
+    pooled = [r for r in rows if r["model"] == "certmods:pooled"]
+    assert len(pooled) == 3 and all(r["status"] == "not supported" for r in pooled)
+    assert all("not supported: MaxPool2d" in r["reason"] for r in pooled)
+    assert all(r["certified_accuracy"] is None for r in pooled)
+    # the leaderboard: certified <= robust, gap = robust - certified, exact where they meet
+    mlp = df[df["model"] == "digits-mlp"]
+    assert len(mlp) == 1
+    for _, row in mlp.iterrows():
+        assert row["certified_method"] == "milp"
+        assert row["certified"] <= row["robust_accuracy"] + 1e-12
+        assert abs(row["gap"] - (row["robust_accuracy"] - row["certified"])) < 1e-12
+        assert bool(row["exact"]) == (abs(row["gap"]) < 1e-12)
+    # the MILP decides every sample here and its counterexamples join the worst case: exact
+    assert mlp["exact"].astype(bool).all()
+    pool_row = df[df["model"] == "certmods:pooled"].iloc[0]
+    assert pd_isna(pool_row["certified"]) and "MaxPool2d" in pool_row["certified_note"]
+    assert "certified" in csv.splitlines()[0] and "gap" in csv.splitlines()[0]
+    assert "(milp) exact" in md and "not supported: MaxPool2d" in md
+
+
+def pd_isna(v) -> bool:
+    import math
+
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypatch):
+    import unmask.defenses.certified as certified
+    from unmask.bench.runner import CertifiedSoundnessError, run_suite
+    from unmask.bench.store import Store
+    from unmask.bench.suite import load_suite
+
+    real = certified.certify
+
+    def lying(model, x, y, threat, **kw):  # a broken certifier: every sample "certified"
+        res = real(model, x, y, threat, **kw)
+        return certified.CertifyResult(res.method, threat, [1.0] * res.n,
+                                       ["certified"] * res.n, res.seconds, [None] * res.n)
+
+    monkeypatch.setattr(certified, "certify", lying)
+    suite = load_suite(certify_suite('"digits-mlp"'))
+    with pytest.raises(CertifiedSoundnessError) as err:
+        run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
+    with Store(tmp_path / "r.sqlite", readonly=True) as st:
+        run = st.latest_run()
+        broken = [s for s in st.rows("samples", run.run_id) if not s["robust"]]
+        errors = [r for r in st.rows("sections", run.run_id) if r["section"] == "certify"]
+    first = min(s["sample"] for s in broken)
+    assert f"sample {first} is certified robust by ibp" in str(err.value)
+    assert "digits-mlp at linf:0.1" in str(err.value)
+    assert run.status == "failed"
+    assert errors and f"sample {first}" in errors[0]["reason"]
+
+
+def test_store_without_certified_tables_reads_empty_and_gains_them(tmp_path):
+    import sqlite3
+
+    from unmask.bench.store import Store
+
+    path = tmp_path / "old.sqlite"
+    Store(path).close()
+    conn = sqlite3.connect(path)  # a store written before [certify] existed
+    conn.execute("DROP TABLE certified")
+    conn.execute("DROP TABLE certified_samples")
+    conn.commit()
+    conn.close()
+    with Store(path, readonly=True) as st:
+        assert st.rows("certified", 1) == [] and st.rows("certified_samples", 1) == []
+    with Store(path) as st:  # opened for writing: the tables are added, nothing else changes
+        run = st.start_run(suite="s", config={}, config_hash="h", seed=0, quick=False,
+                           git_commit=None, versions={}, device="cpu")
+        with st.unit(run, "certify/m/linf:0.1") as tx:
+            tx.add_certified([{"model": "m", "norm": "linf", "eps": 0.1, "method": "ibp",
+                               "n": 1, "certified": 0, "broken": 1, "unknown": 0,
+                               "certified_accuracy": 0.0, "seconds": 0.1, "status": "ok",
+                               "reason": ""}],
+                             [{"model": "m", "norm": "linf", "eps": 0.1, "method": "ibp",
+                               "sample": 0, "status": "broken", "lower": float("-inf"),
+                               "counterexample": 0}])
+        assert st.rows("certified", run)[0]["certified_accuracy"] == 0.0
+        assert st.rows("certified_samples", run)[0]["lower"] is None  # -inf stored as NULL
+
+
+def test_cli_certify_prints_each_method_and_names_unsupported_layers(zoo_cache, capsys,
+                                                                     tmp_path):
+    import json
+
+    from unmask.bench.cli import main
+
+    out_json = tmp_path / "c.json"
+    assert main(["certify", "digits-mlp", "--eps", "0.1", "--n", "12", "--methods", "ibp",
+                 "milp", "--json", str(out_json)]) == 0
+    text = capsys.readouterr().out
+    lines = {ln.split()[0]: ln.split() for ln in text.splitlines() if ln[:4] in ("ibp ", "milp")}
+    assert set(lines) == {"ibp", "milp"}
+    saved = json.loads(out_json.read_text())
+    assert [r["method"] for r in saved] == ["ibp", "milp"]
+    assert float(lines["ibp"][1]) == pytest.approx(saved[0]["certified_accuracy"], abs=5e-4)
+    assert saved[0]["certified_accuracy"] <= saved[1]["certified_accuracy"]
+    assert "unknown" not in saved[1]["status"]  # the MILP decides every sample of digits-mlp
+    assert main(["certify", "digits-mlp", "--eps", "0.1", "--methods", "alpha"]) == 2
+    assert "unknown method 'alpha'" in capsys.readouterr().err
+    assert main(["certify", "mnist-cnn", "--eps", "0.1", "--n", "2"]) == 2
+    assert "not supported: MaxPool2d" in capsys.readouterr().err
+
+
+def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cache, tmp_path):
+    from unmask.bench.certify_table import MARKERS, certify_row, markdown_table, write_table
+    from unmask.bench.suite import parse_suite
+
+    suite = parse_suite({"name": "t", "dataset": "digits", "models": ["digits-mlp"],
+                         "threats": [{"norm": "linf", "eps": [0.1]}], "n": 16,
+                         "batch_size": 16, "attacks": {"preset": "quick"}})
+    row = certify_row("digits-mlp", 0.1, n=16, milp_n=12, suite=suite)
+    assert row.ibp <= row.crown <= row.milp  # certified accuracies, each a lower bound
+    assert row.milp_unknown == 0 and row.milp <= row.attack_milp
+    assert row.worst_case <= row.attack and row.note == ""
+    table = markdown_table([row])
+    assert "| digits-mlp | 0.1 | 16 |" in table and "(first 12, attack there" in table
+    doc = tmp_path / "doc.md"
+    doc.write_text(f"intro\n{MARKERS[0]}\nold\n{MARKERS[1]}\nrest\n")
+    write_table(doc, table)
+    text = doc.read_text()
+    assert "old" not in text and table in text and text.endswith("rest\n")
+
+
+def test_certify_model_adapter_reports_unavailable_milp_and_l2(monkeypatch):
+    import importlib.util
+
+    from unmask.bench import integrations
+
+    model = _mlp(0)
+    x, y = _data((1, 2, 3))
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "highspy" else real(name, *a))
+    rows = integrations.certify_model(model, x, y, Threat("linf", 0.05),
+                                      methods=("crown", "milp"), time_limit=1.0)
+    assert [r["status"] for r in rows] == ["ok", "unavailable"]
+    assert "highspy" in rows[1]["reason"] and rows[1]["result"] is None
+    assert rows[0]["result"].n == x.shape[0]
+    monkeypatch.setattr(importlib.util, "find_spec", real)
+    rows = integrations.certify_model(model, x, y, Threat("l2", 0.05), methods=("ibp", "milp"),
+                                      time_limit=1.0)
+    assert [r["status"] for r in rows] == ["ok", "not supported"]
+    assert "linf" in rows[1]["reason"]

@@ -65,6 +65,13 @@ def _with(**changes):
     (_with(explain={"metrics": ["faithfulness"]}), "explain.metrics[0]", "deletion_insertion"),
     (_with(backdoor={"models": ["mnist-cnn"]}), "backdoor.models[0]", "not one of"),
     (_with(quick={"n": -1}), "quick.n", ">= 1"),
+    (_with(certify={"methods": ["ibp", "alpha-crown"]}), "certify.methods[1]", "'milp'"),
+    (_with(certify={"methods": ["ibp", "ibp"]}), "certify.methods", "twice"),
+    (_with(certify={"methods": []}), "certify.methods", "is empty"),
+    (_with(certify={"time_limit": 0}), "certify.time_limit", "seconds > 0"),
+    (_with(certify={"time_limit": "10s"}), "certify.time_limit", "seconds > 0"),
+    (_with(certify={"n": 0}), "certify.n", ">= 1"),
+    (_with(certify={"timelimit": 5}), "certify.timelimit", "did you mean 'time_limit'"),
     (_with(quick={"models": ["mnist-cnn"]}), "quick.models[0]", "not one of"),
 ])
 def test_validation_names_the_offending_key(doc, key, words):
@@ -106,6 +113,8 @@ def test_default_suite_ships_and_round_trips():
     assert suite.attacks.preset == "standard" and suite.masking.follow_up
     assert suite.explain.enabled and suite.backdoor.enabled
     assert {m.key for m in suite.models if m.optional} >= {"mnist-cnn-pgdat", "mnist-cnn-badnets"}
+    assert suite.certify.enabled and "milp" in suite.certify.methods
+    assert "mnist-mlp-ibp03" in [m.key for m in suite.models]  # the model whose bracket closes
     assert load_suite("default").to_dict() == suite.to_dict()
     quick = suite.quick()
     assert quick.is_quick and quick.n <= 100 and quick.attacks.preset == "quick"
@@ -126,6 +135,25 @@ def test_attack_precision_key_builds_the_ensemble_and_keeps_fp32_hashes():
     assert fp32.build_attacks("linf", 0.1).precision.value == "fp32"
     assert parse_suite(_with(attacks={"preset": "quick", "precision": "fp32"})).config_hash() == \
         parse_suite(_with(attacks={"preset": "quick"})).config_hash()
+
+
+def test_certify_section_parses_round_trips_and_keeps_old_hashes():
+    off = parse_suite(_with())
+    assert not off.certify.enabled and "certify" not in off.to_dict()
+    on = parse_suite(_with(certify={"methods": ["crown", "milp"], "time_limit": 3, "n": 20}))
+    c = on.certify
+    assert c.enabled and c.methods == ("crown", "milp") and c.time_limit == 3.0 and c.n == 20
+    assert on.to_dict()["certify"] == {"enabled": True, "methods": ["crown", "milp"],
+                                       "time_limit": 3.0, "n": 20}
+    assert parse_suite(on.to_dict()).to_dict() == on.to_dict()
+    assert on.config_hash() != off.config_hash()
+    # like [explain]: an empty table is off, any key turns it on, enabled = false turns it off
+    assert parse_suite(_with(certify={})).certify.enabled is False
+    assert parse_suite(_with(certify={"n": 5})).certify.methods == ("ibp", "crown", "milp")
+    assert not parse_suite(_with(certify={"enabled": False, "n": 5})).certify.enabled
+    quick = on.quick()
+    assert quick.certify.enabled and quick.certify.time_limit == 2.0
+    assert parse_suite(_with(certify={"time_limit": 1})).quick().certify.time_limit == 1.0
 
 
 def test_batch_seed_depends_on_seed_and_batch_only():

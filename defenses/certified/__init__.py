@@ -16,6 +16,7 @@ Supported layers: Linear, Conv2d, ReLU, Flatten, eval-mode BatchNorm, AvgPool2d,
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from ...bench.core import StrEnum, Threat, check_inputs, model_mode, parse_enum
 from .bounds import InputSet, crown_bounds, ibp_bounds, margin_spec
+from .milp import TOL as MILP_TOL
 from .milp import MilpOutcome, milp_margin
 from .network import Chain, NotSupportedError, to_chain
 
@@ -87,13 +89,18 @@ class CertifyResult:
     def to_dict(self) -> dict:
         return {"method": self.method, "threat": {"norm": self.threat.norm.value,
                                                    "eps": self.threat.eps},
-                "lower": self.lower, "status": self.status, "seconds": self.seconds,
+                # -inf (misclassified at x) as null: the dict stays valid JSON
+                "lower": [v if math.isfinite(v) else None for v in self.lower],
+                "status": self.status, "seconds": self.seconds,
                 "certified_accuracy": self.certified_accuracy}
 
 
 def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
                        method: str = "crown") -> Tensor:
-    """Proven lower bound of ``z_y - z_j`` for every ``j != y`` (N x (K-1)) by IBP or CROWN."""
+    """Proven lower bound of ``z_y - z_j`` for every ``j != y`` (N x (K-1)) by IBP or CROWN.
+
+    ``crown`` returns the elementwise maximum of CROWN's and IBP's bounds (both sound), so it
+    is never looser than ``ibp``."""
     m = parse_enum(Method, method, "method")
     if m is Method.MILP:
         raise ValueError("margin_lower_bound takes method 'ibp' or 'crown'; use certify for 'milp'")
@@ -102,11 +109,14 @@ def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
         inputs = InputSet(x, threat.norm.value, threat.eps)
         k = chain.forward(x[:1]).shape[1]
         spec = margin_spec(y, k).to(x.dtype)
+        lo, hi = ibp_bounds(chain, inputs)[-1]
+        # C z >= C+ l + C- u
+        ibp = (spec.clamp(min=0) * lo.unsqueeze(1) + spec.clamp(max=0) * hi.unsqueeze(1)).sum(-1)
         if m is Method.IBP:
-            lo, hi = ibp_bounds(chain, inputs)[-1]
-            # C z >= C+ l + C- u
-            return (spec.clamp(min=0) * lo.unsqueeze(1) + spec.clamp(max=0) * hi.unsqueeze(1)).sum(-1)
-        return crown_bounds(chain, inputs, spec)[0]
+            return ibp
+        # Both bounds are proven, so their maximum is: on IBP-trained networks CROWN's linear
+        # relaxation of the last layers can be looser than IBP's intervals (Zhang et al. 2020).
+        return torch.maximum(crown_bounds(chain, inputs, spec)[0], ibp)
 
 
 def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: str = "crown",
@@ -133,7 +143,11 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
             chain = to_chain(model, tuple(x.shape[1:]))
             inputs = InputSet(x, "linf", threat.eps)
             k = chain.forward(x[:1]).shape[1]
-            crown_low, pre = crown_bounds(chain, inputs, margin_spec(y, k).to(x.dtype))
+            spec = margin_spec(y, k).to(x.dtype)
+            crown_low, pre = crown_bounds(chain, inputs, spec)
+            out_lo, out_hi = ibp_bounds(chain, inputs)[-1]
+            crown_low = torch.maximum(crown_low, (spec.clamp(min=0) * out_lo.unsqueeze(1)
+                                                  + spec.clamp(max=0) * out_hi.unsqueeze(1)).sum(-1))
             lower, status, advs = [], [], []
             for i in range(x.shape[0]):
                 if bool(clean_wrong[i]):
@@ -146,8 +160,11 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
                     status.append(Status.CERTIFIED.value)
                     advs.append(None)
                     continue
+                per_class = torch.full((k,), float("inf"), dtype=torch.float64)
+                per_class[[j for j in range(k) if j != int(y[i])]] = crown_low[i].double().cpu()
                 out = milp_margin(chain, inputs.lo[i], inputs.hi[i], int(y[i]),
-                                  [(lo[i], hi[i]) for lo, hi in pre], time_limit=time_limit)
+                                  [(lo[i], hi[i]) for lo, hi in pre], time_limit=time_limit,
+                                  class_lower=per_class)
                 low = max(out.lower, float(crown_low[i].min()))
                 adv = None
                 if out.x_adv is not None:
@@ -159,7 +176,7 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
                 advs.append(adv)
                 if adv is not None:
                     status.append(Status.BROKEN.value)
-                elif low > 0:
+                elif low > MILP_TOL:
                     status.append(Status.CERTIFIED.value)
                 else:
                     status.append(Status.UNKNOWN.value)

@@ -113,6 +113,12 @@ def crown_bounds(chain: Chain, inputs: InputSet, spec: Tensor, *,
     pre: list[tuple[Tensor, Tensor]] = []
     n = inputs.x0.shape[0]
     for k in range(len(chain.segments) - 1):
+        if k == 0 and inputs.norm == "linf":
+            # The first segment is affine in the input: over a box its interval (IBP) is the
+            # exact range, which CROWN would only recompute at the cost of a spec as wide as
+            # the layer. (For an L2 ball CROWN's ball bound can be tighter: kept there.)
+            pre.append(ibp[0])
+            continue
         shape = chain.segments[k].out_shape
         m = 1
         for d in shape:

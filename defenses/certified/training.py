@@ -2,7 +2,9 @@
 
 Loss: ``kappa * CE(z(x), y) + (1 - kappa) * CE(z_worst, y)`` where ``z_worst_j = -lower bound of
 z_y - z_j`` over the Linf ball by IBP (and 0 for ``j = y``); eps grows linearly from 0 to the
-target over ``ramp_epochs`` after ``warmup_epochs`` of clean training, while kappa goes 1 -> 0.5.
+target over ``ramp_epochs`` after ``warmup_epochs`` of clean training, while kappa goes 1 ->
+``final_kappa`` (0.5 in Gowal et al.; 0, all weight on the worst case, is what CROWN-IBP (Zhang
+et al. 2020) found best at large eps).
 The card records the training time and the certified (IBP, CROWN) accuracy on the test split.
 """
 
@@ -45,6 +47,7 @@ def ibp_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
                  lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
                  norm: str = "linf", eps: float = 0.3, train_eps_factor: float = 1.1,
                  warmup_epochs: float = 1.0, ramp_epochs: float | None = None,
+                 final_kappa: float = 0.5,
                  eval_dataset: str | None = None, eval_samples: int = 200,
                  **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """IBP training with an eps ramp at Linf ``eps`` (trained at ``train_eps_factor * eps``).
@@ -54,6 +57,8 @@ def ibp_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
     """
     if norm != "linf":
         raise ValueError(f"IBP training supports norm 'linf', got {norm!r}")
+    if not 0.0 <= final_kappa <= 1.0:
+        raise ValueError(f"final_kappa must be in [0, 1], got {final_kappa}")
     ramp = ramp_epochs if ramp_epochs is not None else max(1.0, 0.5 * (epochs - warmup_epochs))
     target = eps * train_eps_factor
     state = {"p": 0.0}
@@ -63,7 +68,7 @@ def ibp_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
 
     def loss_fn(m, xb, yb, gen):
         frac = min(1.0, max(0.0, (state["p"] - warmup_epochs) / ramp))
-        return ibp_loss(m, xb, yb, target * frac, 1.0 - 0.5 * frac)
+        return ibp_loss(m, xb, yb, target * frac, 1.0 - (1.0 - final_kappa) * frac)
 
     start = time.perf_counter()
     fit(model, x, y, loss_fn, epochs=epochs, batch_size=batch_size, lr=lr, generator=generator,

@@ -45,7 +45,12 @@ def mnist_cnn_ibp03() -> nn.Module:
     return CertCNN()
 
 
-@register_model("mnist-mlp-ibp03", epochs=10, warmup_epochs=1, eps=0.3, **_COMMON)
+# 60 short epochs (about 30 s on one CPU thread): eps ramps to 1.1 x 0.3 over epochs 2-32,
+# the loss weight of the clean term to 0.25. Measured on the suite's 100 samples at Linf 0.3
+# (docs/certified.md): clean 0.84, IBP = CROWN = 0.30 certified, the MILP decides every sample
+# (exact 0.31, ~0.25 s/sample), while PGD-100 alone still reports 0.41.
+@register_model("mnist-mlp-ibp03", epochs=60, warmup_epochs=2,
+                ramp_epochs=30, eps=0.3, train_eps_factor=1.1, final_kappa=0.25, **_COMMON)
 def mnist_mlp_ibp03() -> nn.Module:
-    """784-32-10 MLP on mnist5k, IBP training at Linf 0.3; small enough for the exact MILP."""
-    return cert_mlp(32)
+    """784-128-10 MLP on mnist5k, IBP training at Linf 0.3; small enough for the exact MILP."""
+    return cert_mlp(128)
