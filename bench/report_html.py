@@ -271,7 +271,7 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
                  f"No model is ranked at {threat}."]
         if apart.rows:
             text += ["", f"Not ranked at {threat}:", "", tb.markdown(apart, links=links)]
-    text += ["", verdict_legend(), "", tb.marker_legend(tb.table_draws(df))]
+    text += ["", verdict_legend(), "", tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]
     evidence = _evidence_of_models(main) if links else None
     expl = tb.explanations_frame(store, run_id)
     if len(expl):
@@ -310,7 +310,7 @@ def render_html(store: Store, run_id: int, *, evidence_dir: str | None = None) -
     meta = "".join(f"<p>{_E(h)}</p>" for h in header_lines(store, run_id))
     body = (f"<h1>unmask leaderboard</h1><div class=\"meta\">{meta}</div><p>{_E(_INTRO)}</p>"
             + _main_html(main)
-            + _legend([verdict_legend(), tb.marker_legend(tb.table_draws(df))]))
+            + _legend([verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
     return page("unmask leaderboard", body)
 
 
@@ -632,7 +632,7 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     parts += [f"<p>{_E(h)}</p>" for h in header_lines(store, run_id)]
     parts.append(f"</div><p>{_E(_INTRO)}</p>")
     parts.append(_main_html(main))
-    parts.append(_legend([verdict_legend(), tb.marker_legend(tb.table_draws(df))]))
+    parts.append(_legend([verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
     parts.append("<h2 id=\"explanations-section\">Explanation metrics</h2>")
     if len(expl):
         t = tb.explanations_table(expl, evidence=evidence)

@@ -35,7 +35,7 @@ __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS",
            "RANDOMISED_MARK", "main_frame", "main_tables", "explanations_frame",
            "explanations_table", "backdoor_frame", "table_draws", "backdoor_table", "backdoor_tables",
            "defense_texts",
-           "evidence_name", "markdown", "marker_legend", "explanation_legend",
+           "evidence_name", "markdown", "marker_legend", "certified_legend", "explanation_legend",
            "backdoor_legend", "MAIN_CSV_COLUMNS"]
 
 OVERLAP_MARK = "≈"
@@ -168,7 +168,8 @@ _BACKDOOR_COUNTS = {"poisoned": "poisoned samples", "spectral_flagged": "spectra
 # cells split into numbers (robust accuracy and its interval, passes and seconds).
 MAIN_CSV_COLUMNS = ["rank", "overlaps_above", "model", "threat", "defense", "clean_accuracy",
                     "robust_accuracy", "ci_low", "ci_high", "verdict", "reason", "certified",
-                    "certified_exact", "n", "passes_per_sample", "seconds", "evidence"]
+                    "certified_gap", "certified_exact", "certified_note", "n",
+                    "passes_per_sample", "seconds", "evidence"]
 
 
 def _num(v: Any, digits: int = 3) -> str:
@@ -320,8 +321,11 @@ def main_frame(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None 
         }
         if has_cert:
             out["certified"] = r.get("certified")
+            out["certified_gap"] = None if _missing(r.get("gap")) else float(r["gap"])
             exact = r.get("exact")
             out["certified_exact"] = None if _missing(exact) else bool(exact)
+            note = r.get("certified_note")
+            out["certified_note"] = note if isinstance(note, str) and note else None
         out.update({"n": n, "passes_per_sample": passes,
                     "seconds": None if _missing(r.get("runtime_s")) else float(r["runtime_s"]),
                     "evidence": (None if evidence_dir is None else
@@ -348,9 +352,31 @@ def main_frame(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None 
     return main
 
 
-def marker_legend(draws: int | None = None) -> str:
+def certified_legend(df: pd.DataFrame) -> str | None:
+    """What the certified column says, with each reason a row has no bound (``n/a``) and the
+    models it applies to; None when the frame has no certified column."""
+    if "certified" not in df.columns or not df["certified"].notna().any():
+        return None
+    text = ("Certified: a proven lower bound of the robust accuracy on the same samples (the "
+            "best of IBP, CROWN and the exact MILP; docs/certified.md), with its method; exact: "
+            "it equals the attack's number, so the robust accuracy is exact; gap: the robust "
+            "accuracy minus the bound, the most a stronger attack could still take off.")
+    notes: dict[str, list[str]] = {}
+    for model, value, note in zip(df["model"], df["certified"],
+                                  df.get("certified_note", pd.Series([None] * len(df)))):
+        if _missing(value) and isinstance(note, str) and note:
+            notes.setdefault(note, [])
+            if model not in notes[note]:
+                notes[note].append(model)
+    for note, models in notes.items():
+        text += f" n/a: {note} ({', '.join(models)})."
+    return text
+
+
+def marker_legend(draws: int | None = None, certified: str | None = None) -> str:
     """What the rank and robust-accuracy markers and the cost column mean; ``draws``: the
-    draws of a randomised model in the table (its marker is explained only then)."""
+    draws of a randomised model in the table (its marker is explained only then);
+    ``certified``: :func:`certified_legend`'s text, when the table has the column."""
     text = (f"Rank: equal robust accuracies share a rank; {OVERLAP_MARK}: this rank's 95% "
             "interval overlaps the interval of the rank above, so their order is not "
             "significant. Cost: the attack ensemble's forward + backward passes per sample, "
@@ -359,6 +385,8 @@ def marker_legend(draws: int | None = None) -> str:
         text += (f" {RANDOMISED_MARK}: randomised model, robust on a majority of {int(draws)} "
                  "draws: a sample counts as robust when it is classified correctly on a "
                  f"strict majority of {int(draws)} fresh draws.")
+    if certified:
+        text += " " + certified
     return text
 
 
@@ -394,13 +422,26 @@ def _robust_cell(r: dict[str, Any], draws: Any) -> Cell:
     return Cell(text, sort=float(r["robust_accuracy"]), title=title)
 
 
-def _certified_cell(value: Any, exact: Any) -> Cell:
+def _certified_cell(value: Any, exact: Any, gap: Any = None, note: Any = None,
+                    method: Any = None) -> Cell:
+    """The proven lower bound, ``(exact)`` where it meets the attack's number, else the gap;
+    ``n/a`` with the reason (e.g. ``not supported: MaxPool2d``) where no bound applies."""
     if _missing(value):
+        if isinstance(note, str) and note:
+            return Cell("n/a", sort=-1.0, title=note)
         return Cell("")
-    text = f"{float(value):.3f}" + (" (exact)" if not _missing(exact) and bool(exact) else "")
+    how = f"{method}, " if isinstance(method, str) and method else ""
+    if not _missing(exact) and bool(exact):
+        text = f"{float(value):.3f} ({how}exact)"
+    elif not _missing(gap):
+        text = f"{float(value):.3f} ({how}gap {float(gap):.2f})"
+    else:
+        text = f"{float(value):.3f}" + (f" ({method})" if how else "")
     return Cell(text, sort=float(value),
                 title="proven lower bound on the robust accuracy" +
-                      ("; exact: equals the attack's number" if text.endswith("(exact)") else ""))
+                      ("; exact: equals the attack's number" if text.endswith("exact)") else
+                       "; gap: robust accuracy minus this bound, the most a stronger attack "
+                       "could still lower the number"))
 
 
 def main_tables(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None = None,
@@ -441,7 +482,9 @@ def main_tables(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None
                                  sort=-1.0 if _missing(r["clean_accuracy"])
                                  else float(r["clean_accuracy"])),
                             _robust_cell({**frame_row, **r}, frame_row.get("draws"))]
-            cert = ([_certified_cell(r.get("certified"), r.get("certified_exact"))]
+            cert = ([_certified_cell(r.get("certified"), r.get("certified_exact"),
+                                     r.get("certified_gap"), r.get("certified_note"),
+                                     frame_row.get("certified_method"))]
                     if has_cert else [])
             tail = [Cell("" if r["n"] is None else str(r["n"]), sort=r["n"]),
                     _cost_cell(r["passes_per_sample"], r["seconds"])]

@@ -259,7 +259,7 @@ def test_suite_certify_rows_bracket_the_attack_and_record_not_supported(tmp_path
     pool_row = df[df["model"] == "certmods:pooled"].iloc[0]
     assert pd_isna(pool_row["certified"]) and "MaxPool2d" in pool_row["certified_note"]
     assert "certified" in csv.splitlines()[0] and "gap" in csv.splitlines()[0]
-    assert "(milp) exact" in md and "not supported: MaxPool2d" in md
+    assert "(milp, exact)" in md and "n/a: not supported: MaxPool2d (certmods:pooled)" in md
 
 
 def pd_isna(v) -> bool:
