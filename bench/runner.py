@@ -98,7 +98,9 @@ def batch_seed(seed: int, batch: int) -> int:
 
 
 def git_commit(path: str | os.PathLike | None = None) -> str | None:
-    """The git commit of the unmask source tree (``+dirty`` with local changes), if any."""
+    """The git commit of the unmask source tree, if any; ``+dirty`` when its code (Python
+    files, suites, ``pyproject.toml``) differs from the commit. Results, docs and the README
+    do not count: a run that regenerates the committed results names the commit it ran."""
     where = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         head = subprocess.run(["git", "-C", str(where), "rev-parse", "HEAD"], capture_output=True,
@@ -106,7 +108,8 @@ def git_commit(path: str | os.PathLike | None = None) -> str | None:
         if head.returncode != 0:
             return None
         dirty = subprocess.run(["git", "-C", str(where), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
+                                "--untracked-files=no", "--", ":(top,glob)**/*.py",
+                                ":(top,glob)**/*.toml"], capture_output=True, text=True,
                                timeout=10)
         return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):

@@ -6,6 +6,7 @@ without the pause, one warning per diagnosis, enums printed as their values, no 
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 import warnings
 
@@ -434,3 +435,37 @@ def test_attack_on_a_robustbench_style_checkpoint(in_project, capsys, tmp_path):
     code, _, err = _cli(capsys, "attack", "robustbench:digits/Linf/Missing", "--arch", "mlp",
                         "--model-kwargs", kwargs)
     assert code == 2 and "Missing.pt" in err
+
+
+def test_the_run_commit_is_dirty_only_when_code_changed(tmp_path):
+    import shutil
+    import subprocess
+
+    from unmask.bench.runner import git_commit
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    repo = tmp_path / "repo"
+    (repo / "pkg").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "pkg" / "m.py").write_text("x = 1\n")
+    (repo / "README.md").write_text("numbers\n")
+    (repo / "results" / "leaderboard.md").write_text("| a |\n")
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True,
+                       env={"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t",
+                            "HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "c")
+    clean = git_commit(repo / "pkg")
+    assert clean is not None and not clean.endswith("+dirty")
+    # Regenerating results and the README's numbers: still the commit that ran.
+    (repo / "results" / "leaderboard.md").write_text("| b |\n")
+    (repo / "README.md").write_text("new numbers\n")
+    assert git_commit(repo / "pkg") == clean
+    (repo / "pkg" / "m.py").write_text("x = 2\n")
+    assert git_commit(repo / "pkg") == clean + "+dirty"
