@@ -1,4 +1,5 @@
-"""``unmask certify MODEL``: proven lower bounds of a zoo model's robust accuracy.
+"""``unmask certify MODEL``: proven lower bounds of a model's robust accuracy (a zoo name,
+``module:function``, a checkpoint with ``--arch``, or a ``robustbench:`` spec).
 
 Runs IBP, CROWN and the exact MILP (``unmask.defenses.certified.certify``, the methods of a
 suite's ``[certify]`` section) on the first ``--n`` test images of the model's dataset and
@@ -15,17 +16,18 @@ import argparse
 import json
 
 from .cli import CLIError, _known, _table, command
+from .cli_attack import add_model_source_args, load_model, test_data
 
 
 @command("certify")
 def _certify_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "certify", help="certified robust accuracy of a zoo model (IBP, CROWN, exact MILP)",
+        "certify", help="certified robust accuracy of a model (IBP, CROWN, exact MILP)",
         description="Proven lower bounds of robust accuracy on the first N test images: IBP, "
                     "CROWN and exact verification by MILP (Linf only, needs highspy). A sample "
                     "is certified (proven robust), broken (misclassified, or a MILP "
                     "counterexample verified on the model) or unknown.")
-    p.add_argument("model", metavar="MODEL", help="zoo entry (see: unmask zoo list)")
+    add_model_source_args(p)
     p.add_argument("--eps", type=float, required=True, help="radius of the threat ball")
     p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="default linf")
     p.add_argument("--methods", nargs="+", default=["ibp", "crown", "milp"],
@@ -34,27 +36,26 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--time-limit", type=float, default=10.0,
                    help="MILP seconds per sample; a timeout leaves it unknown (default 10)")
     p.add_argument("--json", metavar="PATH", help="also write the per-sample results as JSON")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: best available)")
     p.set_defaults(handler=_certify)
 
 
 def _certify(args: argparse.Namespace) -> int:
     from ..defenses.certified import Method, certify
-    from . import data, zoo
     from .core import Threat
     from .fileio import atomic_write
 
-    _known(args.model, zoo.list(), "model")
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
     for m in args.methods:
         _known(m, [v.value for v in Method], "method")
-    threat = Threat(args.norm, args.eps)
-    model = zoo.load(args.model, device=args.device)
-    param = next(iter(model.parameters()), None)
-    x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
-    if param is not None:
-        x, y = x.to(param.device), y.to(param.device)
+    try:
+        threat = Threat(args.norm, args.eps)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    loaded = load_model(args)
+    model = loaded.model
+    x, y = test_data(loaded.dataset, args.n)
+    x, y = x.to(loaded.device), y.to(loaded.device)
     rows, results = [], []
     for m in args.methods:
         res = certify(model, x, y, threat, method=m, time_limit=args.time_limit)

@@ -177,6 +177,19 @@ def test_perf_on_a_user_model(in_project, capsys, form, tmp_path):
     assert "pgd-2" in out
 
 
+@pytest.mark.parametrize("form", sorted(MLP_FORMS))
+def test_certify_on_a_user_model(in_project, capsys, form, tmp_path):
+    # the plain network (the builder's rounding is not a supported layer: it says so)
+    forms = {"builder": [f"{PKG}.nets:net"], "checkpoint": MLP_FORMS["checkpoint"]}
+    out_json = tmp_path / "c.json"
+    code, out, err = _cli(capsys, "certify", *forms[form], "--dataset", "digits", "--eps",
+                          "0.01", "--n", "8", "--methods", "ibp", "crown", "--json", out_json)
+    assert code == 0, err
+    results = json.loads(out_json.read_text())
+    assert [r["method"] for r in results] == ["ibp", "crown"]
+    assert results[0]["certified_accuracy"] <= results[1]["certified_accuracy"]
+
+
 @pytest.mark.parametrize("form", sorted(CNN_FORMS))
 def test_backdoor_on_a_user_model(in_project, capsys, form):
     poisoning = '{"trigger": "badnets", "target": 0, "poison_rate": 0.05, "poison_seed": 0}'
