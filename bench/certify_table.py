@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -31,7 +30,7 @@ from typing import Any
 import torch
 
 from .core import Threat
-from .fileio import atomic_write
+from .fileio import atomic_write, write_between_markers
 
 __all__ = ["CertifyRow", "DEFAULT_ROWS", "MARKERS", "certify_row", "markdown_table",
            "write_table", "main"]
@@ -157,13 +156,7 @@ def markdown_table(rows: Sequence[CertifyRow]) -> str:
 
 def write_table(path: str | Path, table: str) -> None:
     """Replace the text between :data:`MARKERS` in ``path`` by ``table`` (atomically)."""
-    path = Path(path)
-    text = path.read_text()
-    start, end = MARKERS
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    if len(pattern.findall(text)) != 1:
-        raise ValueError(f"{path} must contain the markers {start} ... {end} exactly once")
-    atomic_write(path, pattern.sub(lambda _: f"{start}\n{table}{end}", text).encode())
+    write_between_markers(path, MARKERS, table)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,3 +58,17 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     return obj
+
+
+def write_between_markers(path: str | os.PathLike, markers: tuple[str, str], text: str) -> None:
+    """Replace what stands between the two ``markers`` in the file ``path`` by ``text``
+    (atomically); the markers must occur exactly once (a generated table in a doc)."""
+    import re
+
+    path = Path(path)
+    old = path.read_text()
+    start, end = markers
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
+    if len(pattern.findall(old)) != 1:
+        raise ValueError(f"{path} must contain the markers {start} ... {end} exactly once")
+    atomic_write(path, pattern.sub(lambda _: f"{start}\n{text}{end}", old).encode())

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,7 +47,7 @@ from torch import Tensor, nn
 from ..attacks import APGD, BPDA, EOT, PGD, Attack, success_rate
 from ..attacks.losses import margin_loss
 from .core import DRAWS, Threat, check_inputs, make_generator, model_mode, robust_by_majority
-from .fileio import atomic_write
+from .fileio import atomic_write, write_between_markers
 
 __all__ = ["BenchmarkEntry", "BenchmarkRow", "ENTRIES", "GAP_TOLERANCE", "MARKERS",
            "reference_broken", "plain_pgd_broken", "run_entry", "run_benchmark",
@@ -369,13 +368,7 @@ def markdown_table(rows: Sequence[BenchmarkRow], *, threat: Threat, fast: bool,
 
 def write_table(path: str | Path, table: str) -> None:
     """Replace the text between :data:`MARKERS` in ``path`` by ``table`` (atomically)."""
-    path = Path(path)
-    text = path.read_text()
-    start, end = MARKERS
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-    if len(pattern.findall(text)) != 1:
-        raise ValueError(f"{path} must contain the markers {start} ... {end} exactly once")
-    atomic_write(path, pattern.sub(lambda _: f"{start}\n{table}{end}", text).encode())
+    write_between_markers(path, MARKERS, table)
 
 
 def _row_from_dict(d: dict[str, Any]) -> BenchmarkRow:
