@@ -11,7 +11,6 @@ from .backdoor import (
     triggered_test_set,
 )
 from .backdoor_triggers import TRIGGERS, BadNets, Blend, Trigger, WaNet, make_trigger
-from .backdoor_zoo import backdoor_recipe  # registers the "backdoor" recipe and zoo entries
 from .base import ATTACKS, Attack, GradientOracle, Tracker, register_attack
 from .bpda import BPDA
 from .branch_pgd import BranchAttackResult, BranchPGD
@@ -73,7 +72,6 @@ __all__ += [  # backdoor poisoning
     "WaNet",
     "attack_success_rate",
     "backdoor_labels",
-    "backdoor_recipe",
     "make_trigger",
     "poison",
     "triggered_test_set",

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench.core import StrEnum, check_images, check_labels, make_generator, parse_enum
-from ..bench.training import predict
+from ..bench.core.training import predict
 from .backdoor_triggers import Trigger, make_trigger
 
 __all__ = ["BackdoorMode", "PoisonedSet", "Backdoor", "poison", "backdoor_labels",

@@ -38,7 +38,7 @@ from ..bench.core import (
     parse_enum,
     warn_if_train_mode,
 )
-from ..bench.registry import Registry
+from ..bench.core.registry import Registry
 from .losses import Loss, loss_fn
 
 __all__ = ["Attack", "ATTACKS", "register_attack", "Tracker", "compaction_points",

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
-from .registry import Registry
+from .core.registry import Registry
 
 __all__ = ["DatasetInfo", "DATASETS", "register_dataset", "load", "info", "names", "loader"]
 

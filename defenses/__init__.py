@@ -1,6 +1,5 @@
 """unmask.defenses: training recipes, inference-time defenses, gradient-masking diagnosis."""
 
-from . import defense_zoo  # noqa: F401 - registers the defended zoo entries
 from .adversarial import (
     AdversarialLoss,
     FastAdversarialLoss,
@@ -12,7 +11,6 @@ from .adversarial import (
 from .backdoor import DetectionResult, activation_clustering, spectral_signatures
 from .backdoor_report import BackdoorReport, evaluate_backdoor
 from .certified import training as _certified_training  # noqa: F401 - registers recipe 'ibp'
-from .certified import zoo as _certified_zoo  # noqa: F401 - registers the IBP-trained entries
 from .fine_pruning import FinePruningResult, fine_pruning
 from .gradreg import GradientPenaltyLoss, PenaltyNorm, gradient_regularization
 from .inference import (
@@ -28,7 +26,6 @@ from .inference import (
     ScaleLogits,
     Softmax,
 )
-from .literature_zoo import __all__ as _literature_zoo  # noqa: F401 - registers its entries
 from .masking import VERDICT_MEANING, CheckResult, MaskingKind, MaskingReport, Verdict, diagnose
 from .strip import StripResult, strip, strip_entropy
 from .trades import TradesLoss

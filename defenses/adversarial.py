@@ -2,7 +2,7 @@
 to Adversarial Attacks") and fast FGSM-AT (Wong, Rice & Kolter, ICLR 2020, "Fast is better
 than free"), with the linear eps warm-up both use on MNIST. TRADES lives in ``trades.py``, the
 input-gradient penalty in ``gradreg.py``; all of them are losses for
-:func:`unmask.bench.training.fit`, so they share its progress bar and resumable epochs.
+:func:`unmask.bench.core.training.fit`, so they share its progress bar and resumable epochs.
 
 Inner maximisation runs in eval mode with frozen parameters (``model_mode``), so BatchNorm
 statistics see only the batches the model is trained on, and dropout does not randomise the
@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..attacks.base import steepest_step
 from ..bench.core import StrEnum, Threat, check_inputs, make_generator, model_mode, parse_enum
-from ..bench.training import accuracy, fit, register_recipe
+from ..bench.core.training import accuracy, fit, register_recipe
 
 __all__ = ["Method", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
            "adversarial_training", "robustness_metrics", "pgd_at", "fast_at"]
@@ -201,7 +201,7 @@ def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Thre
             ``2.5 * eps / steps`` for pgd and trades, ``1.25 * eps`` for fast).
         warmup_epochs: eps ramps linearly from 0 over this many epochs (0: no warm-up).
         batch_size, lr, generator, progress, checkpoint_dir, optimizer, weight_decay: as for
-            :func:`unmask.bench.training.fit` (Adam, cosine learning rate, seeded shuffling,
+            :func:`unmask.bench.core.training.fit` (Adam, cosine learning rate, seeded shuffling,
             resumable epochs).
 
     Returns:

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from ..attacks.backdoor import Backdoor, PoisonedSet
 from ..bench.core import make_generator
-from ..bench.training import accuracy
+from ..bench.core.training import accuracy
 from .backdoor import DetectionResult, activation_clustering, spectral_signatures
 from .fine_pruning import FinePruningResult, fine_pruning
 from .strip import StripResult, strip

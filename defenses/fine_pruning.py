@@ -40,7 +40,7 @@ from torch import Tensor, nn
 from torch.nn.utils import prune
 
 from ..bench.core import check_inputs, make_generator
-from ..bench.training import accuracy, cross_entropy_loss, fit
+from ..bench.core.training import accuracy, cross_entropy_loss, fit
 from .backdoor import resolve_layer, run_with_hook
 
 __all__ = ["FinePruningResult", "fine_pruning"]

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bench.core import StrEnum, Threat, parse_enum
-from ..bench.training import register_recipe
+from ..bench.core.training import register_recipe
 from .adversarial import evaluate_for_card, train_with_loss
 
 __all__ = ["PenaltyNorm", "GradientPenaltyLoss", "gradient_regularization", "grad_reg"]
@@ -84,7 +84,7 @@ def gradient_regularization(model: nn.Module, x: Tensor, y: Tensor, *, lam: floa
                             **fit_options: Any) -> nn.Module:
     """Train ``model`` (in place) with the input-gradient penalty ``lam * ||grad||_norm``.
 
-    Other arguments as for :func:`unmask.bench.training.fit`. Returns the model in eval mode.
+    Other arguments as for :func:`unmask.bench.core.training.fit`. Returns the model in eval mode.
     """
     return train_with_loss(model, x, y, GradientPenaltyLoss(lam, norm), epochs=epochs,
                            batch_size=batch_size, lr=lr, generator=generator, progress=progress,

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..attacks.base import steepest_step
 from ..bench.core import Threat, normal
-from ..bench.training import register_recipe
+from ..bench.core.training import register_recipe
 from .adversarial import AdversarialLoss, Method, _input_gradient, _recipe
 
 __all__ = ["TradesLoss", "trades"]

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..bench.core import StrEnum, check_inputs, check_logits, margin, model_mode, parse_enum
 from ..bench.core import warn_if_train_mode as _warn_if_train_mode
-from ..bench.fileio import atomic_write, json_safe
+from ..bench.core.fileio import atomic_write, json_safe
 from .gradtrace import Tracer, merge_calls, trace
 
 __all__ = [

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..bench.fileio import atomic_write
+from ..bench.core.fileio import atomic_write
 from .metrics import DeletionInsertionResult
 
 __all__ = ["plot_attributions", "plot_curves"]

@@ -35,7 +35,7 @@ from unmask.attacks.base import Attack, compaction_points
 from unmask.attacks.square import p_schedule
 from unmask.bench import Threat
 from unmask.bench.core import AttackResult
-from unmask.bench.training import seeded_init
+from unmask.bench.core.training import seeded_init
 
 
 def _gen(seed: int = 0) -> torch.Generator:

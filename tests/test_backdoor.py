@@ -24,7 +24,7 @@ from unmask.attacks import (
     poison,
     triggered_test_set,
 )
-from unmask.bench.training import accuracy, seeded_init
+from unmask.bench.core.training import accuracy, seeded_init
 from unmask.defenses import (
     activation_clustering,
     evaluate_backdoor,
@@ -294,7 +294,7 @@ def test_report_metrics_are_numbers(badnets_report):
 
 @pytest.mark.slow
 def test_cli_backdoor_table(badnets, mnist_cnn, capsys):
-    from unmask.bench.cli import main
+    from unmask.bench.cli.main import main
 
     assert main(["backdoor", "mnist-cnn-badnets", "--no-defenses", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)

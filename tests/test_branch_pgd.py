@@ -9,7 +9,7 @@ from torch import nn
 from unmask.attacks import PGD, BranchPGD
 from unmask.attacks.branch_pgd import BranchAttackResult
 from unmask.bench import Threat
-from unmask.bench.training import seeded_init
+from unmask.bench.core.training import seeded_init
 
 
 class Halves(nn.Module):

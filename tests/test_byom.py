@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from unmask.bench import data
-from unmask.bench.cli import build_parser, main
+from unmask.bench.cli.main import build_parser, main
 from unmask.bench.core import LargeEpsWarning, ProbabilityOutputWarning, Threat
-from unmask.bench.models import ModelSourceError, load_model
+from unmask.bench.zoo.resolve import ModelSourceError, load_model
 
 PKG = "byom_models_pkg"  # a package only the working directory of these tests holds
 
@@ -307,7 +307,7 @@ def digits_batch():
 
 def test_labels_beyond_the_class_count_are_an_error_everywhere(digits_batch):
     from unmask.attacks import PGD, Ensemble
-    from unmask.bench.testing import assert_robust_accuracy
+    from unmask.bench.report.testing import assert_robust_accuracy
     from unmask.defenses import diagnose
 
     x, y = digits_batch
@@ -353,7 +353,7 @@ def test_eps_is_judged_against_the_input_box():
 
 
 def test_n_larger_than_the_data_is_an_error(digits_batch):
-    from unmask.bench.testing import assert_robust_accuracy
+    from unmask.bench.report.testing import assert_robust_accuracy
 
     with pytest.raises(ValueError, match="holds 360 samples"):
         data.load("digits", "test", n=361)
@@ -393,7 +393,7 @@ def test_resume_of_a_missing_store_creates_nothing(tmp_path, capsys):
 
 
 def test_wall_time_excludes_the_pause_before_a_resume(tmp_path, monkeypatch):
-    from unmask.bench import store as store_mod
+    from unmask.bench.suite.spec import store as store_mod
 
     clock = [1000.0]
     monkeypatch.setattr(store_mod.time, "time", lambda: clock[0])
@@ -426,7 +426,7 @@ def test_a_diagnosis_warns_about_probability_outputs_once():
 
 
 def test_attack_on_a_robustbench_style_checkpoint(in_project, capsys, tmp_path):
-    from unmask.bench.archs import MLP
+    from unmask.bench.zoo.archs import MLP
 
     torch.manual_seed(0)
     mlp = MLP(in_features=64, hidden=16, num_classes=10)
@@ -454,7 +454,7 @@ def test_the_run_commit_is_dirty_only_when_code_changed(tmp_path):
     import shutil
     import subprocess
 
-    from unmask.bench.runner import git_commit
+    from unmask.bench.suite.spec.runner import git_commit
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")

@@ -1,4 +1,4 @@
-"""Regression checks (``unmask check``, :mod:`unmask.bench.check`): paired per sample, with
+"""Regression checks (``unmask check``, :mod:`unmask.bench.report.check`): paired per sample, with
 the model's fingerprint and the evaluation settings recorded in the baseline.
 
 The scenario of issue 18 is built for real: a small MNIST-like model (digits-mlp) behind a
@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from unmask.bench import Threat, data
-from unmask.bench.check import (
+from unmask.bench.report.check import (
     BASELINE_SCHEMA,
     TOLERANCE,
     baseline_from_store,
@@ -29,9 +29,9 @@ from unmask.bench.check import (
     newcombe,
     read_baseline,
 )
-from unmask.bench.cli import main
-from unmask.bench.store import Store, wilson
-from unmask.bench.testing import assert_robust_accuracy
+from unmask.bench.cli.main import main
+from unmask.bench.suite.spec.store import Store, wilson
+from unmask.bench.report.testing import assert_robust_accuracy
 
 REGMOD = '''
 import torch

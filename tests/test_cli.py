@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from unmask.bench import zoo
-from unmask.bench.cli import main
+from unmask.bench.cli.main import main
 
 
 def _console_script() -> str:
@@ -181,7 +181,7 @@ def test_perf_reports_rates_efficiency_and_the_settings(capsys, tmp_path, digits
 
 
 def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, digits_mlp):
-    from unmask.bench import variants
+    from unmask.bench.perf.harness import variants
 
     out_json = tmp_path / "v.json"
     assert variants.main(["--model", "digits-mlp", "--n", "24", "--steps", "3", "--queries", "8",
@@ -205,7 +205,7 @@ def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, di
 def test_device_sweep_script_covers_batch_layout_and_precision(capsys, tmp_path):
     import torch
 
-    from unmask.bench import sweep
+    from unmask.bench.perf.harness import sweep
 
     out_json = tmp_path / "sweep.json"
     assert sweep.main(["--width", "4", "--batches", "8,12", "--train-epochs", "0", "--steps",
@@ -231,7 +231,7 @@ def test_diagnose_end_to_end_exit_status_says_the_verdict(zoo_cache, tmp_path, c
     status a user's CI can gate on: 0 clean, 3 suspicious, 4 masked."""
     import json
 
-    from unmask.bench.cli_defenses import EXIT_CODES
+    from unmask.bench.cli.defenses import EXIT_CODES
 
     assert EXIT_CODES == {"clean": 0, "suspicious": 3, "masked": 4}
     out = tmp_path / "r.json"

@@ -540,7 +540,7 @@ def test_non_finite_logits_are_an_error_in_every_entry_point(rows):
     the attacks, the ensemble, the diagnosis and the pytest helper: never robust accuracy 1."""
     from unmask.attacks import PGD, Ensemble
     from unmask.bench.core import NonFiniteOutputError
-    from unmask.bench.testing import assert_robust_accuracy
+    from unmask.bench.report.testing import assert_robust_accuracy
     from unmask.defenses import diagnose
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ from unmask.attacks.fgsm import FGSM
 from unmask.attacks.pgd import PGD
 from unmask.attacks.square import Square
 from unmask.bench import Threat
-from unmask.bench.counting import CountingModel
+from unmask.bench.core.counting import CountingModel
 
 
 def _tiny():

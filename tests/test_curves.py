@@ -15,15 +15,15 @@ from torch import nn
 
 from unmask.attacks import APGD, Ensemble
 from unmask.bench.core import Threat
-from unmask.bench.curve_report import CSV_COLUMNS, curves_frame, line_styles, write_curves_csv
-from unmask.bench.curves import (
-    curve_grid,
-    curve_points,
-    curve_selection,
-    min_eps_search,
+from unmask.bench.report.curve_report import (
+    CSV_COLUMNS,
+    curves_frame,
+    line_styles,
+    write_curves_csv,
 )
-from unmask.bench.store import WORST_CASE, Store, wilson
-from unmask.bench.suite import SuiteError, load_suite, parse_suite
+from unmask.bench.report.curves import curve_grid, curve_points, curve_selection, min_eps_search
+from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
+from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
 
 GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
@@ -151,7 +151,7 @@ def test_report_caps_the_curve_by_the_row_per_sample(tmp_path):
     lines = path.read_text().splitlines()
     assert lines[0].split(",") == CSV_COLUMNS and len(lines) == 4
     # the same file from the CLI; a run without curves is an error that says so
-    from unmask.bench.cli import main
+    from unmask.bench.cli.main import main
 
     out = tmp_path / "cli.csv"
     assert main(["export", str(run_id), "--format", "curves", "--out", str(out),
@@ -188,8 +188,8 @@ CURVES = ('[curves]\nmodels = ["digits-mlp"]\npoints = 4\n'
 
 
 def test_suite_runs_stores_and_resumes_the_curves(tmp_path):
-    from unmask.bench.leaderboard import leaderboard_frame, write_report
-    from unmask.bench.runner import run_suite
+    from unmask.bench.report.leaderboard import leaderboard_frame, write_report
+    from unmask.bench.suite.spec.runner import run_suite
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", extra=CURVES))
     assert suite.curves.enabled and suite.curves.points == 4
@@ -221,8 +221,8 @@ def test_ranked_selection_in_the_runner(tmp_path, digits_mlp):
     import dataclasses
 
     from unmask.bench import data
-    from unmask.bench.runner import _Dist, _Loaded, _Runner, run_suite
-    from unmask.bench.suite import CurveSpec
+    from unmask.bench.suite.spec.runner import _Dist, _Loaded, _Runner, run_suite
+    from unmask.bench.suite.spec.spec import CurveSpec
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml"))
     first = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)

@@ -13,15 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unmask.bench.training import seeded_init
+from unmask.bench.core.training import seeded_init
 from unmask.explain import audit, branch_attribution, jacobian_norm
-from unmask.explain.gradflow import (
-    EXPLODE_RATIO,
-    INPUT_ROW,
-    LOSS_ROW,
-    MODEL_ROW,
-    VANISH_RATIO,
-)
+from unmask.explain.gradflow import EXPLODE_RATIO, INPUT_ROW, LOSS_ROW, MODEL_ROW, VANISH_RATIO
 from unmask.explain.gradtrace import trace
 
 # --- tiny models --------------------------------------------------------------------------------
@@ -457,7 +451,7 @@ def test_mnist_cnn_healthy_and_fast(mnist_cnn, mnist_test):
 
 
 def test_cli_gradflow(mnist_cnn, tmp_path, capsys):
-    from unmask.bench.cli import main
+    from unmask.bench.cli.main import main
 
     png, js = tmp_path / "fig.png", tmp_path / "report.json"
     assert main(["gradflow", "mnist-cnn", "--out", str(png), "--n", "32", "--loss", "margin",

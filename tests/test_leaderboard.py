@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from suite_helpers import WEAK_MODULE, tiny_suite
 
-from unmask.bench import leaderboard as lb
-from unmask.bench import tables as tb
+from unmask.bench.report import leaderboard as lb
+from unmask.bench.report import tables as tb
 from unmask.bench import zoo
-from unmask.bench.cli import main
-from unmask.bench.runner import run_suite
-from unmask.bench.store import Store, wilson
-from unmask.bench.suite import load_suite
+from unmask.bench.cli.main import main
+from unmask.bench.suite.spec.runner import run_suite
+from unmask.bench.suite.spec.store import Store, wilson
+from unmask.bench.suite.spec.spec import load_suite
 
 EXPLAIN = ('[explain]\nmethods = ["saliency"]\nmetrics = ["deletion_insertion"]\nn = 8\n'
            'maps = 2\n')
@@ -411,7 +411,7 @@ def test_one_robust_number_is_the_worst_case_over_every_attack(tmp_path, monkeyp
 
 
 def test_a_failing_diagnosis_is_an_error_and_never_ranked(tmp_path, monkeypatch, zoo_cache):
-    from unmask.bench import integrations
+    from unmask.bench.suite.spec import integrations
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom in the diagnosis")
@@ -443,7 +443,7 @@ def test_a_failing_diagnosis_is_an_error_and_never_ranked(tmp_path, monkeypatch,
 def test_baseline_records_the_rows_one_number(runs):
     """The regression baseline compares the number the leaderboard reports: the worst case
     over the ensemble, the diagnosis and its follow-up, per sample."""
-    from unmask.bench.check import baseline_from_store
+    from unmask.bench.report.check import baseline_from_store
 
     _, store = runs
     with Store(store, readonly=True) as st:
@@ -646,7 +646,7 @@ def _where(col: str, value, row: dict) -> tuple[str, str, str] | None:
     when the old table showed nothing for this value. Places: main (the row of the main or
     the not-ranked table, in a named column), header, evidence (the row's page),
     explanations, backdoor."""
-    from unmask.bench.leaderboard import _EXPLAIN_COLUMNS, _METHOD_SHORT
+    from unmask.bench.report.leaderboard import _EXPLAIN_COLUMNS, _METHOD_SHORT
 
     def f3(v):
         return f"{float(v):.3f}"
@@ -711,7 +711,7 @@ def _where(col: str, value, row: dict) -> tuple[str, str, str] | None:
 def _check_reachable(out: Path, df: pd.DataFrame) -> int:
     """Every value of every column of ``df`` is where :func:`_where` says; returns the number
     of values checked."""
-    from unmask.bench.tables import EXPLAIN_METRICS, evidence_name
+    from unmask.bench.report.tables import EXPLAIN_METRICS, evidence_name
 
     report = _page(out / "report.html")
     header = " ".join(report.page_text.split(" Robust accuracy: ")[:1])
@@ -839,7 +839,7 @@ def test_report_in_headless_chromium(runs, tmp_path):
     resolves; the screenshots are written."""
     from playwright.sync_api import sync_playwright
 
-    from unmask.bench.report_html import write_screenshots
+    from unmask.bench.report.html import write_screenshots
 
     browser_path = _chromium()
     _, store = runs

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from unmask.attacks import Attack
-from unmask.bench import masking_benchmark as mb
+from unmask.bench.perf.harness import masking_benchmark as mb
 from unmask.bench import zoo
 from unmask.bench.core import Threat
 from unmask.defenses import literature as lit

@@ -15,13 +15,9 @@ from suite_helpers import tiny_suite
 from torch import nn
 
 from unmask.bench import zoo
-from unmask.bench.archs import MLP
-from unmask.bench.robustbench_models import (
-    checkpoint_path,
-    load_robustbench,
-    parse_robustbench_spec,
-)
-from unmask.bench.suite import SuiteError, load_suite, parse_suite
+from unmask.bench.zoo.archs import MLP
+from unmask.bench.zoo.robustbench import checkpoint_path, load_robustbench, parse_robustbench_spec
+from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
 
 
 def _write(path, state: dict) -> None:
@@ -164,7 +160,7 @@ def test_the_real_robustbench_package_architecture(tmp_path):
     except Exception as err:  # pragma: no cover - depends on the environment
         pytest.skip(f"the robustbench package is not importable here ({type(err).__name__}: "
                     f"{err}); the stand-in test above covers the same calls")
-    from unmask.bench.robustbench_models import robustbench_architecture
+    from unmask.bench.zoo.robustbench import robustbench_architecture
 
     ref = robustbench_architecture("Standard", "cifar10", "Linf").eval()
     _write(tmp_path / "cifar10" / "Linf" / "Standard.pt", ref.state_dict())
@@ -177,8 +173,8 @@ def test_the_real_robustbench_package_architecture(tmp_path):
 def test_a_suite_runs_a_robustbench_spec_like_the_zoo_model(tmp_path, digits_mlp):
     """digits-mlp's weights written in the RobustBench layout, loaded by the spec string
     with unmask's ``mlp`` architecture: the same row as the zoo entry."""
-    from unmask.bench.runner import run_suite
-    from unmask.bench.store import Store
+    from unmask.bench.suite.spec.runner import run_suite
+    from unmask.bench.suite.spec.store import Store
 
     _write(tmp_path / "rb" / "digits" / "Linf" / "DigitsMLP.pt",
            {"state_dict": digits_mlp.state_dict()})

@@ -9,9 +9,9 @@ import math
 
 import pytest
 
-from unmask.bench.cli import main
-from unmask.bench.run_compare import DROP, NO_CHANGE, RISE, compare_runs
-from unmask.bench.store import WORST_CASE, Store, wilson
+from unmask.bench.cli.main import main
+from unmask.bench.report.run_compare import DROP, NO_CHANGE, RISE, compare_runs
+from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
 
 
 def _run(store: Store, robust: list[int], *, labels: list[int] | None = None,

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from unmask.bench.store import SCHEMA_VERSION, Store, StoreError, default_path, wilson
+from unmask.bench.suite.spec.store import SCHEMA_VERSION, Store, StoreError, default_path, wilson
 
 
 def _run(st: Store, **kw) -> int:
@@ -183,7 +183,7 @@ def test_a_refused_open_leaves_no_connection_open(tmp_path):
 
 _WRITER = textwrap.dedent("""
     import sys
-    from unmask.bench.store import Store, wilson
+    from unmask.bench.suite.store import Store, wilson
     lo, hi = wilson(3, 10)
     cell = {"model": "m", "norm": "linf", "eps": 0.1, "attack": "worst-case", "position": 0,
             "n": 10, "clean_correct": 9, "robust": 3, "clean_accuracy": 0.9,
@@ -264,7 +264,7 @@ def test_concurrent_writers_do_not_corrupt_the_store(tmp_path):
     path = tmp_path / "r.sqlite"
     script = textwrap.dedent("""
         import sys
-        from unmask.bench.store import Store, wilson
+        from unmask.bench.suite.store import Store, wilson
         who = sys.argv[2]
         with Store(sys.argv[1]) as st:
             run_id = st.start_run(suite=who, config={}, config_hash="h", seed=0, quick=False,

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
 
-from unmask.bench.runner import batch_seed, run_suite
-from unmask.bench.store import Store
-from unmask.bench.suite import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.spec.runner import batch_seed, run_suite
+from unmask.bench.suite.spec.store import Store
+from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
 
 BASE = {"name": "t", "dataset": "digits", "models": ["digits-mlp"],
         "threats": [{"norm": "linf", "eps": [0.1]}]}
@@ -362,7 +362,7 @@ def _sections(st, run_id):
 
 
 def test_one_broken_model_never_stops_a_run(tmp_path, zoo_cache, user_models):
-    from unmask.bench import leaderboard as lb
+    from unmask.bench.report import leaderboard as lb
 
     models = ('"digits-mlp", { name = "brokenmod:raises", label = "raises" }, '
               '{ name = "brokenmod:wrong_shape", label = "shape" }, '
@@ -426,7 +426,7 @@ def test_one_broken_model_never_stops_a_run(tmp_path, zoo_cache, user_models):
 
 
 def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
-    from unmask.bench.cli import main
+    from unmask.bench.cli.main import main
 
     path = tiny_suite(tmp_path / "s.toml", models=(
         '"digits-mlp", { name = "brokenmod:raises", label = "raises" }'))
@@ -455,7 +455,7 @@ def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
 def test_non_finite_margins_make_the_cell_an_error():
     import torch
 
-    from unmask.bench.runner import merge_cell
+    from unmask.bench.suite.spec.runner import merge_cell
 
     part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
             "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
@@ -480,10 +480,10 @@ def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
 
     from unmask.attacks import Ensemble
     from unmask.bench import Threat, data
-    from unmask.bench import leaderboard as lb
+    from unmask.bench.report import leaderboard as lb
     from unmask.bench.core import DRAWS, make_generator, robust_by_majority
-    from unmask.bench.store import wilson
-    from unmask.bench.testing import assert_robust_accuracy
+    from unmask.bench.suite.spec.store import wilson
+    from unmask.bench.report.testing import assert_robust_accuracy
 
     path = tiny_suite(tmp_path / "s.toml", models='{ name = "brokenmod:noisy", label = "noisy" }')
     path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
@@ -553,7 +553,7 @@ def test_suites_list_eot_and_bpda(tmp_path, zoo_cache, user_models):
 
 
 def _transfer_check(store, run_id, model):
-    from unmask.bench import leaderboard as lb
+    from unmask.bench.report import leaderboard as lb
 
     with Store(store, readonly=True) as st:
         row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
@@ -563,8 +563,8 @@ def _transfer_check(store, run_id, model):
 
 def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
                                                                     user_models, monkeypatch):
-    from unmask.bench import integrations
-    from unmask.bench.suite import default_surrogate
+    from unmask.bench.suite.spec import integrations
+    from unmask.bench.suite.spec.spec import default_surrogate
 
     assert default_surrogate("digits") == "digits-mlp"
     assert default_surrogate("mnist5k") == "mnist-cnn"
@@ -607,8 +607,8 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
     """The merged number is computed from the stored per-sample outcomes at read time: a run
     interrupted before its second diagnosis shows that row unranked (the diagnosis did not
     finish) and, resumed, gives the uninterrupted run's table."""
-    from unmask.bench import integrations
-    from unmask.bench import leaderboard as lb
+    from unmask.bench.suite.spec import integrations
+    from unmask.bench.report import leaderboard as lb
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
     store = tmp_path / "r.sqlite"

@@ -1,4 +1,4 @@
-"""The pytest helper (:func:`unmask.bench.testing.assert_robust_accuracy`): the measured value
+"""The pytest helper (:func:`unmask.bench.report.testing.assert_robust_accuracy`): the measured value
 is compared, masking fails by default, baselines are paired, and the helper, ``unmask attack``
 and a suite run give the same number per sample (one evaluation function)."""
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from torch import nn
 
-import unmask.bench.testing as testing
+import unmask.bench.report.testing as testing
 from unmask.bench import Threat, data, zoo
-from unmask.bench import leaderboard as lb
-from unmask.bench.check import baseline_from_store
-from unmask.bench.cli import main
-from unmask.bench.runner import run_suite
-from unmask.bench.store import Store
-from unmask.bench.suite import load_suite
-from unmask.bench.testing import assert_robust_accuracy
+from unmask.bench.report import leaderboard as lb
+from unmask.bench.report.check import baseline_from_store
+from unmask.bench.cli.main import main
+from unmask.bench.suite.spec.runner import run_suite
+from unmask.bench.suite.spec.store import Store
+from unmask.bench.suite.spec.spec import load_suite
+from unmask.bench.report.testing import assert_robust_accuracy
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

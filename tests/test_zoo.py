@@ -17,12 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from unmask.bench import data, training, zoo
-from unmask.bench.archs import MLP
+from unmask.bench import data, zoo
+from unmask.bench.core import training
+from unmask.bench.zoo.archs import MLP
 from unmask.bench.core import Normalize
-from unmask.bench.registry import Registry
-from unmask.bench.training import cross_entropy_loss, fit, seeded_init
-from unmask.bench.zoo import CacheCorruptionWarning
+from unmask.bench.core.registry import Registry
+from unmask.bench.core.training import cross_entropy_loss, fit, seeded_init
+from unmask.bench.zoo.registry import CacheCorruptionWarning
 
 
 def _sha256(path) -> str:
@@ -566,7 +567,7 @@ CONTROLS = ("mnist-cnn-quantized", "mnist-cnn-jpeg", "mnist-cnn-lowtemp", "mnist
 def test_fingerprint_tells_the_wrappers_of_one_network_apart(mnist_cnn):
     """The five masking controls wrap mnist-cnn's weights: a hash of the weights alone is the
     same for all five; their fingerprints differ from each other and from mnist-cnn."""
-    from unmask.bench.zoo import _state_bytes
+    from unmask.bench.zoo.registry import _state_bytes
 
     models = {name: zoo.load(name, device="cpu", progress=False) for name in CONTROLS}
     assert len({hashlib.sha256(_state_bytes(m)).hexdigest() for m in models.values()}) == 1
@@ -638,7 +639,7 @@ def test_fingerprint_covers_attributes_order_buffers_hooks_and_weights():
 def test_training_records_its_thread_count_and_a_different_count_warns(tiny, monkeypatch):
     """CPU training is reproducible only at the same thread count: the card records it and
     the model's fingerprint; loading or retraining with another count warns."""
-    from unmask.bench.zoo import ThreadCountWarning
+    from unmask.bench.zoo.registry import ThreadCountWarning
 
     monkeypatch.setattr(zoo, "_THREADS_WARNED", set())
     threads = torch.get_num_threads()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...bench.core import Threat
-from ...bench.training import accuracy, fit, register_recipe
+from ...bench.core.training import accuracy, fit, register_recipe
 from .bounds import InputSet, ibp_bounds, margin_spec
 from .network import to_chain
 

@@ -46,15 +46,15 @@ from .gradients import SATURATION_RATIO, TINY_FRACTION, UNPREDICTED_CHANGE, ZERO
 from .optimisation import CONVERGENCE_DELTA, RISING_SHARE
 from .outputs import RANDOM_TOLERANCE
 from .registry import (
-           CHECKS,
-           FAMILIES,
-           Budget,
-           Check,
-           Context,
-           Outcome,
-           check,
-           run_check,
-           run_checks,
+    CHECKS,
+    FAMILIES,
+    Budget,
+    Check,
+    Context,
+    Outcome,
+    check,
+    run_check,
+    run_checks,
 )
 from .report import VERDICT_MEANING, CheckResult, MaskingKind, MaskingReport, Verdict
 from .stats import BEATS_ALPHA, exceeds_share

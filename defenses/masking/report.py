@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...bench.core import SampleOutcomes, StrEnum, Threat
-from ...bench.fileio import json_safe
+from ...bench.core.fileio import json_safe
 
 __all__ = ["Verdict", "VERDICT_MEANING", "MaskingKind", "CheckResult", "MaskingReport"]
 

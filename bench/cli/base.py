@@ -1,0 +1,48 @@
+"""What every command module shares: the command registry, ``CLIError`` and text tables.
+
+Each command module registers a function ``add(subparsers)`` with ``@command(name)``; it adds
+its sub-parser and sets the handler. :mod:`unmask.bench.cli.main` imports every command module
+and builds the parser from :data:`COMMANDS`, in registration order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+from collections.abc import Callable, Sequence
+
+from ..core.registry import Registry
+
+__all__ = ["COMMANDS", "command", "CLIError", "table", "known"]
+
+Handler = Callable[[argparse.Namespace], int]
+AddParser = Callable[[argparse._SubParsersAction], None]
+
+#: Sub-commands by name; each value adds its sub-parser (``add(subparsers)``).
+COMMANDS: Registry[AddParser] = Registry("command")
+
+
+def command(name: str) -> Callable[[AddParser], AddParser]:
+    """Register ``fn(subparsers)``, which adds the sub-command ``name`` and sets its handler."""
+    return COMMANDS.register(name)
+
+
+class CLIError(Exception):
+    """An error the user can fix; printed without a traceback, exit code 2."""
+
+
+def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
+    """A plain-text table: a header, a rule, then one line per row (``None`` prints empty)."""
+    cells = [[str(c) for c in header]] + [[("" if c is None else str(c)) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def known(name: str, names: Sequence[str], kind: str) -> None:
+    """Raise :class:`CLIError` unless ``name`` is one of ``names``, suggesting close matches."""
+    if name not in names:
+        close = difflib.get_close_matches(name, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise CLIError(f"unknown {kind} {name!r}.{hint} Known: {', '.join(names)}")

@@ -1,0 +1,163 @@
+"""Result types every attack and evaluation shares: :class:`AttackResult`, the per-sample
+:class:`SampleOutcomes`, the :func:`margin` whose sign decides success, and the majority rule
+that defines robustness of a randomised model (:func:`robust_by_majority`, :data:`DRAWS`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ['AttackResult', 'margin', 'DRAWS', 'robust_by_majority', 'SampleOutcomes']
+
+
+@dataclass
+class AttackResult:
+    """What every attack returns.
+
+    Attributes:
+        x_adv: ``N x C x H x W``; the best iterate per sample (adversarial where ``success``).
+        success: bool ``N``; the attack's goal was reached (misclassified, or the target hit).
+        margin: float ``N``; best margin found: ``z_y - max_{j != y} z_j`` (untargeted) or
+            ``max_{j != t} z_j - z_t`` (targeted). Negative means success.
+        forwards / backwards: int64 ``N``; model forward passes and input-gradient
+            evaluations spent on each sample. Samples broken early stop costing.
+        name, config: the attack's name and its settings, for provenance.
+        expected_success: float ``N`` or None; for randomised models or transformations (EOT),
+            the share of fresh random draws under which ``x_adv`` reaches the goal.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    margin: Tensor
+    forwards: Tensor
+    backwards: Tensor
+    name: str
+    config: dict[str, Any] = field(default_factory=dict)
+    expected_success: Tensor | None = None
+
+    @property
+    def n_forward(self) -> int:
+        return int(self.forwards.sum())
+
+    @property
+    def n_backward(self) -> int:
+        return int(self.backwards.sum())
+
+    @property
+    def queries(self) -> Tensor:
+        """Per-sample model queries (forward passes), the cost measure of score-based attacks."""
+        return self.forwards
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.success.float().mean()) if self.success.numel() else 0.0
+
+    def robust_accuracy(self, clean_correct: Tensor | None = None) -> float:
+        """Share of samples the attack did not break (and, if given, that were correct)."""
+        robust = ~self.success
+        if clean_correct is not None:
+            robust = robust & clean_correct.to(robust.device)
+        return float(robust.float().mean()) if robust.numel() else 0.0
+
+
+def margin(logits: Tensor, y: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Per-sample classification margin; negative exactly when the attack goal is met.
+
+    Untargeted: ``z_y - max_{j != y} z_j``. Targeted: ``max_{j != t} z_j - z_t``.
+    """
+    if targets is None:
+        true = logits.gather(1, y[:, None]).squeeze(1)
+        other = logits.scatter(1, y[:, None], float("-inf")).amax(dim=1)
+        return true - other
+    tgt = logits.gather(1, targets[:, None]).squeeze(1)
+    other = logits.scatter(1, targets[:, None], float("-inf")).amax(dim=1)
+    return other - tgt
+
+
+# One definition of robustness for a randomised model, used by the ensemble, the suite runner,
+# the masking diagnosis, the pytest helper and the leaderboard: a sample is robust when the
+# model classifies it correctly on a strict majority of DRAWS fresh forward passes. A tie
+# counts as broken (the defense must win, not draw), and so does a NaN rate. 32 draws put the
+# standard error of one sample's rate at <= 9 points, so a majority call errs only near 50%.
+DRAWS = 32
+
+
+def robust_by_majority(fooled_rate: Tensor) -> Tensor:
+    """Bool ``N``: robust where the share of draws fooled is below one half (NaN: broken)."""
+    return fooled_rate < 0.5
+
+
+@dataclass(frozen=True)
+class SampleOutcomes:
+    """Who broke each of ``n`` samples: the per-sample record every evaluation of the same
+    samples produces (the ensemble, the masking diagnosis with its follow-up), so that the
+    reported robust accuracy can be the worst case over every attack that ran.
+
+    Attributes:
+        broken_by: per sample ``"clean"`` (misclassified without attack), the label of the
+            first attack whose adversarial example, re-checked on the model in fp32 and inside
+            the threat ball, is misclassified; or None (robust).
+        fooled_rate: randomised models only: per sample the share of :data:`DRAWS` fresh draws
+            fooled by its best adversarial example (robust iff :func:`robust_by_majority`).
+
+    Usage: ``worst = ensemble_outcomes.merge(diagnosis_outcomes); worst.robust_accuracy``
+    """
+
+    broken_by: tuple[str | None, ...]
+    fooled_rate: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "broken_by", tuple(self.broken_by))
+        if self.fooled_rate is not None:
+            rate = tuple(float(r) for r in self.fooled_rate)
+            if len(rate) != len(self.broken_by):
+                raise ValueError(f"fooled_rate has {len(rate)} entries for "
+                                 f"{len(self.broken_by)} samples")
+            object.__setattr__(self, "fooled_rate", rate)
+
+    @property
+    def n(self) -> int:
+        return len(self.broken_by)
+
+    @property
+    def broken(self) -> Tensor:
+        return torch.tensor([b is not None for b in self.broken_by], dtype=torch.bool)
+
+    @property
+    def robust_accuracy(self) -> float:
+        return sum(b is None for b in self.broken_by) / self.n if self.n else 0.0
+
+    def counts(self) -> dict[str, int]:
+        """Samples broken per label (``"clean"`` included), in order of first appearance."""
+        out: dict[str, int] = {}
+        for b in self.broken_by:
+            if b is not None:
+                out[b] = out.get(b, 0) + 1
+        return out
+
+    def merge(self, other: SampleOutcomes) -> SampleOutcomes:
+        """The per-sample worst case of two records of the same samples: broken when either
+        broke it (this record's label wins where both did); the higher fooled rate."""
+        if other.n != self.n:
+            raise ValueError(f"cannot merge outcomes of {self.n} and {other.n} samples")
+        broken_by = tuple(a if a is not None else b
+                          for a, b in zip(self.broken_by, other.broken_by))
+        rate = None
+        if self.fooled_rate is not None or other.fooled_rate is not None:
+            mine = self.fooled_rate or tuple(float(b is not None) for b in self.broken_by)
+            theirs = other.fooled_rate or tuple(float(b is not None) for b in other.broken_by)
+            rate = tuple(max(a, b) for a, b in zip(mine, theirs))
+        return SampleOutcomes(broken_by, rate)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"broken_by": list(self.broken_by),
+                "fooled_rate": None if self.fooled_rate is None else list(self.fooled_rate)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SampleOutcomes:
+        return cls(tuple(d["broken_by"]), None if d.get("fooled_rate") is None
+                   else tuple(d["fooled_rate"]))
