@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -34,10 +34,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..attacks.base import steepest_step
+from ..attacks.fgsm import FGSM
+from ..attacks.pgd import PGD
+from ..bench import data
 from ..bench.core import StrEnum, Threat, check_inputs, make_generator, model_mode, parse_enum
+from ..bench.core.registry import Registry
 from ..bench.core.training import accuracy, fit, register_recipe
 
-__all__ = ["Method", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
+__all__ = ["Method", "LOSSES", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
            "adversarial_training", "robustness_metrics", "pgd_at", "fast_at"]
 
 log = logging.getLogger(__name__)
@@ -156,19 +160,30 @@ class FastAdversarialLoss(PGDAdversarialLoss):
                          random_start=True, warmup_epochs=warmup_epochs)
 
 
+#: ``method -> factory(threat, *, steps, step_size, beta, warmup_epochs) -> AdversarialLoss``;
+#: TRADES registers its loss from :mod:`unmask.defenses.trades`, so this module never imports it.
+LOSSES: Registry[Callable[..., AdversarialLoss]] = Registry("adversarial-training method")
+
+
+@LOSSES.register(Method.PGD.value)
+def _pgd_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
+              warmup_epochs: float) -> AdversarialLoss:
+    return PGDAdversarialLoss(threat, steps=7 if steps is None else steps,
+                              step_size=step_size, warmup_epochs=warmup_epochs)
+
+
+@LOSSES.register(Method.FAST.value)
+def _fast_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
+               warmup_epochs: float) -> AdversarialLoss:
+    if steps not in (None, 1):
+        raise ValueError(f"method 'fast' takes one step, got steps={steps}")
+    return FastAdversarialLoss(threat, step_size=step_size, warmup_epochs=warmup_epochs)
+
+
 def _make_loss(method: Method, threat: Threat, *, steps: int | None, step_size: float | None,
                beta: float, warmup_epochs: float) -> AdversarialLoss:
-    if method is Method.PGD:
-        return PGDAdversarialLoss(threat, steps=7 if steps is None else steps,
-                                  step_size=step_size, warmup_epochs=warmup_epochs)
-    if method is Method.FAST:
-        if steps not in (None, 1):
-            raise ValueError(f"method 'fast' takes one step, got steps={steps}")
-        return FastAdversarialLoss(threat, step_size=step_size, warmup_epochs=warmup_epochs)
-    from .trades import TradesLoss
-
-    return TradesLoss(threat, beta=beta, steps=10 if steps is None else steps,
-                      step_size=step_size, warmup_epochs=warmup_epochs)
+    return LOSSES.get(method.value)(threat, steps=steps, step_size=step_size, beta=beta,
+                                    warmup_epochs=warmup_epochs)
 
 
 def train_with_loss(model: nn.Module, x: Tensor, y: Tensor, loss: Any, *, epochs: int,
@@ -223,8 +238,6 @@ def robustness_metrics(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
     of ``(x, y)``, PGD with ``steps`` steps and one restart, cross-entropy loss. FGSM far above
     PGD is the signature of single-step training overfitting to its own attack (Wong et al.'s
     catastrophic overfitting; Tramer et al. 2018)."""
-    from ..attacks.fgsm import FGSM
-    from ..attacks.pgd import PGD
 
     start = time.perf_counter()
     n = len(y)
@@ -251,7 +264,6 @@ def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Thr
     metrics: dict[str, Any] = {**loss_config, "train_seconds": round(train_seconds, 3),
                                "threads": torch.get_num_threads()}
     if eval_dataset is not None:
-        from ..bench import data
 
         x_test, y_test = data.load(eval_dataset, "test")
         metrics["eval_dataset"] = eval_dataset

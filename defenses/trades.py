@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..attacks.base import steepest_step
 from ..bench.core import Threat, normal
 from ..bench.core.training import register_recipe
-from .adversarial import AdversarialLoss, Method, _input_gradient, _recipe
+from .adversarial import LOSSES, AdversarialLoss, Method, _input_gradient, _recipe
 
 __all__ = ["TradesLoss", "trades"]
 
@@ -76,6 +76,13 @@ class TradesLoss(AdversarialLoss):
     def config(self) -> dict[str, Any]:
         return {**super().config(), "beta": self.beta, "steps": self.steps,
                 "step_size": self.step_size}
+
+
+@LOSSES.register(Method.TRADES.value)
+def _trades_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
+                 warmup_epochs: float) -> TradesLoss:
+    return TradesLoss(threat, beta=beta, steps=10 if steps is None else steps,
+                      step_size=step_size, warmup_epochs=warmup_epochs)
 
 
 @register_recipe("trades")

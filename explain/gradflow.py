@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..bench.core import StrEnum, check_inputs, check_logits, margin, model_mode, parse_enum
 from ..bench.core import warn_if_train_mode as _warn_if_train_mode
 from ..bench.core.fileio import atomic_write, json_safe
+from ..bench.core.text import text_table
 from .gradtrace import Tracer, merge_calls, trace
 
 __all__ = [
@@ -258,10 +259,7 @@ class GradFlowReport:
                 if (r.nan_in or r.inf_in or r.nan_out or r.inf_out) else "",
                 _pct(r.dead), note,
             ))
-        widths = [max(len(str(c[i])) for c in cells) for i in range(len(header))]
-        lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        return "\n".join(lines)
+        return text_table(cells[1:], cells[0])
 
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
         return {

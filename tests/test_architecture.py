@@ -45,9 +45,14 @@ def sources() -> dict[str, str]:
     out: dict[str, str] = {}
     for pkg in (unmask.bench, unmask.attacks, unmask.defenses, unmask.explain):
         out[pkg.__name__] = _read(pkg.__name__)
-        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + "."):
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=pkg.__name__ + ".",
+                                          onerror=_reraise):
             out[info.name] = _read(info.name)
     return out
+
+
+def _reraise(name: str) -> None:
+    raise  # a package that fails to import must fail the test, not be skipped silently
 
 
 def _read(name: str) -> str:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from unmask.bench.zoo import archs
 from unmask.bench.core import Normalize
 from unmask.bench.core.training import seeded_init
+from unmask.bench.zoo import archs
 
 # Small settings for the big networks keep the forward passes cheap on the CPU.
 CASES = {

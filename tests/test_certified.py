@@ -213,8 +213,8 @@ def test_suite_certify_rows_bracket_the_attack_and_record_not_supported(tmp_path
                                                                        certify_suite):
     from unmask.bench.report.leaderboard import leaderboard_frame, render
     from unmask.bench.suite.spec.runner import run_suite
-    from unmask.bench.suite.spec.store import Store
     from unmask.bench.suite.spec.spec import load_suite
+    from unmask.bench.suite.spec.store import Store
 
     suite = load_suite(certify_suite('"digits-mlp", "certmods:pooled"'))
     summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
@@ -271,8 +271,8 @@ def pd_isna(v) -> bool:
 def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypatch):
     import unmask.defenses.certified as certified
     from unmask.bench.suite.spec.runner import CertifiedSoundnessError, run_suite
-    from unmask.bench.suite.spec.store import Store
     from unmask.bench.suite.spec.spec import load_suite
+    from unmask.bench.suite.spec.store import Store
 
     real = certified.certify
 

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from unmask.bench import Threat, data
+from unmask.bench.cli.main import main
 from unmask.bench.report.check import (
     BASELINE_SCHEMA,
     TOLERANCE,
@@ -29,9 +30,8 @@ from unmask.bench.report.check import (
     newcombe,
     read_baseline,
 )
-from unmask.bench.cli.main import main
-from unmask.bench.suite.spec.store import Store, wilson
 from unmask.bench.report.testing import assert_robust_accuracy
+from unmask.bench.suite.spec.store import Store, wilson
 
 REGMOD = '''
 import torch

@@ -21,9 +21,9 @@ from unmask.bench.report.curve_report import (
     line_styles,
     write_curves_csv,
 )
-from unmask.bench.report.curves import curve_grid, curve_points, curve_selection, min_eps_search
-from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
+from unmask.bench.suite.curves import curve_grid, curve_points, curve_selection, min_eps_search
 from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
 
 GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 

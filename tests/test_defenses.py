@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from unmask.attacks import BPDA, EOT, PGD, success_rate
 from unmask.attacks.bpda import find_preprocessing
 from unmask.bench import Threat, data, zoo
-from unmask.bench.zoo.archs import MLP, SmallCNN
 from unmask.bench.core import ProbabilityOutputWarning, check_logits
 from unmask.bench.core.training import RECIPES, predict, seeded_init
+from unmask.bench.zoo.archs import MLP, SmallCNN
 from unmask.defenses import (
     JPEG,
     AdversarialLoss,

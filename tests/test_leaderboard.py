@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 from suite_helpers import WEAK_MODULE, tiny_suite
 
-from unmask.bench.report import leaderboard as lb
-from unmask.bench.report import tables as tb
 from unmask.bench import zoo
 from unmask.bench.cli.main import main
+from unmask.bench.report import leaderboard as lb
+from unmask.bench.report import tables as tb
 from unmask.bench.suite.spec.runner import run_suite
-from unmask.bench.suite.spec.store import Store, wilson
 from unmask.bench.suite.spec.spec import load_suite
+from unmask.bench.suite.spec.store import Store, wilson
 
 EXPLAIN = ('[explain]\nmethods = ["saliency"]\nmetrics = ["deletion_insertion"]\nn = 8\n'
            'maps = 2\n')

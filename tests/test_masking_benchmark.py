@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from unmask.attacks import Attack
-from unmask.bench.perf.harness import masking_benchmark as mb
 from unmask.bench import zoo
 from unmask.bench.core import Threat
+from unmask.bench.perf.harness import masking_benchmark as mb
 from unmask.defenses import literature as lit
 from unmask.defenses.masking import Verdict, diagnose
 

@@ -15,9 +15,9 @@ from suite_helpers import tiny_suite
 from torch import nn
 
 from unmask.bench import zoo
+from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
 from unmask.bench.zoo.archs import MLP
 from unmask.bench.zoo.robustbench import checkpoint_path, load_robustbench, parse_robustbench_spec
-from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
 
 
 def _write(path, state: dict) -> None:

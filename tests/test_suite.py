@@ -13,8 +13,8 @@ import pytest
 from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
 
 from unmask.bench.suite.spec.runner import batch_seed, run_suite
-from unmask.bench.suite.spec.store import Store
 from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.spec.store import Store
 
 BASE = {"name": "t", "dataset": "digits", "models": ["digits-mlp"],
         "threats": [{"norm": "linf", "eps": [0.1]}]}
@@ -480,10 +480,10 @@ def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
 
     from unmask.attacks import Ensemble
     from unmask.bench import Threat, data
-    from unmask.bench.report import leaderboard as lb
     from unmask.bench.core import DRAWS, make_generator, robust_by_majority
-    from unmask.bench.suite.spec.store import wilson
+    from unmask.bench.report import leaderboard as lb
     from unmask.bench.report.testing import assert_robust_accuracy
+    from unmask.bench.suite.spec.store import wilson
 
     path = tiny_suite(tmp_path / "s.toml", models='{ name = "brokenmod:noisy", label = "noisy" }')
     path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
@@ -607,8 +607,8 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
     """The merged number is computed from the stored per-sample outcomes at read time: a run
     interrupted before its second diagnosis shows that row unranked (the diagnosis did not
     finish) and, resumed, gives the uninterrupted run's table."""
-    from unmask.bench.suite.spec import integrations
     from unmask.bench.report import leaderboard as lb
+    from unmask.bench.suite.spec import integrations
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
     store = tmp_path / "r.sqlite"

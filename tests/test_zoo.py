@@ -18,11 +18,10 @@ import torch
 from torch import nn
 
 from unmask.bench import data, zoo
-from unmask.bench.core import training
-from unmask.bench.zoo.archs import MLP
-from unmask.bench.core import Normalize
+from unmask.bench.core import Normalize, training
 from unmask.bench.core.registry import Registry
 from unmask.bench.core.training import cross_entropy_loss, fit, seeded_init
+from unmask.bench.zoo.archs import MLP
 from unmask.bench.zoo.registry import CacheCorruptionWarning
 
 

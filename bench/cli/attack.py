@@ -7,7 +7,14 @@ import json
 import sys
 import time
 
-from .base import CLIError, table, command
+from ...attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, attack_in_precision
+from .. import data
+from ..core import Threat
+from ..suite.runner import evaluate_cell, merge_cell, probe_model
+from ..zoo.registry import fingerprint
+from ..zoo.resolve import ModelSourceError
+from ..zoo.resolve import load_model as _load
+from .base import CLIError, command, table
 
 ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
 
@@ -59,8 +66,6 @@ def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bo
 
 def load_model(args: argparse.Namespace):
     """The :class:`~unmask.bench.zoo.resolve.LoadedModel` that MODEL names (errors: CLIError)."""
-    from ..zoo.resolve import ModelSourceError
-    from ..zoo.resolve import load_model as _load
 
     try:
         return _load(args.model, arch=args.arch, kwargs=args.model_kwargs,
@@ -71,7 +76,6 @@ def load_model(args: argparse.Namespace):
 
 def test_data(dataset: str, n: int | None, default_n: int | None = None):
     """The first ``n`` test samples of ``dataset`` (``n`` None: ``default_n`` or the split)."""
-    from .. import data
 
     if n is not None and n <= 0:
         raise CLIError(f"--n must be positive, got {n}")
@@ -88,7 +92,6 @@ def load_model_and_data(args: argparse.Namespace):
     """``(model, card, x, y)``: MODEL on its device and its dataset's first test samples; the
     threat (``--norm``/``--eps``) is judged against the inputs (eps above the box's diameter
     is an error, from half of it a warning)."""
-    from ..core import Threat
 
     loaded = load_model(args)
     x, y = test_data(loaded.dataset, args.n, getattr(args, "default_n", None))
@@ -106,7 +109,6 @@ def load_model_and_data(args: argparse.Namespace):
 
 def probe(model, x, y, name: str) -> None:
     """One forward pass: finite ``N x K`` logits covering the labels, else a CLIError."""
-    from ..suite.runner import probe_model
 
     try:
         probe_model(model, x, y, name)
@@ -140,9 +142,6 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
 def _attack(args: argparse.Namespace) -> int:
     import torch
 
-    from ...attacks import APGD, APGDT, FGSM, PGD, Square, attack_in_precision
-    from ..core import Threat
-    from ..zoo.registry import fingerprint
 
     try:
         threat = Threat(args.norm, args.eps)
@@ -187,8 +186,6 @@ def _evaluate_preset(args: argparse.Namespace, model, x, y, threat) -> dict:
     """An ensemble preset through the suite's own evaluation (``runner.evaluate_cell`` and
     ``merge_cell``: the suite's batches and per-batch seeds), so ``unmask attack``, a suite and
     ``assert_robust_accuracy`` give the same number on the same samples and settings."""
-    from ...attacks import Ensemble
-    from ..suite.runner import evaluate_cell, merge_cell
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")

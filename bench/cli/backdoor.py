@@ -10,8 +10,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import CLIError, table, command
+from ...attacks.backdoor import Backdoor
+from ...defenses.backdoor_report import evaluate_backdoor
+from .. import data, zoo
 from .attack import _json_object, add_model_source_args, load_model
+from .base import CLIError, command, table
 
 
 @command("backdoor")
@@ -64,9 +67,6 @@ def _fmt(value) -> str:
 
 
 def _backdoor(args: argparse.Namespace) -> int:
-    from ...attacks.backdoor import Backdoor
-    from ...defenses.backdoor_report import evaluate_backdoor
-    from .. import data, zoo
 
     if args.model in zoo.list():
         entry = zoo.get(args.model)

@@ -12,6 +12,7 @@ import difflib
 from collections.abc import Callable, Sequence
 
 from ..core.registry import Registry
+from ..core.text import text_table as table
 
 __all__ = ["COMMANDS", "command", "CLIError", "table", "known"]
 
@@ -29,15 +30,6 @@ def command(name: str) -> Callable[[AddParser], AddParser]:
 
 class CLIError(Exception):
     """An error the user can fix; printed without a traceback, exit code 2."""
-
-
-def table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> str:
-    """A plain-text table: a header, a rule, then one line per row (``None`` prints empty)."""
-    cells = [[str(c) for c in header]] + [[("" if c is None else str(c)) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def known(name: str, names: Sequence[str], kind: str) -> None:

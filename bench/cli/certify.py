@@ -15,8 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import CLIError, known, table, command
+from ...defenses.certified import Method, certify
+from ..core import Threat
+from ..core.fileio import atomic_write
 from .attack import add_model_source_args, load_model, test_data
+from .base import CLIError, command, known, table
 
 
 @command("certify")
@@ -40,9 +43,6 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from ...defenses.certified import Method, certify
-    from ..core import Threat
-    from ..core.fileio import atomic_write
 
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from .base import CLIError, table, command
+from ..report.run_compare import DROP, compare_runs
+from .base import CLIError, command, table
 from .suite import _open_readonly, _store_arg
 
 
@@ -43,7 +44,6 @@ def _pct(v: float) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from ..report.run_compare import DROP, compare_runs
 
     store_a = _open_readonly(args.store)
     store_b = _open_readonly(args.store_b) if args.store_b else None

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import argparse
 
-from .base import CLIError, command
+from ...defenses import diagnose
+from ...defenses.masking import CHECKS
+from ..core import Threat
+from ..core.fileio import atomic_write
+from ..core.text import text_table
 from .attack import add_model_args, load_model, load_model_and_data
+from .base import CLIError, command
 
 # The verdict as the exit status; 1 and 2 stay Python's and argparse's (error, usage).
 EXIT_CODES = {"clean": 0, "suspicious": 3, "masked": 4}
@@ -49,22 +54,15 @@ def _usage(message: str) -> int:
 
 
 def _list_checks() -> int:
-    from ...defenses.masking import CHECKS
 
-    rows = [("check", "family", "kind", "fails as", "cost")]
-    rows += [(c.name, c.family, c.kind.value, c.severity.value, c.cost) for c in CHECKS.values()]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(r[:4], widths)) + "  " + r[4])
+    rows = [(c.name, c.family, c.kind.value, c.severity.value, c.cost) for c in CHECKS.values()]
+    print(text_table(rows, ("check", "family", "kind", "fails as", "cost")))
     return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
     import torch
 
-    from ...defenses import diagnose
-    from ...defenses.masking import CHECKS
-    from ..core import Threat
 
     if args.list_checks:
         return _list_checks()
@@ -97,7 +95,6 @@ def _diagnose(args: argparse.Namespace) -> int:
         print(f"{args.model} ({threat}, {report.n} samples, {report.seconds:.1f}s)\n")
         print(report.table())
         if args.json:
-            from ..core.fileio import atomic_write
 
             atomic_write(args.json, report.to_json().encode("utf-8"))
     return EXIT_CODES[report.verdict.value]

@@ -15,8 +15,13 @@ from __future__ import annotations
 import argparse
 import logging
 
-from .base import CLIError, table, command
+from ...attacks import PGD
+from ...explain.attribution import Method, attribute, integrated_gradients, parse_method
+from ...explain.metrics import attribution_change, deletion_insertion
+from ...explain.plots import plot_attributions, plot_curves
+from ..core import Threat, make_generator
 from .attack import add_model_source_args, load_model, probe, test_data
+from .base import CLIError, command, table
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +63,7 @@ def _default_eps(dataset: str, norm: str) -> float:
 
 
 def _adversarial(model, x, y, norm: str, eps: float, steps: int, seed: int):
-    """PGD adversarial examples, or None (with the reason) when no attack module is there."""
-    try:
-        from ...attacks import PGD
-    except ImportError as err:
-        return None, f"unmask.attacks.PGD is not available ({err})"
-    from ..core import Threat, make_generator
-
+    """PGD adversarial examples of ``x`` (and ``None``: the reason slot of the caller)."""
     # A CPU generator drives sampling on any device, so the seed gives the same attack anywhere.
     g = make_generator(seed)
     return PGD(Threat(norm, eps), steps=steps)(model, x, y, generator=g).x_adv, None
@@ -73,9 +72,6 @@ def _adversarial(model, x, y, norm: str, eps: float, steps: int, seed: int):
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
-    from ...explain.attribution import Method, attribute, integrated_gradients, parse_method
-    from ...explain.metrics import attribution_change, deletion_insertion
-    from ...explain.plots import plot_attributions, plot_curves
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     methods = list(dict.fromkeys(parse_method(m) for m in (args.method or ["ig"])))

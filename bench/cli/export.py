@@ -14,6 +14,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..report import export
+from ..report.curve_report import write_curves_csv
 from .base import CLIError, command
 from .suite import _open_readonly, _store_arg
 
@@ -36,7 +38,6 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ..report import export
 
     with _open_readonly(args.store) as st:
         try:
@@ -48,7 +49,6 @@ def _export(args: argparse.Namespace) -> int:
                     print(path)
                 print(f"wrote {len(paths)} model_info files under {out}", file=sys.stderr)
             elif args.format == "curves":
-                from ..report.curve_report import write_curves_csv
 
                 out = Path(args.out or "export/curves.csv")
                 if write_curves_csv(st, run_id, out) is None:

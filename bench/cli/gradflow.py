@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .base import CLIError, command
+from ...explain.gradflow import audit
+from ..core.fileio import atomic_write as _atomic_write
 from .attack import add_model_source_args, load_model, test_data
+from .base import CLIError, command
 
 
 @command("gradflow")
@@ -33,8 +35,6 @@ def _gradflow_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _gradflow(args: argparse.Namespace) -> int:
-    from ...explain.gradflow import audit
-    from ..core.fileio import atomic_write as _atomic_write
 
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")

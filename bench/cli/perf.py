@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from .base import command
+from ...attacks import APGD, FGSM, PGD, Square
+from ..core import Autocast, Threat
+from ..perf.harness import measure
 from .attack import add_model_args, load_model_and_data
+from .base import command
 
 
 @command("perf")
@@ -32,9 +35,6 @@ def _perf_parser(sub: argparse._SubParsersAction) -> None:
 def _perf(args: argparse.Namespace) -> int:
     import torch
 
-    from ...attacks import APGD, FGSM, PGD, Square
-    from ..core import Autocast, Threat
-    from ..perf.harness import measure
 
     threat = Threat(args.norm, args.eps)
     model, _, x, y = load_model_and_data(args)

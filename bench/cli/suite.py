@@ -18,7 +18,17 @@ import os
 import sys
 from pathlib import Path
 
-from .base import CLIError, table, command
+from .. import data
+from ..report import check as chk
+from ..report import leaderboard as lb
+from ..report import tables as tb
+from ..report.html import write_screenshots
+from ..report.leaderboard import leaderboard_frame
+from ..suite.runner import probe_model, run_suite
+from ..suite.spec import load_suite, resolve_user_model
+from ..suite.store import Store, StoreError, default_path
+from ..zoo.resolve import ModelSourceError
+from .base import CLIError, command, table
 
 _STORE_HELP = ("results store (SQLite); default $UNMASK_STORE, else results/unmask.sqlite "
                "in the working directory")
@@ -76,10 +86,6 @@ def _install_sigterm() -> None:
 def _check_models(suite, batch: int = 8) -> list[str]:
     """Import and call every user builder once and run it on one batch of the suite's data
     (output shape, finite logits, class count); every problem, not the first one."""
-    from .. import data
-    from ..zoo.resolve import ModelSourceError
-    from ..suite.runner import probe_model
-    from ..suite.spec import resolve_user_model
 
     user = [m for m in suite.models if m.is_user]
     if not user:
@@ -103,9 +109,6 @@ def _check_models(suite, batch: int = 8) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..suite.runner import run_suite
-    from ..suite.store import StoreError
-    from ..suite.spec import load_suite
 
     suite = None
     if args.skip and args.resume is None:
@@ -179,7 +182,6 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     _print_summary(summary)
     if args.report is not None:
-        from ..report import leaderboard as lb
 
         with _open_readonly(summary.store) as st:
             for path in lb.write_report(st, summary.run_id, Path(args.report)):
@@ -188,9 +190,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
-    from ..report import tables as tb
-    from ..report.leaderboard import leaderboard_frame
-    from ..suite.store import Store
 
     with Store(summary.store, readonly=True) as st:
         df = leaderboard_frame(st, summary.run_id)
@@ -215,7 +214,6 @@ def _print_summary(summary) -> None:
 
 
 def _open_readonly(path):
-    from ..suite.store import Store, StoreError, default_path
 
     try:
         return Store(default_path(path), readonly=True)
@@ -239,7 +237,6 @@ def _leaderboard_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-    from ..report import leaderboard as lb
 
     with _open_readonly(args.store) as st:
         if args.runs:
@@ -290,13 +287,11 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from ..report import leaderboard as lb
 
     with _open_readonly(args.store) as st:
         run_id = args.run if args.run is not None else st.latest_run().run_id
         paths = lb.write_report(st, run_id, Path(args.out_dir))
     if args.screenshots:
-        from ..report.html import write_screenshots
 
         try:
             paths += write_screenshots(Path(args.out_dir), executable=args.browser)
@@ -342,7 +337,6 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ..report import check as chk
 
     with _open_readonly(args.store) as st:
         run_id = args.run if args.run is not None else st.latest_run().run_id

@@ -1,4 +1,5 @@
-"""Writing results and checkpoints so that nothing half-written is ever left behind."""
+"""Files: results and checkpoints written atomically (nothing half-written is ever left
+behind), checkpoints read without unpickling, the cache root, JSON-safe values."""
 
 from __future__ import annotations
 
@@ -10,7 +11,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_write", "json_safe"]
+import torch
+from safetensors.torch import load_file as load_safetensors
+
+__all__ = ["atomic_write", "json_safe", "write_between_markers", "read_state_dict"]
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes | Callable[[IO[bytes]], Any], *,
@@ -72,3 +76,32 @@ def write_between_markers(path: str | os.PathLike, markers: tuple[str, str], tex
     if len(pattern.findall(old)) != 1:
         raise ValueError(f"{path} must contain the markers {start} ... {end} exactly once")
     atomic_write(path, pattern.sub(lambda _: f"{start}\n{text}{end}", old).encode())
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects.
+
+    Accepts ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and strips ``module.``
+    prefixes left by DataParallel/DDP.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    if p.suffix == ".safetensors":
+        state = load_safetensors(str(p))
+    else:
+        try:
+            state = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise ValueError(
+                f"could not load {p} with weights_only=True ({type(err).__name__}: {err}); "
+                "unmask never unpickles arbitrary objects: save a plain state_dict "
+                "(torch.save(model.state_dict(), path)) or a .safetensors file"
+            ) from err
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"{p} does not hold a state dict (got {type(state).__name__})")
+    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}

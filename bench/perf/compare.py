@@ -24,6 +24,10 @@ import time
 
 import torch
 
+from ...attacks import PGD, Ensemble, attack_in_precision
+from .. import data, zoo
+from ..core import Threat
+
 
 def _time(fn):
     start = time.perf_counter()
@@ -50,9 +54,6 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("torchattacks is not installed: pip install torchattacks")
 
-    from ...attacks import PGD, Ensemble, attack_in_precision
-    from .. import data, zoo
-    from ..core import Threat
 
     model = zoo.load(args.model, device="cpu")
     if args.channels_last:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..core import margin, model_mode
+from ..zoo.registry import versions
 
 __all__ = ["measure", "PerfReport", "AttackPerf", "reference_rates", "nominal_evaluations"]
 
@@ -158,7 +159,6 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
 
     ``judge``: the model whose verdict on each ``x_adv`` gives the robust accuracy (default:
     the attack's own); ``environment``: extra facts for the report (precision, compile)."""
-    from ..zoo.registry import versions
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")

@@ -46,6 +46,8 @@ from torch import Tensor, nn
 
 from ...attacks import APGD, BPDA, EOT, PGD, Attack, success_rate
 from ...attacks.losses import margin_loss
+from ...defenses.masking import diagnose
+from .. import data, zoo
 from ..core import DRAWS, Threat, check_inputs, make_generator, model_mode, robust_by_majority
 from ..core.fileio import atomic_write, write_between_markers
 
@@ -267,7 +269,6 @@ def run_entry(entry: BenchmarkEntry, model: nn.Module, x: Tensor, y: Tensor, thr
               surrogate: nn.Module | None, fast: bool = True,
               generator: int = 0) -> BenchmarkRow:
     """Diagnose ``model`` and run ``entry``'s reference attack on the same samples."""
-    from ...defenses.masking import diagnose
 
     x, y = check_inputs(x, y)
     start = time.perf_counter()
@@ -300,7 +301,6 @@ def run_benchmark(n: int = 100, *, fast: bool = True, threat: Threat | None = No
 
     ``done``: rows of an interrupted run (same ``n``) that are kept instead of re-run;
     ``on_row(rows)`` is called after every row (e.g. to save progress)."""
-    from .. import data, zoo
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")

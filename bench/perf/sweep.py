@@ -28,7 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...attacks import PGD, attack_in_precision
+from .. import data
 from ..core import Autocast, Threat, make_generator, select_device
+from ..zoo.registry import build_arch, from_checkpoint, versions
 from .harness import _sync, _timed, reference_rates
 
 __all__ = ["main", "count_syncs", "cifar_sized"]
@@ -90,9 +93,6 @@ def main(argv=None) -> int:
     if not batches or min(batches) < 1 or args.repeats < 1 or args.steps < 1:
         parser.error("--batches, --repeats and --steps must be positive")
 
-    from ...attacks import PGD, attack_in_precision
-    from .. import data
-    from ..zoo.registry import build_arch, from_checkpoint, versions
 
     device = select_device(args.device)
     kwargs = {} if args.width is None else {"width": args.width}

@@ -22,7 +22,10 @@ import statistics
 import torch
 from torch import nn
 
+from ...attacks import PGD, Square
+from .. import data, zoo
 from ..core import Autocast, Threat, margin, model_mode
+from ..zoo.registry import versions
 from .harness import _timed, reference_rates
 
 __all__ = ["variants", "main"]
@@ -51,9 +54,6 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.n < 1:
         parser.error("--repeats and --n must be >= 1")
 
-    from ...attacks import PGD, Square
-    from .. import data, zoo
-    from ..zoo.registry import versions
 
     model = zoo.load(args.model, device="cpu")
     x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)

@@ -19,8 +19,10 @@ import time
 
 import torch
 
+from ...defenses.masking import diagnose
 from .. import data, zoo
 from ..core import Threat, select_device
+from ..core.fileio import atomic_write
 
 __all__ = ["main", "stability"]
 
@@ -33,7 +35,6 @@ DEFAULT_MODELS = ("mnist-cnn", "mnist-cnn-pgdat", "mnist-cnn-fastat", "mnist-cnn
 
 def stability(name: str, threat: Threat, device: torch.device, surrogate, x, y) -> dict:
     """The four diagnoses of zoo model ``name``: verdict, failing checks and seconds each."""
-    from ...defenses.masking import diagnose
 
     model = zoo.load(name, device=device, progress=False)
     runs = {}
@@ -71,7 +72,6 @@ def main(argv: list[str] | None = None) -> int:
                           for k, v in row["runs"].items())
         print(f"{name}: {'stable' if row['stable'] else 'FLIPS'} | {cells}", flush=True)
     if args.json:
-        from ..core.fileio import atomic_write
 
         atomic_write(args.json, json.dumps({"threat": threat.to_dict(), "rows": rows},
                                            indent=2).encode("utf-8"))

@@ -29,8 +29,12 @@ from typing import Any
 
 import torch
 
+from ...defenses.certified import NotSupportedError, assert_sound, certify
+from .. import data, zoo
 from ..core import Threat
 from ..core.fileio import atomic_write, write_between_markers
+from ..suite.runner import evaluate_cell
+from ..suite.spec import load_suite
 
 __all__ = ["CertifyRow", "DEFAULT_ROWS", "MARKERS", "certify_row", "markdown_table",
            "write_table", "main"]
@@ -77,10 +81,6 @@ def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None
                 device: str = "cpu") -> CertifyRow:
     """Measure one row (see the module docstring); ``milp_n`` / ``crown_n`` limit the MILP /
     CROWN to the first samples (default: all ``n``)."""
-    from ...defenses.certified import NotSupportedError, assert_sound, certify
-    from .. import data, zoo
-    from ..suite.runner import evaluate_cell
-    from ..suite.spec import load_suite
 
     suite = suite if suite is not None else load_suite(None)
     model = zoo.load(model_name, device=device, progress=False).eval()

@@ -49,7 +49,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..core.fileio import atomic_write as _atomic_write
+from ..core.text import text_table
+from ..suite.spec import parse_suite
 from ..suite.store import WORST_CASE, Store, wilson
+from .frames import _parse_report, row_outcomes
 
 __all__ = ["BASELINE_SCHEMA", "baseline_from_store", "helper_baseline", "write_baseline",
            "read_baseline", "compare", "CheckResult", "Difference", "newcombe", "mcnemar",
@@ -97,7 +101,6 @@ def _run_settings(run: Any, norm: str, eps: float) -> dict[str, Any]:
     budget of the ensemble at this threat and the diagnosis settings."""
     cfg = run.config if isinstance(run.config, dict) else {}
     try:
-        from ..suite.spec import parse_suite
 
         attacks = parse_suite(cfg, check_zoo=False).build_attacks(norm, eps).config()
     except Exception as err:  # a config this version cannot rebuild: keep what was stored
@@ -114,7 +117,6 @@ def _run_settings(run: Any, norm: str, eps: float) -> dict[str, Any]:
 def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
     """The rows of run ``run_id`` in baseline form (schema :data:`BASELINE_SCHEMA`)."""
     run = store.run(run_id)
-    from .leaderboard import _parse_report, row_outcomes
 
     per_sample: dict[tuple, list[dict[str, Any]]] = {}
     for s in store.rows("samples", run_id):
@@ -181,7 +183,6 @@ def helper_baseline(result: Any, threat: Any, *, settings: dict[str, Any],
 
 def write_baseline(baseline: dict[str, Any], path: str | Path) -> Path:
     """Write ``baseline`` atomically as indented JSON (parent folders are created)."""
-    from ..core.fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), (json.dumps(baseline, indent=2, sort_keys=True) + "\n").encode())
     return Path(path)
@@ -448,7 +449,6 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
 
 def format_result(result: CheckResult) -> str:
     """A readable report: failures first, then every compared number."""
-    from ..cli.main import _table
 
     lines = []
     fails = result.failures
@@ -469,13 +469,13 @@ def format_result(result: CheckResult) -> str:
               "95% CI (unpaired)", "note")
     lines += [f"note: {n}" for n in result.notes]
     if fails:
-        lines += ["", "regressions:", _table([row(d) for d in fails], header)]
+        lines += ["", "regressions:", text_table([row(d) for d in fails], header)]
     if result.missing:
         lines += ["", "missing from the run (present in the baseline):"]
         lines += [f"  {m}" for m in result.missing]
     if result.extra:
         lines += ["", "new in the run (not in the baseline): " + ", ".join(result.extra)]
     if result.differences:
-        lines += ["", "all compared numbers:", _table([row(d) for d in result.differences],
+        lines += ["", "all compared numbers:", text_table([row(d) for d in result.differences],
                                                       header)]
     return "\n".join(lines)

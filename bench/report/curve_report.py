@@ -2,7 +2,7 @@
 robust-accuracy-vs-eps figure.
 
 The search itself (a per-sample minimum eps over a grid, run by the suite's ``[curves]``
-section) is :mod:`unmask.bench.report.curves`; its stored ``broken_at`` lists are turned here into
+section) is :mod:`unmask.bench.suite.curves`; its stored ``broken_at`` lists are turned here into
 curves that are capped, per sample, by the leaderboard row at each of the suite's eps
 (:func:`unmask.bench.report.leaderboard.row_outcomes`). Every point is an **upper bound** on the true
 robust accuracy: a sample counts as broken only with an adversarial example in hand.
@@ -23,7 +23,10 @@ from typing import Any
 
 import pandas as pd
 
-from .curves import curve_points
+from ..core.fileio import atomic_write
+from ..suite.curves import curve_points
+from .frames import _parse_report, row_outcomes
+from .plotting import _figure, _safe, _save
 
 __all__ = ["curves_frame", "write_curves_csv", "robust_vs_eps_figures", "CURVE_COLUMNS",
            "CSV_COLUMNS", "line_styles"]
@@ -60,7 +63,6 @@ def curves_frame(store, run_id: int) -> pd.DataFrame:
     row, or is below it when the search broke a sample the row's attacks did not). ``bound`` is
     ``"upper"``: every point is an upper bound on the true robust accuracy. Models dropped from
     a resumed run are left out. An empty frame when the run has no curves."""
-    from .leaderboard import _parse_report, row_outcomes
 
     run = store.run(run_id)
     config = run.config if isinstance(run.config, dict) else {}
@@ -98,7 +100,6 @@ def curves_frame(store, run_id: int) -> pd.DataFrame:
 def write_curves_csv(store, run_id: int, path: Path) -> Path | None:
     """Write :func:`curves_frame` as CSV (:data:`CSV_COLUMNS`; ``threat_norm`` is the norm) to
     ``path`` atomically; None (and nothing written) when the run has no curves."""
-    from ..core.fileio import atomic_write
 
     frame = curves_frame(store, run_id)
     if frame.empty:
@@ -132,7 +133,6 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
     shows only its measured points: the suite's eps with their intervals, never a line from
     eps 0 (nothing was measured in between), labelled "(no curve)" when other models of the
     run have one. ``df`` is the leaderboard frame."""
-    from .leaderboard import _figure, _safe, _save
 
     out: list[tuple[Path, str]] = []
     frame = curves_frame(store, run_id)

@@ -31,8 +31,8 @@ from typing import Any
 import pandas as pd
 
 from ..core.fileio import atomic_write
-from .leaderboard import leaderboard_frame
 from ..suite.store import Store
+from .frames import leaderboard_frame
 
 __all__ = ["robustbench_records", "export_robustbench", "samples_frame", "export_samples",
            "ROBUSTBENCH_FIELDS", "SAMPLE_FORMATS"]

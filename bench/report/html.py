@@ -26,14 +26,19 @@ from __future__ import annotations
 import html
 import json
 import os
+from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from . import tables as tb
+from ...defenses.masking import CHECKS
 from ..suite.store import WORST_CASE, Store
+from . import tables as tb
+from .curve_report import robust_vs_eps_figures, write_curves_csv
+from .frames import _header_lines, leaderboard_frame, sections_frame, verdict_legend
+from .plotting import _figure, _safe, _save, write_text
 
 __all__ = ["CSS", "SORT_SCRIPT", "page", "html_table", "render_markdown", "render_html",
            "main_csv", "evidence_page", "write_report", "write_screenshots", "header_lines",
@@ -195,7 +200,6 @@ def _frame_table(df: pd.DataFrame, table_id: str) -> tb.Table:
 def header_lines(store: Store, run_id: int) -> list[str]:
     """The run-wide facts, once: suite, run, date, dataset, seed, device, commit, versions
     (and the attack search precision when it is not fp32)."""
-    from .leaderboard import _header_lines
 
     run = store.run(run_id)
     config = run.config if isinstance(run.config, dict) else {}
@@ -223,7 +227,6 @@ def _threat_title(threat: str) -> str:
 
 
 def _context(store: Store, run_id: int, evidence_dir: str | None):
-    from .leaderboard import leaderboard_frame
 
     df = leaderboard_frame(store, run_id)
     defenses = tb.defense_texts(store, run_id)
@@ -233,7 +236,6 @@ def _context(store: Store, run_id: int, evidence_dir: str | None):
 def main_csv(store: Store, run_id: int, *, evidence_dir: str | None = None) -> str:
     """The main table as CSV (:data:`~unmask.bench.report.tables.MAIN_CSV_COLUMNS`; ``evidence``
     only with ``evidence_dir``)."""
-    from .leaderboard import leaderboard_frame
 
     main = tb.main_frame(leaderboard_frame(store, run_id),
                          defenses=tb.defense_texts(store, run_id), evidence_dir=evidence_dir)
@@ -257,7 +259,6 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
     """The leaderboard as Markdown: the run's facts once, per threat the ranked table and the
     models listed apart, the legends, the explanation and backdoor tables and what did not
     run."""
-    from .leaderboard import sections_frame, verdict_legend
 
     df, defenses, main = _context(store, run_id, evidence_dir)
     links = evidence_dir is not None
@@ -304,7 +305,6 @@ def _main_html(main: list) -> str:
 
 def render_html(store: Store, run_id: int, *, evidence_dir: str | None = None) -> str:
     """The main table alone as a self-contained HTML page (``leaderboard.html``)."""
-    from .leaderboard import verdict_legend
 
     df, _, main = _context(store, run_id, evidence_dir)
     meta = "".join(f"<p>{_E(h)}</p>" for h in header_lines(store, run_id))
@@ -339,10 +339,6 @@ def _facts(items: list[tuple[str, str]]) -> str:
 
 
 def _checks_table(checks: list[dict[str, Any]], table_id: str) -> str:
-    try:
-        from ...defenses.masking import CHECKS
-    except ImportError:  # pragma: no cover - the masking package is part of unmask
-        CHECKS = {}
     t = tb.Table(table_id, ["check", "result", "value", "rule", "evidence", "family / kind",
                             "passes", "source"])
     for c in checks:
@@ -593,7 +589,6 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     ``explanations.csv``, ``backdoor.csv``, ``curves.csv`` (when the run has security
     curves), ``figures/*.png``, ``evidence/*.html`` (one page
     per model and threat) and ``report.html``; returns the paths written."""
-    from .leaderboard import _plots, leaderboard_frame, sections_frame, verdict_legend, write_text
 
     out_dir = Path(out_dir)
     evidence_dir = "evidence"
@@ -614,7 +609,6 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     ]
     figures = _plots(store, run_id, df, out_dir / "figures")
     written += [p for p, _ in figures]
-    from .curve_report import write_curves_csv
 
     curves_csv = write_curves_csv(store, run_id, out_dir / "curves.csv")
     written += [curves_csv] if curves_csv is not None else []
@@ -740,3 +734,96 @@ def write_screenshots(report_dir: Path, out_dir: Path | None = None, *,
         finally:
             browser.close()
     return paths
+
+
+def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[tuple[Path, str]]:
+    """The report's figures: robust accuracy vs eps, who broke what, attack cost, maps."""
+    out: list[tuple[Path, str]] = []
+    if "robust_accuracy" in df:
+        df = df[df["robust_accuracy"].notna()]  # rows of failed cells have no numbers
+    if df.empty:
+        return out
+    # robust accuracy vs eps, per norm: the security curves (unmask.bench.report.curve_report)
+
+    out += robust_vs_eps_figures(store, run_id, df, fig_dir)
+    # who broke what + attack cost, per threat
+    cells = store.rows("cells", run_id)
+    for threat, group in df.groupby("threat", sort=False):
+        models = group["model"].tolist()
+        norm, eps = group["norm"].iloc[0], group["eps"].iloc[0]
+        per = {m: [c for c in cells if c["model"] == m and c["norm"] == norm
+                   and c["eps"] == eps and c["attack"] != WORST_CASE] for m in models}
+        attacks = []
+        for m in models:
+            for c in sorted(per[m], key=lambda c: c["position"]):
+                if c["attack"] not in attacks:
+                    attacks.append(c["attack"])
+        fig = _figure(fig_dir)
+        ax = fig.add_subplot(1, 1, 1)
+        left = [0.0] * len(models)
+        n = group["n"].tolist()
+        segments = [("clean", [(nn_ - cc) / nn_ for nn_, cc in
+                               zip(n, (group["clean_accuracy"] * group["n"]).round())])]
+        for a in attacks:
+            segments.append((a, [next((c["broken"] / c["n"] for c in per[m] if c["attack"] == a),
+                                      0.0) for m in models]))
+        if "ensemble_robust_accuracy" in group:  # what the diagnosis and follow-up added
+            segments.append(("diagnosis and follow-up",
+                             (group["ensemble_robust_accuracy"] - group["robust_accuracy"])
+                             .clip(lower=0).tolist()))
+        segments.append(("robust", group["robust_accuracy"].tolist()))
+        for label, widths in segments:
+            ax.barh(models, widths, left=left, label=label)
+            left = [lft + w for lft, w in zip(left, widths)]
+        ax.set_xlabel("share of samples")
+        ax.set_title(f"Who broke what at {threat} (misclassified clean, broken by each "
+                     "attack, robust)")
+        ax.legend(fontsize=7, loc="lower right")
+        ax.invert_yaxis()
+        safe = threat.replace(":", "_")
+        p = _save(fig, fig_dir / f"broken_by_{safe}.png")
+        out.append((p, f"Attack ensemble breakdown at {threat}"))
+        fig = _figure(fig_dir)
+        ax = fig.add_subplot(1, 1, 1)
+        width = 0.8 / max(1, len(attacks))
+        for i, a in enumerate(attacks):
+            vals = [next((c["forwards"] + c["backwards"] for c in per[m] if c["attack"] == a), 0)
+                    for m in models]
+            ax.bar([j + i * width for j in range(len(models))], [max(v, 1) for v in vals],
+                   width=width, label=a)
+        ax.set_yscale("log")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(models))])
+        ax.set_xticklabels(models, rotation=30, ha="right", fontsize=7)
+        ax.set_ylabel("forward + backward passes")
+        ax.set_title(f"Attack cost at {threat}")
+        ax.legend(fontsize=7)
+        p = _save(fig, fig_dir / f"attack_cost_{safe}.png")
+        out.append((p, f"Attack cost (model passes) at {threat}"))
+    # explanation maps
+    maps = store.rows("explanation_maps", run_id)
+    by_model: dict[str, list] = defaultdict(list)
+    for m in maps:
+        by_model[m["model"]].append(m)
+    for model, entries in by_model.items():
+        inputs = json.loads(entries[0]["inputs"])
+        k = len(inputs)
+        if not k:
+            continue
+        from matplotlib.figure import Figure
+
+        fig = Figure(figsize=(1.6 * (1 + len(entries)), 1.6 * k), dpi=100)
+        axes = fig.subplots(k, 1 + len(entries), squeeze=False)
+        for i in range(k):
+            axes[i][0].imshow(inputs[i], cmap="gray", vmin=0, vmax=1)
+            for j, e in enumerate(entries):
+                axes[i][j + 1].imshow(json.loads(e["maps"])[i], cmap="inferno")
+                if i == 0:
+                    axes[i][j + 1].set_title(e["method"], fontsize=8)
+            if i == 0:
+                axes[i][0].set_title("input", fontsize=8)
+        for row in axes:
+            for ax in row:
+                ax.set_axis_off()
+        p = _save(fig, fig_dir / f"explain_{_safe(model)}.png")
+        out.append((p, f"Attribution maps of {model}"))
+    return out

@@ -31,8 +31,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .check import ALPHA, baseline_from_store, mcnemar, newcombe
 from ..suite.store import WORST_CASE, Store
+from .check import ALPHA, baseline_from_store, mcnemar, newcombe
 
 __all__ = ["RowChange", "RunComparison", "compare_runs", "VERDICTS", "DROP", "RISE",
            "NO_CHANGE"]

@@ -29,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from .. import zoo
 from ..suite.store import Store
 
 __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS", "OVERLAP_MARK",
@@ -245,7 +246,6 @@ def defense_texts(store: Store, run_id: int) -> dict[str, tuple[str, str]]:
     """``{row model: (short defense text, full description)}`` for the run's models: the zoo
     entry's recipe in a few words (e.g. ``TRADES (β 6, linf 0.3)``, ``control: JPEG
     compression at quality 25``); ``("user model", ...)`` for a model from a user module."""
-    from .. import zoo
 
     config = store.run(run_id).config
     models = config.get("models", []) if isinstance(config, dict) else []

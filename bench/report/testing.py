@@ -44,8 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...attacks import Ensemble
+from .. import data as data_mod
 from ..core import SampleOutcomes, Threat, make_generator
+from ..suite import integrations
+from ..suite.runner import evaluate_cell, merge_cell
 from ..suite.store import wilson
+from ..zoo.registry import fingerprint, versions
+from . import check
+from .leaderboard import row_outcomes
 
 __all__ = ["assert_robust_accuracy", "RobustAccuracy", "UPDATE_BASELINES_ENV"]
 
@@ -124,7 +131,6 @@ DATASET_N = 500  # samples taken from a named dataset when n is not given
 
 def _data(data: Any, n: int | None) -> tuple[Tensor, Tensor]:
     if isinstance(data, str):
-        from .. import data as data_mod
 
         if n is None:
             x, y = data_mod.load(data, "test")
@@ -201,10 +207,6 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
         assert_robust_accuracy(model, (x, y), Threat("linf", 0.1), at_least=0.8, n=200,
                                baseline="tests/baselines/model.json")
     """
-    from ...attacks import Ensemble
-    from . import check
-    from ..suite.runner import evaluate_cell, merge_cell
-    from ..zoo.registry import fingerprint, versions
 
     if not 0.0 <= float(at_least) <= 1.0:
         raise ValueError(f"at_least must be in [0, 1], got {at_least}")
@@ -235,8 +237,6 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
                                     for r in samples))
     report = None
     if diagnose:
-        from ..suite import integrations
-        from .leaderboard import row_outcomes
 
         report = integrations.diagnose(model, x, y, threat, follow_up=False, fast=True,
                                        generator=make_generator(seed))

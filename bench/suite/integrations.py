@@ -21,6 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...attacks import PGD
+from .. import data, zoo
+from ..core.training import accuracy
+
 __all__ = ["Unavailable", "feature", "diagnose", "masking_row", "note_surrogate",
            "diagnose_masking", "explain_model", "backdoor_metrics", "trigger_mask",
            "certify_model", "report_outcomes"]
@@ -176,7 +180,6 @@ def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, i
                     if threat is None:
                         continue
                     if x_adv is None:
-                        from ...attacks import PGD
 
                         x_adv = PGD(threat, steps=20)(model, x, y, generator=seed).x_adv
                     d = ex.attribution_change(model, x, x_adv, y, method, **opts).to_dict()
@@ -224,8 +227,6 @@ def backdoor_metrics(model: nn.Module, entry, x: Tensor, y: Tensor, *, device,
     """Clean accuracy, attack success rate and the clean-accuracy cost versus the entry's
     clean reference on ``(x, y)``; with ``defenses`` also poison detection, STRIP and
     fine-pruning (``unmask.defenses.evaluate_backdoor``)."""
-    from .. import zoo
-    from ..core.training import accuracy
 
     backdoor = backdoor_of(entry)
     options = dict(entry.recipe_options)
@@ -236,7 +237,6 @@ def backdoor_metrics(model: nn.Module, entry, x: Tensor, y: Tensor, *, device,
         ref_acc = accuracy(ref_model, x, y)
     if defenses:
         evaluate_backdoor = feature("unmask.defenses", "evaluate_backdoor")
-        from .. import data
 
         x_train, y_train = data.load(entry.dataset, "train")
         poison_seed = options.get("poison_seed")

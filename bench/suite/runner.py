@@ -60,11 +60,28 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import integrations
-from ..core import ProbabilityOutputWarning, Threat, make_generator, select_device
+from .. import data, zoo
+from ..core import (
+    ProbabilityOutputWarning,
+    SampleOutcomes,
+    Threat,
+    make_generator,
+    model_mode,
+    select_device,
+)
+from ..zoo.registry import fingerprint, versions
 from ..zoo.resolve import ModelSourceError
-from .store import WORST_CASE, Store, wilson
-from .spec import ModelSpec, Suite, parse_suite, resolve_user_model
+from . import curves, integrations
+from .spec import (
+    SURROGATE_AUTO,
+    SURROGATE_NONE,
+    ModelSpec,
+    Suite,
+    default_surrogate,
+    parse_suite,
+    resolve_user_model,
+)
+from .store import WORST_CASE, Store, StoreError, default_path, wilson
 
 __all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell",
            "git_commit", "CertifiedSoundnessError"]
@@ -300,7 +317,6 @@ def _threat_key(norm: str, eps: float) -> str:
 
 
 def _state_sha256(model: nn.Module) -> str:
-    from ..zoo.registry import fingerprint  # weights AND structure: wrappers of one network differ
 
     return fingerprint(model)
 
@@ -315,7 +331,6 @@ class _Loaded:
 
 def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loaded:
     """The model of ``spec`` or :class:`integrations.Unavailable` (optional entry missing)."""
-    from .. import zoo
 
     if spec.is_user:
         try:
@@ -353,7 +368,6 @@ def probe_model(model: nn.Module, x: Tensor, y: Tensor, name: str) -> None:
     """One forward pass on ``x`` (a batch of the suite's samples): the output must be finite
     ``N x K`` logits with a class for every label. Raises ``ValueError`` naming ``name`` and
     what was wrong, so the row shows it instead of an attack crashing on it later."""
-    from ..core import model_mode
 
     with model_mode(model), torch.no_grad(), _rng_untouched(model, x.device):
         out = model(x)
@@ -435,7 +449,6 @@ class _Runner:
     # the run ------------------------------------------------------------------------------
 
     def run(self) -> None:
-        from .. import data
 
         s = self.suite
         x, y = data.load(s.dataset, s.split, n=s.n, **s.data_options)
@@ -472,7 +485,6 @@ class _Runner:
             return False
         if b.models:
             return spec.key in b.models
-        from .. import zoo
 
         return (not spec.is_user and spec.name in zoo.list()
                 and zoo.get(spec.name).recipe == "backdoor")
@@ -558,9 +570,8 @@ class _Runner:
 
     def _curve(self, spec: ModelSpec, loaded: _Loaded, norm: str, x: Tensor, y: Tensor
                ) -> None:
-        """The security-curve search of one model and norm (:mod:`unmask.bench.report.curves`), on
+        """The security-curve search of one model and norm (:mod:`unmask.bench.suite.curves`), on
         the suite's samples, bracketed by the cascade's per-sample rows (rank 0)."""
-        from ..report import curves
 
         assert self.store is not None
         c, key = self.suite.curves, spec.key
@@ -602,7 +613,6 @@ class _Runner:
     def _row_broken(self, key: str, threat: Threat, n: int) -> list[str | None] | None:
         """Per sample (first ``n``), who broke it in this run's row: the ensemble's samples
         merged with the masking diagnosis's outcomes; None when the attack cell has no rows."""
-        from ..core import SampleOutcomes
 
         assert self.store is not None
         norm, eps = threat.norm.value, threat.eps
@@ -678,8 +688,6 @@ class _Runner:
         """The transfer check's surrogate, loaded once per run: ``(name, model, why)``;
         ``model`` None with the reason when there is none."""
         if self._surrogate is None:
-            from .. import zoo
-            from .spec import SURROGATE_AUTO, SURROGATE_NONE, default_surrogate
 
             wanted = self.suite.masking.surrogate
             if wanted == SURROGATE_NONE:
@@ -855,8 +863,6 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
 
     Returns the :class:`RunSummary` (on every rank; only rank 0's store writes happened).
     """
-    from .store import default_path
-    from ..zoo.registry import versions
 
     if suite is None and resume is None:
         raise ValueError("give a suite, or a run to resume")
@@ -869,7 +875,6 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
     dev = dist.device or dev
     path = default_path(store)
     if resume is not None and not Path(path).exists():
-        from .store import StoreError
 
         raise StoreError(f"no results store at {path}: there is no run {resume} to resume "
                          "(--store PATH names the store the run wrote to)")

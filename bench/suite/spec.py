@@ -76,8 +76,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..core import DRAWS, Precision
-from ..zoo.resolve import ROBUSTBENCH_PREFIX
+from ...attacks import ATTACKS, Ensemble
+from .. import data as data_mod
+from .. import zoo
+from ..core import DRAWS, Norm, Precision, Threat, select_device
+from ..zoo.resolve import ROBUSTBENCH_PREFIX, build_user_model
+from ..zoo.robustbench import SPEC_OPTIONS, load_spec, parse_robustbench_spec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -182,7 +186,7 @@ class BackdoorSpec:
 # ``[curves] models`` selections that name no model.
 CURVE_MODELS = ("ranked", "all")
 # The per-sample minimum-eps search of the curves: APGD-CE then APGD-T (1 target), 40 steps
-# each. Measured on the default suite's ranked models (docs in unmask.bench.report.curves): within 3
+# each. Measured on the default suite's ranked models (docs in unmask.bench.suite.curves): within 3
 # points of the full standard ensemble at the intermediate eps checked, at 0.44x the passes
 # of 50 steps and 3 targets; 20 steps each halve the cost but read up to 8 points high.
 CURVE_ATTACKS: tuple[dict[str, Any], ...] = (
@@ -192,7 +196,7 @@ CURVE_ATTACKS: tuple[dict[str, Any], ...] = (
 @dataclass(frozen=True)
 class CurveSpec:
     """The ``[curves]`` section: security curves (robust accuracy against eps) from a
-    per-sample minimum-eps search (:mod:`unmask.bench.report.curves`).
+    per-sample minimum-eps search (:mod:`unmask.bench.suite.curves`).
 
     ``models``: ``("ranked",)`` (the models whose diagnosis at every eps of the norm finished,
     is ranked and is not ``masked``: a gradient search is as blind as the masking), ``("all",)``
@@ -338,8 +342,6 @@ class Suite:
 
     def build_attacks(self, norm: str, eps: float):
         """The ensemble of this suite for one threat."""
-        from ...attacks import Ensemble
-        from ..core import Threat
 
         threat = Threat(norm, eps)
         if self.attacks.preset is not None:
@@ -495,7 +497,6 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
         if kwargs and not is_user_model(name):
             raise t.error("kwargs", "only a module:function model takes kwargs")
         if name.startswith(ROBUSTBENCH_PREFIX):
-            from ..zoo.robustbench import SPEC_OPTIONS, parse_robustbench_spec
 
             try:
                 parse_robustbench_spec(name)
@@ -512,7 +513,6 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
                 raise SuiteError(f"{key}.name", f"{name!r} is not 'package.module:function'",
                                  source)
         elif check_zoo:
-            from .. import zoo
 
             if zoo_names is None:
                 zoo_names = zoo.list()
@@ -541,7 +541,6 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
 
 
 def _threats(raw: Any, source: str | None) -> tuple[ThreatSpec, ...]:
-    from ..core import Norm
 
     if not isinstance(raw, list) or not raw:
         raise SuiteError("threats", "expected a non-empty list of tables "
@@ -567,7 +566,6 @@ def _threats(raw: Any, source: str | None) -> tuple[ThreatSpec, ...]:
 
 
 def _attack_names() -> dict[str, Any]:
-    from ...attacks import ATTACKS
 
     usable = {}
     for name in ATTACKS.names():
@@ -612,7 +610,6 @@ def _attacks(t: _Table, list_key: str = "list") -> AttackSpec:
                     raise SuiteError(f"{key}.{opt}", f"{name} has no option {opt!r}; its "
                                      f"options: {', '.join(valid) or 'none'}", t.source)
             try:  # construct once with a dummy threat so a bad value fails here, not mid-run
-                from ..core import Threat
 
                 cls(Threat("linf", 0.1), **{k: v for k, v in spec.items() if k != "name"})
             except (TypeError, ValueError) as err:
@@ -640,7 +637,6 @@ def _split_wrapper(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any], dict[s
 def build_attack(spec: Mapping[str, Any], threat):
     """The attack of one ``[attacks] list`` entry for ``threat`` (EOT and BPDA wrap the
     attack named by ``attack``)."""
-    from ...attacks import ATTACKS
 
     if spec["name"] in WRAPPERS:
         inner_name, outer, inner = _split_wrapper(spec)
@@ -650,7 +646,6 @@ def build_attack(spec: Mapping[str, Any], threat):
 
 def _check_wrapper(spec: Mapping[str, Any], key: str, usable: Mapping[str, Any],
                    source: str | None) -> None:
-    from ..core import Threat
 
     name = spec["name"]
     inner_name = spec.get("attack")
@@ -677,7 +672,6 @@ def _check_wrapper(spec: Mapping[str, Any], key: str, usable: Mapping[str, Any],
 def _masking(t: _Table, dataset: str, check_zoo: bool) -> MaskingSpec:
     surrogate = t.text("surrogate", SURROGATE_AUTO)
     if surrogate not in (SURROGATE_AUTO, SURROGATE_NONE) and check_zoo:
-        from .. import zoo
 
         names = zoo.list()
         if surrogate not in names:
@@ -695,7 +689,6 @@ def _masking(t: _Table, dataset: str, check_zoo: bool) -> MaskingSpec:
 def default_surrogate(dataset: str) -> str | None:
     """The transfer check's default surrogate: the first standard-trained, plain (no defense,
     no transform) zoo model of ``dataset``, or None when the zoo has none."""
-    from .. import zoo
 
     for name in zoo.list():
         entry = zoo.get(name)
@@ -799,7 +792,6 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     ``check_zoo`` checks zoo names against the registry (off when reading a stored run whose
     models may have been renamed since).
     """
-    from .. import data as data_mod
 
     top = _Table(data, "", source)
     name = top.text("name")
@@ -811,7 +803,6 @@ def parse_suite(data: Mapping[str, Any], *, source: str | None = None,
     seed = top.integer("seed", 0, minimum=0)
     device = top.text("device", None)
     if device is not None:
-        from ..core import select_device
 
         try:
             select_device(device)
@@ -898,9 +889,7 @@ def resolve_user_model(spec: ModelSpec):
     ``robustbench:<dataset>/<threat>/<name>`` loads a local RobustBench-style checkpoint
     (:func:`unmask.bench.zoo.robustbench.load_spec`, kwargs ``model_dir``, ``arch``)."""
     if spec.name.startswith(ROBUSTBENCH_PREFIX):
-        from ..zoo.robustbench import load_spec
 
         return load_spec(spec.name, spec.kwargs, device="cpu")
-    from ..zoo.resolve import build_user_model
 
     return build_user_model(spec.name, spec.kwargs)

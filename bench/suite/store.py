@@ -23,7 +23,7 @@ Tables (schema version :data:`SCHEMA_VERSION`, recorded in ``meta``):
 * ``backdoor``     backdoor metrics per model;
 * ``curves``       the security-curve search per model x norm (``[curves]`` of the suite): the
   eps grid and, per sample, the smallest grid eps at which an attack broke it (JSON lists; see
-  :mod:`unmask.bench.report.curves`). Added after schema 1 was released: a store without it gets it
+  :mod:`unmask.bench.suite.curves`). Added after schema 1 was released: a store without it gets it
   on the first writable open, and a read-only store without it reads as having no curves;
 * ``certified``    per model x threat x certification method (``[certify]``): n, certified /
   broken / unknown counts, certified robust accuracy, seconds, status (``ok`` or ``not

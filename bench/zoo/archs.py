@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import Normalize
+from ..core.fileio import read_state_dict
 from ..core.registry import Registry
 
 __all__ = ["ARCHS", "register_arch", "build", "SmallCNN", "MLP", "PreActResNet18", "WideResNet",
@@ -184,7 +185,6 @@ def torchvision_model(name: str, *, weights_path: str | os.PathLike | None = Non
     else:
         net = builder(weights=None, num_classes=num_classes)
         if weights_path is not None:
-            from .registry import read_state_dict
 
             net.load_state_dict(read_state_dict(weights_path))
     return nn.Sequential(Normalize(IMAGENET_MEAN, IMAGENET_STD), net)

@@ -21,11 +21,12 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from .archs import SmallCNN
+from ...attacks.backdoor import Backdoor
+from .. import data
 from ..core import make_generator
 from ..core.training import cross_entropy_loss, fit, register_recipe
+from .archs import SmallCNN
 from .registry import register_model
-from ...attacks.backdoor import Backdoor
 
 __all__ = ["backdoor_recipe"]
 
@@ -71,7 +72,6 @@ def backdoor_recipe(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batc
     if clean_reference is not None:
         metrics["clean_reference"] = clean_reference
     if eval_dataset is not None:
-        from .. import data
 
         x_test, y_test = data.load(eval_dataset, "test")
         metrics["attack_success_rate"] = backdoor.attack_success_rate(model, x_test, y_test)

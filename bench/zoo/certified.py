@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .archs import MNIST_MEAN, MNIST_STD
 from ..core import Normalize
+from .archs import MNIST_MEAN, MNIST_STD
 from .registry import register_model
 
 __all__ = ["CertCNN", "cert_mlp"]

@@ -38,8 +38,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .archs import SmallCNN
-from .registry import register_model
 from ...defenses.inference import (
     InputQuantization,
     JPEGCompression,
@@ -47,6 +45,8 @@ from ...defenses.inference import (
     ProbabilityOutput,
     RandomNoise,
 )
+from .archs import SmallCNN
+from .registry import register_model
 
 __all__: list[str] = []
 

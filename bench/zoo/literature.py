@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from torch import nn
 
-from .registry import register_model
 from ...defenses.literature import (
     EntropyPurification,
     KWinnersTakeAll,
@@ -37,6 +36,7 @@ from ...defenses.literature import (
     ThermometerEncoding,
     TVMinimization,
 )
+from .registry import register_model
 
 __all__: list[str] = []
 

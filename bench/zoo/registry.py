@@ -29,7 +29,6 @@ import contextlib
 import functools
 import hashlib
 import importlib
-from importlib.metadata import entry_points
 import inspect
 import json
 import logging
@@ -39,6 +38,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,11 @@ import torch
 from torch import nn
 
 from .. import data as data_mod
-from .archs import build as build_arch
 from ..core import Normalize, select_device
-from ..core.fileio import atomic_write
+from ..core.fileio import atomic_write, read_state_dict
 from ..core.registry import Registry
 from ..core.training import RECIPES, accuracy, seeded_init
+from .archs import build as build_arch
 
 __all__ = ["ModelEntry", "MODELS", "register_model", "list", "entries", "get", "load",
            "load_with_card", "card", "cache_dir", "wrap", "from_checkpoint", "read_state_dict",
@@ -561,37 +561,6 @@ def wrap(model: nn.Module, mean=None, std=None) -> nn.Module:
     if mean is None or std is None:
         raise ValueError("give both mean and std, or neither")
     return nn.Sequential(Normalize(mean, std), model)
-
-
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a torch file, never unpickling arbitrary objects.
-
-    Accepts ``{"state_dict": ...}`` / ``{"model": ...}`` wrappers and strips ``module.``
-    prefixes left by DataParallel/DDP.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
-    else:
-        try:
-            state = torch.load(p, map_location="cpu", weights_only=True)
-        except Exception as err:
-            raise ValueError(
-                f"could not load {p} with weights_only=True ({type(err).__name__}: {err}); "
-                "unmask never unpickles arbitrary objects: save a plain state_dict "
-                "(torch.save(model.state_dict(), path)) or a .safetensors file"
-            ) from err
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"{p} does not hold a state dict (got {type(state).__name__})")
-    return {(k[7:] if k.startswith("module.") else k): v for k, v in state.items()}
 
 
 def from_checkpoint(path: str | os.PathLike, arch: str | nn.Module, *, mean=None, std=None,

@@ -31,7 +31,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import data, zoo
 from ..core import select_device
+from . import archs
+from .robustbench import load_spec, parse_robustbench_spec
 
 ROBUSTBENCH_PREFIX = "robustbench:"
 
@@ -133,8 +136,6 @@ def _is_torchscript(path: Path) -> bool:
 
 def _from_checkpoint(path: Path, arch: str | None, kwargs: dict[str, Any] | None,
                      device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    from . import archs
-    from .. import zoo
 
     if not path.is_file():
         raise ModelSourceError(f"checkpoint not found: {path}")
@@ -178,7 +179,6 @@ def load_model(name: str, *, arch: str | None = None, kwargs: dict[str, Any] | N
 
     Usage: ``m = load_model("mypkg.models:build", kwargs={"width": 32}); m.model(x)``
     """
-    from .. import data, zoo
 
     if not isinstance(name, str) or not name:
         raise ModelSourceError(f"a model name is a non-empty string, got {name!r}")
@@ -196,7 +196,6 @@ def load_model(name: str, *, arch: str | None = None, kwargs: dict[str, Any] | N
         model, card = zoo.load_with_card(name, device=dev, progress=progress)
         return LoadedModel(model.eval(), name, "zoo", entry.dataset, card)
     if name.startswith(ROBUSTBENCH_PREFIX):
-        from .robustbench import load_spec, parse_robustbench_spec
 
         options = dict(kwargs or {}, **({"arch": arch} if arch is not None else {}))
         try:

@@ -43,6 +43,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core import select_device
+from .archs import build
+from .registry import read_state_dict
+
 __all__ = ["load_robustbench", "checkpoint_path", "parse_robustbench_spec", "PREFIX",
            "THREAT_MODELS", "ROBUSTBENCH_DATASETS", "SPEC_OPTIONS", "robustbench_architecture",
            "load_spec"]
@@ -157,9 +161,6 @@ def load_robustbench(model_name: str, model_dir: str | os.PathLike = "models",
         ImportError: ``arch`` is None and ``robustbench`` cannot be imported.
         ValueError: a bad name, an unknown entry, or a checkpoint that does not fit.
     """
-    from .archs import build
-    from ..core import select_device
-    from .registry import read_state_dict
 
     if arch is None and dataset not in ROBUSTBENCH_DATASETS:
         raise ValueError(f"dataset {dataset!r} is not one of RobustBench's "

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ...bench import data
 from ...bench.core import Threat
 from ...bench.core.training import accuracy, fit, register_recipe
+from . import certify
 from .bounds import InputSet, ibp_bounds, margin_spec
 from .network import to_chain
 
@@ -76,8 +78,6 @@ def ibp_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_s
         **options)
     metrics: dict[str, Any] = {"train_seconds": time.perf_counter() - start, "eps": eps}
     if eval_dataset is not None:
-        from ...bench import data
-        from . import certify
 
         xt, yt = data.load(eval_dataset, "test", n=eval_samples)
         model.eval()

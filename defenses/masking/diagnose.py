@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...bench.core import SampleOutcomes, Threat, robust_by_majority, warnings_once
+from ...explain import audit
 from .follow_up import adaptation, bpda_wrap
 from .follow_up import follow_up as run_follow_up
 from .registry import CHECKS, Budget, Context, run_checks
@@ -75,7 +76,6 @@ def _diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_
     flow_summary = collapse_at = None
     if audit_flow:
         try:
-            from ...explain import audit
 
             m = min(ctx.n_att, 64)
             flow = audit(model, ctx.xc[:m], ctx.yc[:m], loss="ce")

@@ -9,6 +9,7 @@ from typing import Any
 
 from ...bench.core import SampleOutcomes, StrEnum, Threat
 from ...bench.core.fileio import json_safe
+from ...bench.core.text import text_table
 
 __all__ = ["Verdict", "VERDICT_MEANING", "MaskingKind", "CheckResult", "MaskingReport"]
 
@@ -123,16 +124,13 @@ class MaskingReport:
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
-        rows = [("check", "value", "rule", "result", "kind")]
+        rows = []
         for c in self.checks:
             result = "skip" if c.skipped else ("pass" if c.passed else f"FAIL->{c.severity.value}")
             value = "-" if c.value is None else (f"{c.value:.3g}" if isinstance(c.value, float)
                                                  else str(c.value))
             rows.append((c.name, value, c.rule, result, c.kind.value))
-        widths = [max(len(r[i]) for r in rows) for i in range(5)]
-        lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-        lines.insert(1, "  ".join("-" * w for w in widths))
-        lines.append("")
+        lines = [text_table(rows, ("check", "value", "rule", "result", "kind")), ""]
         lines.append(f"verdict: {self.verdict.value}   next: {self.recommended_attack}")
         lines.append(f"  ({VERDICT_MEANING[self.verdict.value]})")
         if self.gradient_flow:

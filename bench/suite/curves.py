@@ -54,7 +54,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ...attacks import Ensemble
 from ..core import DRAWS, Threat, make_generator
+from .spec import build_attack
 
 __all__ = ["curve_grid", "min_eps_search", "MinEpsResult", "curve_points", "curve_seed",
            "curve_selection", "search_for_suite"]
@@ -273,8 +275,6 @@ def search_for_suite(model: nn.Module, x: Tensor, y: Tensor, *, norm: str,
     """:func:`min_eps_search` as the suite runs it: the search ensemble from ``attacks``
     (``[attacks] list`` entries), the bracket from ``cascade`` (the suite's per-sample rows of
     this model and norm: ``eps``, ``sample``, ``clean_correct``, ``robust``)."""
-    from ...attacks import Ensemble
-    from ..suite.spec import build_attack
 
     n = int(x.shape[0])
     broken: dict[float, list[bool]] = {}

@@ -1,0 +1,43 @@
+"""Writing the report's files: text and bytes atomically, figures (matplotlib, Agg, no display)
+as PNG, and file-safe names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.fileio import atomic_write as _atomic_write
+
+__all__ = ["write_text", "write_bytes"]
+
+
+def write_text(path: Path, text: str) -> Path:
+
+    _atomic_write(Path(path), text.encode("utf-8"))
+    return Path(path)
+
+
+def _figure(_: Path | None = None):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(7, 4), dpi=100)
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    return write_bytes(path, buf.getvalue())
+
+
+def write_bytes(path: Path, payload: bytes) -> Path:
+
+    _atomic_write(Path(path), payload)
+    return Path(path)
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
