@@ -1,5 +1,5 @@
 """Inference-time defenses from the literature that were published as robust and later shown
-to mask gradients: the positives of the masking benchmark (``unmask.bench.perf.harness.masking_benchmark``).
+to mask gradients: the positives of the masking benchmark (``unmask.bench.perf.masking_benchmark``).
 
 Each wrapper puts the published mechanism around an already trained classifier (the zoo
 wraps ``mnist-cnn``); nothing is retrained, so every one of them is, in truth, about as robust

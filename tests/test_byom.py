@@ -393,7 +393,7 @@ def test_resume_of_a_missing_store_creates_nothing(tmp_path, capsys):
 
 
 def test_wall_time_excludes_the_pause_before_a_resume(tmp_path, monkeypatch):
-    from unmask.bench.suite.spec import store as store_mod
+    from unmask.bench.suite import store as store_mod
 
     clock = [1000.0]
     monkeypatch.setattr(store_mod.time, "time", lambda: clock[0])
@@ -454,7 +454,7 @@ def test_the_run_commit_is_dirty_only_when_code_changed(tmp_path):
     import shutil
     import subprocess
 
-    from unmask.bench.suite.spec.runner import git_commit
+    from unmask.bench.suite.runner import git_commit
 
     if shutil.which("git") is None:
         pytest.skip("git is not installed")

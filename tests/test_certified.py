@@ -212,9 +212,9 @@ def certify_suite(tmp_path, zoo_cache):
 def test_suite_certify_rows_bracket_the_attack_and_record_not_supported(tmp_path,
                                                                        certify_suite):
     from unmask.bench.report.leaderboard import leaderboard_frame, render
-    from unmask.bench.suite.spec.runner import run_suite
-    from unmask.bench.suite.spec.spec import load_suite
-    from unmask.bench.suite.spec.store import Store
+    from unmask.bench.suite.runner import run_suite
+    from unmask.bench.suite.spec import load_suite
+    from unmask.bench.suite.store import Store
 
     suite = load_suite(certify_suite('"digits-mlp", "certmods:pooled"'))
     summary = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
@@ -270,9 +270,9 @@ def pd_isna(v) -> bool:
 
 def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypatch):
     import unmask.defenses.certified as certified
-    from unmask.bench.suite.spec.runner import CertifiedSoundnessError, run_suite
-    from unmask.bench.suite.spec.spec import load_suite
-    from unmask.bench.suite.spec.store import Store
+    from unmask.bench.suite.runner import CertifiedSoundnessError, run_suite
+    from unmask.bench.suite.spec import load_suite
+    from unmask.bench.suite.store import Store
 
     real = certified.certify
 
@@ -299,7 +299,7 @@ def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypa
 def test_store_without_certified_tables_reads_empty_and_gains_them(tmp_path):
     import sqlite3
 
-    from unmask.bench.suite.spec.store import Store
+    from unmask.bench.suite.store import Store
 
     path = tmp_path / "old.sqlite"
     Store(path).close()
@@ -350,7 +350,7 @@ def test_cli_certify_prints_each_method_and_names_unsupported_layers(zoo_cache, 
 
 def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cache, tmp_path):
     from unmask.bench.report.certify_table import MARKERS, certify_row, markdown_table, write_table
-    from unmask.bench.suite.spec.spec import parse_suite
+    from unmask.bench.suite.spec import parse_suite
 
     suite = parse_suite({"name": "t", "dataset": "digits", "models": ["digits-mlp"],
                          "threats": [{"norm": "linf", "eps": [0.1]}], "n": 16,
@@ -371,7 +371,7 @@ def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cach
 def test_certify_model_adapter_reports_unavailable_milp_and_l2(monkeypatch):
     import importlib.util
 
-    from unmask.bench.suite.spec import integrations
+    from unmask.bench.suite import integrations
 
     model = _mlp(0)
     x, y = _data((1, 2, 3))

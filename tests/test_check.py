@@ -31,7 +31,7 @@ from unmask.bench.report.check import (
     read_baseline,
 )
 from unmask.bench.report.testing import assert_robust_accuracy
-from unmask.bench.suite.spec.store import Store, wilson
+from unmask.bench.suite.store import Store, wilson
 
 REGMOD = '''
 import torch

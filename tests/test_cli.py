@@ -181,7 +181,7 @@ def test_perf_reports_rates_efficiency_and_the_settings(capsys, tmp_path, digits
 
 
 def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, digits_mlp):
-    from unmask.bench.perf.harness import variants
+    from unmask.bench.perf import variants
 
     out_json = tmp_path / "v.json"
     assert variants.main(["--model", "digits-mlp", "--n", "24", "--steps", "3", "--queries", "8",
@@ -205,7 +205,7 @@ def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, di
 def test_device_sweep_script_covers_batch_layout_and_precision(capsys, tmp_path):
     import torch
 
-    from unmask.bench.perf.harness import sweep
+    from unmask.bench.perf import sweep
 
     out_json = tmp_path / "sweep.json"
     assert sweep.main(["--width", "4", "--batches", "8,12", "--train-epochs", "0", "--steps",

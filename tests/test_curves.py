@@ -22,8 +22,8 @@ from unmask.bench.report.curve_report import (
     write_curves_csv,
 )
 from unmask.bench.suite.curves import curve_grid, curve_points, curve_selection, min_eps_search
-from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
-from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
+from unmask.bench.suite.spec import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.store import WORST_CASE, Store, wilson
 
 GRID = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
@@ -189,7 +189,7 @@ CURVES = ('[curves]\nmodels = ["digits-mlp"]\npoints = 4\n'
 
 def test_suite_runs_stores_and_resumes_the_curves(tmp_path):
     from unmask.bench.report.leaderboard import leaderboard_frame, write_report
-    from unmask.bench.suite.spec.runner import run_suite
+    from unmask.bench.suite.runner import run_suite
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", extra=CURVES))
     assert suite.curves.enabled and suite.curves.points == 4
@@ -221,8 +221,8 @@ def test_ranked_selection_in_the_runner(tmp_path, digits_mlp):
     import dataclasses
 
     from unmask.bench import data
-    from unmask.bench.suite.spec.runner import _Dist, _Loaded, _Runner, run_suite
-    from unmask.bench.suite.spec.spec import CurveSpec
+    from unmask.bench.suite.runner import _Dist, _Loaded, _Runner, run_suite
+    from unmask.bench.suite.spec import CurveSpec
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml"))
     first = run_suite(suite, store=tmp_path / "r.sqlite", progress=False)

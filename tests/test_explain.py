@@ -358,7 +358,7 @@ def test_metrics_validate_their_arguments(mnist_cnn, mnist_batch):
 
 
 def test_explain_perf_script_smoke(capsys, mnist_cnn):
-    from unmask.bench.perf.harness import explain as explain_perf
+    from unmask.bench.perf import explain as explain_perf
 
     assert explain_perf.main(["--n", "3", "--n-steps", "2", "--threads", "1"]) == 0
     row = json.loads(capsys.readouterr().out)

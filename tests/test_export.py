@@ -11,9 +11,9 @@ from suite_helpers import tiny_suite
 from unmask.bench.cli.main import main
 from unmask.bench.report import export
 from unmask.bench.report import leaderboard as lb
-from unmask.bench.suite.spec.runner import run_suite
-from unmask.bench.suite.spec.spec import load_suite
-from unmask.bench.suite.spec.store import Store
+from unmask.bench.suite.runner import run_suite
+from unmask.bench.suite.spec import load_suite
+from unmask.bench.suite.store import Store
 
 # A record as RobustBench keeps it (robustbench/model_info/cifar10/Linf/Wang2023Better_WRN-28-10
 # .json, abridged to its field names and JSON types): the export must match it field by field.

@@ -15,9 +15,9 @@ from unmask.bench import zoo
 from unmask.bench.cli.main import main
 from unmask.bench.report import leaderboard as lb
 from unmask.bench.report import tables as tb
-from unmask.bench.suite.spec.runner import run_suite
-from unmask.bench.suite.spec.spec import load_suite
-from unmask.bench.suite.spec.store import Store, wilson
+from unmask.bench.suite.runner import run_suite
+from unmask.bench.suite.spec import load_suite
+from unmask.bench.suite.store import Store, wilson
 
 EXPLAIN = ('[explain]\nmethods = ["saliency"]\nmetrics = ["deletion_insertion"]\nn = 8\n'
            'maps = 2\n')
@@ -411,7 +411,7 @@ def test_one_robust_number_is_the_worst_case_over_every_attack(tmp_path, monkeyp
 
 
 def test_a_failing_diagnosis_is_an_error_and_never_ranked(tmp_path, monkeypatch, zoo_cache):
-    from unmask.bench.suite.spec import integrations
+    from unmask.bench.suite import integrations
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom in the diagnosis")

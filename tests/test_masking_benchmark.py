@@ -13,7 +13,7 @@ import torch
 from unmask.attacks import Attack
 from unmask.bench import zoo
 from unmask.bench.core import Threat
-from unmask.bench.perf.harness import masking_benchmark as mb
+from unmask.bench.perf import masking_benchmark as mb
 from unmask.defenses import literature as lit
 from unmask.defenses.masking import Verdict, diagnose
 

@@ -15,7 +15,7 @@ from suite_helpers import tiny_suite
 from torch import nn
 
 from unmask.bench import zoo
-from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.spec import SuiteError, load_suite, parse_suite
 from unmask.bench.zoo.archs import MLP
 from unmask.bench.zoo.robustbench import checkpoint_path, load_robustbench, parse_robustbench_spec
 
@@ -173,8 +173,8 @@ def test_the_real_robustbench_package_architecture(tmp_path):
 def test_a_suite_runs_a_robustbench_spec_like_the_zoo_model(tmp_path, digits_mlp):
     """digits-mlp's weights written in the RobustBench layout, loaded by the spec string
     with unmask's ``mlp`` architecture: the same row as the zoo entry."""
-    from unmask.bench.suite.spec.runner import run_suite
-    from unmask.bench.suite.spec.store import Store
+    from unmask.bench.suite.runner import run_suite
+    from unmask.bench.suite.store import Store
 
     _write(tmp_path / "rb" / "digits" / "Linf" / "DigitsMLP.pt",
            {"state_dict": digits_mlp.state_dict()})

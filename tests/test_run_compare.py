@@ -11,7 +11,7 @@ import pytest
 
 from unmask.bench.cli.main import main
 from unmask.bench.report.run_compare import DROP, NO_CHANGE, RISE, compare_runs
-from unmask.bench.suite.spec.store import WORST_CASE, Store, wilson
+from unmask.bench.suite.store import WORST_CASE, Store, wilson
 
 
 def _run(store: Store, robust: list[int], *, labels: list[int] | None = None,

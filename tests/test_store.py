@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from unmask.bench.suite.spec.store import SCHEMA_VERSION, Store, StoreError, default_path, wilson
+from unmask.bench.suite.store import SCHEMA_VERSION, Store, StoreError, default_path, wilson
 
 
 def _run(st: Store, **kw) -> int:

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
 
-from unmask.bench.suite.spec.runner import batch_seed, run_suite
-from unmask.bench.suite.spec.spec import SuiteError, load_suite, parse_suite
-from unmask.bench.suite.spec.store import Store
+from unmask.bench.suite.runner import batch_seed, run_suite
+from unmask.bench.suite.spec import SuiteError, load_suite, parse_suite
+from unmask.bench.suite.store import Store
 
 BASE = {"name": "t", "dataset": "digits", "models": ["digits-mlp"],
         "threats": [{"norm": "linf", "eps": [0.1]}]}
@@ -455,7 +455,7 @@ def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
 def test_non_finite_margins_make_the_cell_an_error():
     import torch
 
-    from unmask.bench.suite.spec.runner import merge_cell
+    from unmask.bench.suite.runner import merge_cell
 
     part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
             "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
@@ -483,7 +483,7 @@ def test_one_definition_for_randomised_models(tmp_path, zoo_cache, user_models):
     from unmask.bench.core import DRAWS, make_generator, robust_by_majority
     from unmask.bench.report import leaderboard as lb
     from unmask.bench.report.testing import assert_robust_accuracy
-    from unmask.bench.suite.spec.store import wilson
+    from unmask.bench.suite.store import wilson
 
     path = tiny_suite(tmp_path / "s.toml", models='{ name = "brokenmod:noisy", label = "noisy" }')
     path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
@@ -563,8 +563,8 @@ def _transfer_check(store, run_id, model):
 
 def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
                                                                     user_models, monkeypatch):
-    from unmask.bench.suite.spec import integrations
-    from unmask.bench.suite.spec.spec import default_surrogate
+    from unmask.bench.suite import integrations
+    from unmask.bench.suite.spec import default_surrogate
 
     assert default_surrogate("digits") == "digits-mlp"
     assert default_surrogate("mnist5k") == "mnist-cnn"
@@ -608,7 +608,7 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
     interrupted before its second diagnosis shows that row unranked (the diagnosis did not
     finish) and, resumed, gives the uninterrupted run's table."""
     from unmask.bench.report import leaderboard as lb
-    from unmask.bench.suite.spec import integrations
+    from unmask.bench.suite import integrations
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
     store = tmp_path / "r.sqlite"

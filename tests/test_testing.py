@@ -17,9 +17,9 @@ from unmask.bench.cli.main import main
 from unmask.bench.report import leaderboard as lb
 from unmask.bench.report.check import baseline_from_store
 from unmask.bench.report.testing import assert_robust_accuracy
-from unmask.bench.suite.spec.runner import run_suite
-from unmask.bench.suite.spec.spec import load_suite
-from unmask.bench.suite.spec.store import Store
+from unmask.bench.suite.runner import run_suite
+from unmask.bench.suite.spec import load_suite
+from unmask.bench.suite.store import Store
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

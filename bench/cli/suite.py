@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
         # No terminal for progress bars (a log file, CI): a line per saved unit instead.
         import logging
 
-        for name in ("unmask.bench.suite.spec.runner", "unmask.bench.zoo"):  # saved units, training
+        for name in ("unmask.bench.suite.runner", "unmask.bench.zoo"):  # saved units, training
             logger = logging.getLogger(name)
             if logger.getEffectiveLevel() > logging.INFO:
                 logger.setLevel(logging.INFO)

@@ -1,6 +1,6 @@
 """Head-to-head timing against torchattacks on the same model, inputs and settings.
 
-    python -m unmask.bench.perf.harness.compare --model mnist-cnn --n 256 --eps 0.3 --json results/compare.json
+    python -m unmask.bench.perf.compare --model mnist-cnn --n 256 --eps 0.3 --json results/compare.json
 
 Measures, in one process and interleaved over ``--repeats`` rounds:
 

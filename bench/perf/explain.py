@@ -4,7 +4,7 @@ The issue's budget: IG (n_steps = 32) for the 1,000 ``mnist5k`` test images of `
 in under a minute on 2 CPU cores, within 2 GiB of memory. Run it in a fresh process (peak
 memory is the process's maximum resident set size, model and data included)::
 
-    python -m unmask.bench.perf.harness.explain --threads 2 --n-steps 32 --internal-batch-size 256
+    python -m unmask.bench.perf.explain --threads 2 --n-steps 32 --internal-batch-size 256
 
 Prints one JSON line with the wall time, the process's CPU time and the load average. Timings
 on a shared machine are noisy: compare ``cpu_seconds / threads`` with the wall time, repeat,

@@ -26,7 +26,7 @@ robust when the model classifies the attack's point correctly on a strict majori
 
 One command regenerates the table in ``docs/masking.md``::
 
-    UNMASK_CACHE=/work/cache/zoo python -m unmask.bench.perf.harness.masking_benchmark --n 100 \\
+    UNMASK_CACHE=/work/cache/zoo python -m unmask.bench.perf.masking_benchmark --n 100 \\
         --write docs/masking.md
 """
 
@@ -377,8 +377,8 @@ def _row_from_dict(d: dict[str, Any]) -> BenchmarkRow:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m unmask.bench.perf.harness.masking_benchmark [--n 100] [--full] [--write docs/masking.md]``"""
-    parser = argparse.ArgumentParser(prog="python -m unmask.bench.perf.harness.masking_benchmark",
+    """``python -m unmask.bench.perf.masking_benchmark [--n 100] [--full] [--write docs/masking.md]``"""
+    parser = argparse.ArgumentParser(prog="python -m unmask.bench.perf.masking_benchmark",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=100, help="test images (default 100)")
     parser.add_argument("--full", action="store_true",

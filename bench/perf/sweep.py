@@ -1,7 +1,7 @@
 """The device sweep of the performance issue: batch size x memory layout x precision on a
 CIFAR-sized PreActResNet-18, with host-sync counts on CUDA.
 
-    python -m unmask.bench.perf.harness.sweep --device cuda --json results/perf/sweep-gpu.json
+    python -m unmask.bench.perf.sweep --device cuda --json results/perf/sweep-gpu.json
 
 For every batch size (default 64, 512, 4096), layout (contiguous, channels_last) and precision
 (fp32, bf16 autocast) it measures R_fb and R_f, times PGD-10 (efficiency = gradient evaluations

@@ -1,7 +1,7 @@
 """What channels_last, bf16 autocast and torch.compile change: speed and attack strength of
 each variant of one model, measured interleaved in one process.
 
-    python -m unmask.bench.perf.harness.variants --model mnist-cnn --n 256 --eps 0.1 --json results/perf/variants.json
+    python -m unmask.bench.perf.variants --model mnist-cnn --n 256 --eps 0.1 --json results/perf/variants.json
 
 Variants: ``fp32`` (the model as given), ``channels_last``, ``channels_last+bf16``
 (``Autocast(model, "bf16")``) and, with ``--compile``, ``channels_last+compile``

@@ -3,7 +3,7 @@ and on 1000 test samples. A verdict that flips with the budget or the sample cou
 not evidence; the comparisons' significance test (``unmask.defenses.masking.stats``) exists to
 prevent it, and this script measures whether it does.
 
-    python -m unmask.bench.perf.harness.verdict_stability [--models a,b] [--eps 0.3] [--device cuda] \
+    python -m unmask.bench.perf.verdict_stability [--models a,b] [--eps 0.3] [--device cuda] \
         [--json results/masking/verdict-stability.json]
 
 Prints one row per model: the verdict and the failing checks in each configuration, and
@@ -50,7 +50,7 @@ def stability(name: str, threat: Threat, device: torch.device, surrogate, x, y) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m unmask.bench.perf.harness.verdict_stability",
+    p = argparse.ArgumentParser(prog="python -m unmask.bench.perf.verdict_stability",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help="comma-separated zoo names (default: the default suite's)")
     p.add_argument("--eps", type=float, default=0.3, help="Linf radius (default 0.3)")

@@ -5,7 +5,7 @@ Per model and Linf eps, on the first ``n`` samples of the suite's split (mnist5k
 seed 0 by default): clean accuracy; certified robust accuracy by IBP, CROWN and the MILP
 (:func:`unmask.defenses.certified.certify`), with how many samples the MILP left undecided;
 the robust accuracy of the suite's attack ensemble (``[attacks]`` of the default suite,
-evaluated as the suite does, :func:`unmask.bench.suite.spec.runner.evaluate_cell`) and the per-sample
+evaluated as the suite does, :func:`unmask.bench.suite.runner.evaluate_cell`) and the per-sample
 worst case of the ensemble and the MILP's counterexamples (what the leaderboard's row
 reports); and seconds per sample of every method. Every certified sample is checked against
 the attack (:func:`~unmask.defenses.certified.assert_sound`): a sample certified robust that

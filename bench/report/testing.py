@@ -1,7 +1,7 @@
 """Robustness numbers under regression tests in your own CI.
 
 :func:`assert_robust_accuracy` evaluates the model exactly as a suite run does (the suite's
-own per-batch evaluation, :func:`unmask.bench.suite.spec.runner.evaluate_cell`, so the suite, ``unmask
+own per-batch evaluation, :func:`unmask.bench.suite.runner.evaluate_cell`, so the suite, ``unmask
 attack`` and this helper give the same number on the same samples and settings) and fails
 the test when
 

@@ -3,7 +3,7 @@ imported): the trained ``mnist-cnn`` behind a published inference-time defense t
 shown to mask gradients, nothing more trained (``recipe="none"``), tagged
 ``"masking-benchmark"``. The wrappers and their papers are in
 :mod:`unmask.defenses.literature`; the benchmark that diagnoses them next to a reference
-adaptive attack is :mod:`unmask.bench.perf.harness.masking_benchmark`.
+adaptive attack is :mod:`unmask.bench.perf.masking_benchmark`.
 
 * ``mnist-cnn-thermometer``  thermometer code, 16 levels (Buckman et al. 2018; BPDA);
 * ``mnist-cnn-resizepad``    random shrink in [0.85, 1] and random placement (Xie et al. 2018;
