@@ -4,6 +4,8 @@ Only the core types are imported here; the harness modules (``zoo``, ``cli``, ..
 imported on use so that ``unmask.attacks`` can depend on the core without cycles.
 """
 
+from importlib.metadata import version
+
 from .core import (
     AttackResult,
     LargeEpsWarning,
@@ -40,8 +42,6 @@ __all__ = [
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("unmask")
     except Exception:  # pragma: no cover - source tree without install
         return "0+unknown"

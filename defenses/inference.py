@@ -91,6 +91,7 @@ class JPEG(nn.Module):
         self.quality = quality
 
     def forward(self, x: Tensor) -> Tensor:
+        # Deferred: torchvision takes seconds to import; only its architectures/datasets need it.
         from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg
 
         if x.dim() != 4 or x.shape[1] not in (1, 3):

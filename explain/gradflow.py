@@ -640,6 +640,7 @@ def _summary(report: GradFlowReport) -> str:
 
 
 def _plot(report: GradFlowReport, title: str | None):
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.figure import Figure
 
     rows = sorted(report.rows, key=lambda r: r.depth)

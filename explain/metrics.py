@@ -464,6 +464,7 @@ def max_sensitivity(model: nn.Module, x: Tensor, target: Tensor | int | None = N
 
     Returns :class:`SensitivityResult`. Usage: ``max_sensitivity(model, x, y, "ig").to_dict()``.
     """
+    # Deferred: captum takes about 1.5 s to import; only attribution calls need it.
     from captum.metrics import sensitivity_max
 
     m = parse_method(method)

@@ -28,6 +28,7 @@ __all__ = ["plot_attributions", "plot_curves"]
 
 
 def _save(fig, path: str | os.PathLike) -> Path:
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     out = Path(path)
@@ -84,6 +85,7 @@ def plot_attributions(x: Tensor, maps: Mapping[str, Tensor], path: str | os.Path
 
     Returns the written path. Usage: ``plot_attributions(x, {"saliency": s}, "fig.png")``.
     """
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.figure import Figure
 
     if not isinstance(x, Tensor) or x.dim() != 4:
@@ -146,6 +148,7 @@ def plot_curves(results: Mapping[str, DeletionInsertionResult], path: str | os.P
 
     Returns the written path. Usage: ``plot_curves({"ig": deletion_insertion(...)}, "c.png")``.
     """
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.figure import Figure
 
     if not results:

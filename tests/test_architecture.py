@@ -11,8 +11,15 @@ from __future__ import annotations
 import ast
 import importlib.util
 import pkgutil
+import sys
+from pathlib import Path
 
 import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import unmask.attacks
 import unmask.bench
@@ -196,6 +203,19 @@ def test_the_bench_flat_folder_is_gone(srcs):
     flat = sorted(m for m in srcs if m.count(".") == 2 and m.startswith("unmask.bench.")
                   and not any(other.startswith(m + ".") for other in srcs))
     assert flat == ["unmask.bench.__main__", "unmask.bench.data"]
+
+
+def installed_packages() -> set[str]:
+    """The packages ``pyproject.toml`` installs (``[tool.setuptools] packages``)."""
+    root = Path(__file__).resolve().parents[1] / "pyproject.toml"
+    with open(root, "rb") as f:
+        return set(tomllib.load(f)["tool"]["setuptools"]["packages"])
+
+
+def test_pyproject_installs_every_package(srcs):
+    """A package missing from the list works in an editable install and breaks in a wheel."""
+    packages = {m for m in srcs if any(o.startswith(m + ".") for o in srcs)}
+    assert packages - installed_packages() == set()
 
 
 # --- each check fails on a planted violation ---------------------------------------------

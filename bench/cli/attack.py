@@ -7,6 +7,8 @@ import json
 import sys
 import time
 
+import torch
+
 from ...attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, attack_in_precision
 from .. import data
 from ..core import Threat
@@ -140,8 +142,6 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _attack(args: argparse.Namespace) -> int:
-    import torch
-
 
     try:
         threat = Threat(args.norm, args.eps)

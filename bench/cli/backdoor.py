@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from ...attacks.backdoor import Backdoor
 from ...defenses.backdoor_report import evaluate_backdoor
 from .. import data, zoo
@@ -50,8 +52,6 @@ def _backdoor_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _accuracy(model, x, y, batch_size: int = 500) -> float:
-    import torch
-
     with torch.no_grad():
         hits = sum(int((model(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
                    for i in range(0, len(y), batch_size))
@@ -67,7 +67,6 @@ def _fmt(value) -> str:
 
 
 def _backdoor(args: argparse.Namespace) -> int:
-
     if args.model in zoo.list():
         entry = zoo.get(args.model)
         if entry.recipe != "backdoor":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from ...defenses.certified import Method, certify
 from ..core import Threat
@@ -43,7 +44,6 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _certify(args: argparse.Namespace) -> int:
-
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
     for m in args.methods:
@@ -67,7 +67,6 @@ def _certify(args: argparse.Namespace) -> int:
     print(f"\n{args.model} at {threat} on {args.n} test images: certified robust accuracy is a "
           "proven lower bound; an attack's robust accuracy is an upper bound.")
     if args.json:
-        from pathlib import Path
 
         atomic_write(Path(args.json), json.dumps(results, indent=1).encode())
         print(f"results: {args.json}")

@@ -44,7 +44,6 @@ def _pct(v: float) -> str:
 
 
 def _compare(args: argparse.Namespace) -> int:
-
     store_a = _open_readonly(args.store)
     store_b = _open_readonly(args.store_b) if args.store_b else None
     try:

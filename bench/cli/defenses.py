@@ -7,6 +7,9 @@ The exit status says the verdict, so a CI job can gate on it: 0 clean, 3 suspici
 from __future__ import annotations
 
 import argparse
+import sys
+
+import torch
 
 from ...defenses import diagnose
 from ...defenses.masking import CHECKS
@@ -47,22 +50,18 @@ def _diagnose_parser(sub: argparse._SubParsersAction) -> None:
 
 def _usage(message: str) -> int:
     """A usage error: the message on stderr, exit status 2 (as argparse's own)."""
-    import sys
 
     print(f"unmask diagnose: error: {message}", file=sys.stderr)
     return 2
 
 
 def _list_checks() -> int:
-
     rows = [(c.name, c.family, c.kind.value, c.severity.value, c.cost) for c in CHECKS.values()]
     print(text_table(rows, ("check", "family", "kind", "fails as", "cost")))
     return 0
 
 
 def _diagnose(args: argparse.Namespace) -> int:
-    import torch
-
 
     if args.list_checks:
         return _list_checks()

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+import torch
+
 from ...attacks import PGD
 from ...explain.attribution import Method, attribute, integrated_gradients, parse_method
 from ...explain.metrics import attribution_change, deletion_insertion
@@ -70,8 +72,6 @@ def _adversarial(model, x, y, norm: str, eps: float, steps: int, seed: int):
 
 
 def _explain(args: argparse.Namespace) -> int:
-    import torch
-
     if args.n < 1:
         raise CLIError(f"--n must be >= 1, got {args.n}")
     methods = list(dict.fromkeys(parse_method(m) for m in (args.method or ["ig"])))

@@ -38,7 +38,6 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-
     with _open_readonly(args.store) as st:
         try:
             run_id = args.run if args.run is not None else st.latest_run().run_id

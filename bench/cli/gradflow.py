@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from ...explain.gradflow import audit
 from ..core.fileio import atomic_write as _atomic_write
@@ -35,7 +36,6 @@ def _gradflow_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _gradflow(args: argparse.Namespace) -> int:
-
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
     loaded = load_model(args)
@@ -51,7 +51,6 @@ def _gradflow(args: argparse.Namespace) -> int:
         report.plot(args.out, title=f"{args.model} ({report.loss} loss): {report.summary}")
         print(f"figure: {args.out}")
     if args.json:
-        from pathlib import Path
 
         _atomic_write(Path(args.json), report.to_json().encode())
         print(f"report: {args.json}")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from ...attacks import APGD, FGSM, PGD, Square
 from ..core import Autocast, Threat
 from ..perf.harness import measure
@@ -33,8 +35,6 @@ def _perf_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _perf(args: argparse.Namespace) -> int:
-    import torch
-
 
     threat = Threat(args.norm, args.eps)
     model, _, x, y = load_model_and_data(args)

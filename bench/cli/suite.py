@@ -14,7 +14,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,8 +74,6 @@ def _run_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _install_sigterm() -> None:
-    import signal
-
     def _raise(signum, frame):  # pragma: no cover - exercised through a subprocess
         raise KeyboardInterrupt
 
@@ -109,7 +109,6 @@ def _check_models(suite, batch: int = 8) -> list[str]:
 
 
 def _run(args: argparse.Namespace) -> int:
-
     suite = None
     if args.skip and args.resume is None:
         raise CLIError("--skip drops models from a resumed run: give --resume RUN_ID")
@@ -152,7 +151,6 @@ def _run(args: argparse.Namespace) -> int:
         not args.no_progress and os.environ.get("UNMASK_PROGRESS") == "1")
     if not progress and not args.no_progress:
         # No terminal for progress bars (a log file, CI): a line per saved unit instead.
-        import logging
 
         for name in ("unmask.bench.suite.runner", "unmask.bench.zoo"):  # saved units, training
             logger = logging.getLogger(name)
@@ -190,7 +188,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary) -> None:
-
     with Store(summary.store, readonly=True) as st:
         df = leaderboard_frame(st, summary.run_id)
         main = tb.main_tables(df, defenses=tb.defense_texts(st, summary.run_id),
@@ -214,7 +211,6 @@ def _print_summary(summary) -> None:
 
 
 def _open_readonly(path):
-
     try:
         return Store(default_path(path), readonly=True)
     except StoreError as err:
@@ -237,7 +233,6 @@ def _leaderboard_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _leaderboard(args: argparse.Namespace) -> int:
-
     with _open_readonly(args.store) as st:
         if args.runs:
             rows = [(r.run_id, r.suite + (" (quick)" if r.quick else ""), r.status, r.seed,
@@ -287,7 +282,6 @@ def _report_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-
     with _open_readonly(args.store) as st:
         run_id = args.run if args.run is not None else st.latest_run().run_id
         paths = lb.write_report(st, run_id, Path(args.out_dir))
@@ -337,7 +331,6 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-
     with _open_readonly(args.store) as st:
         run_id = args.run if args.run is not None else st.latest_run().run_id
         current = chk.baseline_from_store(st, run_id)

@@ -4,8 +4,10 @@ behind), checkpoints read without unpickling, the cache root, JSON-safe values."
 from __future__ import annotations
 
 import contextlib
+import enum
 import math
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +16,14 @@ from typing import IO, Any
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ["atomic_write", "json_safe", "write_between_markers", "read_state_dict"]
+__all__ = ["atomic_write", "json_safe", "write_between_markers", "read_state_dict", "cache_root"]
+
+
+def cache_root() -> Path:
+    """Where unmask caches trained models and prepared data: ``$UNMASK_CACHE``, by default
+    ``~/.cache/unmask``. The zoo uses ``models/`` under it, the datasets ``data/``."""
+    root = os.environ.get("UNMASK_CACHE")
+    return Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes | Callable[[IO[bytes]], Any], *,
@@ -47,9 +56,6 @@ def atomic_write(path: str | os.PathLike, payload: bytes | Callable[[IO[bytes]],
 
 def json_safe(obj: Any) -> Any:
     """``obj`` with tensors as lists, enums as values and NaN/Inf as None, ready for JSON."""
-    import enum
-
-    import torch
 
     if isinstance(obj, dict):
         return {str(k): json_safe(v) for k, v in obj.items()}
@@ -67,7 +73,6 @@ def json_safe(obj: Any) -> Any:
 def write_between_markers(path: str | os.PathLike, markers: tuple[str, str], text: str) -> None:
     """Replace what stands between the two ``markers`` in the file ``path`` by ``text``
     (atomically); the markers must occur exactly once (a generated table in a doc)."""
-    import re
 
     path = Path(path)
     old = path.read_text()

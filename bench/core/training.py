@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,8 +20,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from . import make_generator
+from .fileio import atomic_write
 from .registry import Registry
+from .seeding import make_generator
 
 __all__ = ["RECIPES", "register_recipe", "fit", "standard", "accuracy", "predict",
            "seeded_init"]
@@ -71,17 +71,6 @@ def predict(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
     """Clean accuracy in [0, 1]."""
     return float((predict(model, x, batch_size) == y.cpu()).float().mean())
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
@@ -151,9 +140,10 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
                 # Reading the loss syncs with the device, so only every 20th batch.
                 bar.set_postfix(epoch=f"{epoch + 1}/{epochs}", loss=f"{float(loss.detach()):.3f}")
         if ckpt is not None:
-            _atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict(),
-                                "generator": generator.get_state(), "epoch": epoch + 1}, ckpt)
+            state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "generator": generator.get_state(),
+                     "epoch": epoch + 1}
+            atomic_write(ckpt, lambda fh, state=state: torch.save(state, fh))
     bar.close()
     model.eval()
     return model

@@ -50,10 +50,10 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     try:
+        # Deferred: optional dependency: only this comparison needs it.
         import torchattacks
     except ImportError:
         parser.error("torchattacks is not installed: pip install torchattacks")
-
 
     model = zoo.load(args.model, device="cpu")
     if args.channels_last:

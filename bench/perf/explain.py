@@ -20,6 +20,8 @@ import resource
 import sys
 import time
 
+import torch
+
 from ...explain.attribution import integrated_gradients
 from .. import data, zoo
 
@@ -27,8 +29,6 @@ from .. import data, zoo
 def measure(model_name: str = "mnist-cnn", *, n: int | None = None, n_steps: int = 32,
             internal_batch_size: int = 256, threads: int = 2, device: str = "cpu") -> dict:
     """Time IG over the test split of ``model_name``'s dataset; returns the numbers as a dict."""
-    import torch
-
 
     model = zoo.load(model_name, device=device, progress=False)
     x, y = data.load(zoo.get(model_name).dataset, "test", n=n)

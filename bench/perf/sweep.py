@@ -93,7 +93,6 @@ def main(argv=None) -> int:
     if not batches or min(batches) < 1 or args.repeats < 1 or args.steps < 1:
         parser.error("--batches, --repeats and --steps must be positive")
 
-
     device = select_device(args.device)
     kwargs = {} if args.width is None else {"width": args.width}
     torch.manual_seed(args.seed)  # the architecture's own initialisation

@@ -54,7 +54,6 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.n < 1:
         parser.error("--repeats and --n must be >= 1")
 
-
     model = zoo.load(args.model, device="cpu")
     x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
     threat = Threat("linf", args.eps)

@@ -101,7 +101,6 @@ def _run_settings(run: Any, norm: str, eps: float) -> dict[str, Any]:
     budget of the ensemble at this threat and the diagnosis settings."""
     cfg = run.config if isinstance(run.config, dict) else {}
     try:
-
         attacks = parse_suite(cfg, check_zoo=False).build_attacks(norm, eps).config()
     except Exception as err:  # a config this version cannot rebuild: keep what was stored
         attacks = {"suite": cfg.get("attacks"), "unresolved": f"{type(err).__name__}: {err}"}

@@ -117,6 +117,7 @@ def line_styles(count: int) -> list[dict[str, Any]]:
     """``count`` distinct (colour, line style, marker) triples: the ten ``tab10`` colours, then
     the next line style with them, and a marker per model; unique for up to 40 models (then
     the markers still differ within every ten)."""
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib import colormaps
 
     colours = colormaps["tab10"].colors

@@ -52,7 +52,6 @@ def _parse_report(row: dict[str, Any] | None):
     if row is None:
         return None
     try:
-
         return MaskingReport.from_dict(json.loads(row["report"]))
     except Exception:
         return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import shutil
 from collections import defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -227,7 +228,6 @@ def _threat_title(threat: str) -> str:
 
 
 def _context(store: Store, run_id: int, evidence_dir: str | None):
-
     df = leaderboard_frame(store, run_id)
     defenses = tb.defense_texts(store, run_id)
     return df, defenses, tb.main_tables(df, defenses=defenses, evidence_dir=evidence_dir)
@@ -664,8 +664,6 @@ SCREENSHOTS = ("report_main_table.png", "report_evidence.png")
 
 
 def _browser(executable: str | None) -> str:
-    import shutil
-
     if executable is not None:
         if not Path(executable).is_file():
             raise ValueError(f"no Chromium at {executable}: give the path of its executable")
@@ -690,6 +688,7 @@ def write_screenshots(report_dir: Path, out_dir: Path | None = None, *,
     if not report.exists():
         raise ValueError(f"no report at {report}; write it first (unmask report)")
     try:
+        # Deferred: optional dependency (dev extra): only the screenshots need it.
         from playwright.sync_api import sync_playwright
     except ImportError:
         raise ValueError("screenshots need Playwright's Python package (pip install "
@@ -809,6 +808,7 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         k = len(inputs)
         if not k:
             continue
+        # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(1.6 * (1 + len(entries)), 1.6 * k), dpi=100)

@@ -3,6 +3,7 @@ as PNG, and file-safe names."""
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from ..core.fileio import atomic_write as _atomic_write
@@ -11,20 +12,19 @@ __all__ = ["write_text", "write_bytes"]
 
 
 def write_text(path: Path, text: str) -> Path:
-
     _atomic_write(Path(path), text.encode("utf-8"))
     return Path(path)
 
 
 def _figure(_: Path | None = None):
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.figure import Figure
 
     return Figure(figsize=(7, 4), dpi=100)
 
 
 def _save(fig, path: Path) -> Path:
-    import io
-
+    # Deferred: matplotlib takes about 1 s to import; only drawing a figure needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     FigureCanvasAgg(fig)
@@ -34,7 +34,6 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_bytes(path: Path, payload: bytes) -> Path:
-
     _atomic_write(Path(path), payload)
     return Path(path)
 

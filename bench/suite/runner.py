@@ -43,6 +43,8 @@ Usage::
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import hashlib
 import logging
 import math
@@ -57,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -145,9 +148,6 @@ class _Dist:
         self.owned = False
         self.device = device
         if self.world > 1:
-            import datetime
-
-            import torch.distributed as dist
 
             if not dist.is_initialized():
                 local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -169,7 +169,6 @@ class _Dist:
     def broadcast(self, obj: Any) -> Any:
         if self.world == 1:
             return obj
-        import torch.distributed as dist
 
         box = [obj if self.main else None]
         dist.broadcast_object_list(box, src=0)
@@ -178,7 +177,6 @@ class _Dist:
     def gather(self, obj: Any) -> list[Any] | None:
         if self.world == 1:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.world if self.main else None
         dist.gather_object(obj, out, dst=0)
@@ -186,7 +184,6 @@ class _Dist:
 
     def close(self, ok: bool = True) -> None:
         if self.owned:
-            import torch.distributed as dist
 
             if ok:  # after an error the other ranks may never arrive: do not wait for them
                 with contextlib.suppress(Exception):
@@ -317,7 +314,6 @@ def _threat_key(norm: str, eps: float) -> str:
 
 
 def _state_sha256(model: nn.Module) -> str:
-
     return fingerprint(model)
 
 
@@ -449,7 +445,6 @@ class _Runner:
     # the run ------------------------------------------------------------------------------
 
     def run(self) -> None:
-
         s = self.suite
         x, y = data.load(s.dataset, s.split, n=s.n, **s.data_options)
         x, y = x.to(self.device), y.to(self.device)
@@ -819,7 +814,6 @@ def _resumed_suite(stored: dict[str, Any], quick: bool, suite: Suite | None,
     ``suite`` (an edited suite) may change only the models: everything that decides the
     numbers of the cells already stored must be equal. ``skip`` drops models by key.
     """
-    import dataclasses
 
     old = dataclasses.replace(parse_suite(stored, check_zoo=False), is_quick=quick)
     new = old if suite is None else suite
@@ -908,7 +902,6 @@ def run_suite(suite: Suite | None = None, *, store: str | os.PathLike | None = N
             shared = None
         run_id, config, quick, done_list = dist.broadcast(shared)
         if resume is not None or not dist.main:
-            import dataclasses
 
             suite = dataclasses.replace(parse_suite(config, check_zoo=False), is_quick=quick)
         assert suite is not None

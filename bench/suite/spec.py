@@ -65,6 +65,7 @@ Usage: ``suite = load_suite("suite.toml")`` or ``load_suite(None)`` for the defa
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import inspect
 import json
@@ -443,7 +444,6 @@ class _Table:
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            import difflib
 
             name = unknown[0]
             close = difflib.get_close_matches(name, sorted(self.used), n=1)
@@ -518,7 +518,6 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
                 zoo_names = zoo.list()
             if name not in zoo_names:
                 if not optional:
-                    import difflib
 
                     close = difflib.get_close_matches(name, zoo_names, n=3)
                     hint = f" Did you mean {', '.join(close)}?" if close else ""
@@ -541,7 +540,6 @@ def _models(raw: Any, source: str | None, dataset: str, check_zoo: bool) -> tupl
 
 
 def _threats(raw: Any, source: str | None) -> tuple[ThreatSpec, ...]:
-
     if not isinstance(raw, list) or not raw:
         raise SuiteError("threats", "expected a non-empty list of tables "
                                     "{ norm = 'linf', eps = [0.1, 0.3] }", source)
@@ -566,7 +564,6 @@ def _threats(raw: Any, source: str | None) -> tuple[ThreatSpec, ...]:
 
 
 def _attack_names() -> dict[str, Any]:
-
     usable = {}
     for name in ATTACKS.names():
         cls = ATTACKS.get(name)

@@ -173,6 +173,7 @@ def torchvision_model(name: str, *, weights_path: str | os.PathLike | None = Non
     ``.safetensors`` file) or, only with ``download=True``, from torchvision's default weights.
     With neither, the model is randomly initialised.
     """
+    # Deferred: torchvision takes seconds to import; only its architectures/datasets need it.
     import torchvision.models as tvm
 
     try:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import enum
 import functools
 import hashlib
 import importlib
@@ -38,16 +39,18 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import entry_points
+from importlib.metadata import entry_points, version
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_bytes
+from safetensors.torch import save
 from torch import nn
 
 from .. import data as data_mod
 from ..core import Normalize, select_device
-from ..core.fileio import atomic_write, read_state_dict
+from ..core.fileio import atomic_write, cache_root, read_state_dict
 from ..core.registry import Registry
 from ..core.training import RECIPES, accuracy, seeded_init
 from .archs import build as build_arch
@@ -188,9 +191,8 @@ def get(name: str) -> ModelEntry:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("UNMASK_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
-    return base / "models"
+    """``$UNMASK_CACHE/models`` (default ``~/.cache/unmask/models``): the trained entries."""
+    return cache_root() / "models"
 
 
 def _paths(name: str) -> tuple[Path, Path, Path]:
@@ -207,22 +209,17 @@ def versions() -> dict[str, str]:
         except Exception:  # pragma: no cover - optional at runtime
             pass
     try:
-        from importlib.metadata import version
-
         out["unmask"] = version("unmask")
     except Exception:  # pragma: no cover - running from a source tree
         out["unmask"] = "unknown"
     return out
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
-    atomic_write(path, payload, fsync=True)
-
-
 @contextlib.contextmanager
 def _file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
+        # Deferred: POSIX only; Windows has no fcntl.
         import fcntl
     except ImportError:  # pragma: no cover - Windows: atomic renames still prevent corruption
         yield
@@ -236,8 +233,6 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 
 def _state_bytes(model: nn.Module) -> bytes:
-    from safetensors.torch import save
-
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     return save(state)
 
@@ -319,7 +314,6 @@ def _class_source_digest(cls: type) -> str:
 
 def _hash_value(h: Any, value: Any, depth: int = 0) -> None:
     """Feed a canonical, address-free encoding of ``value`` into ``h``."""
-    import enum
 
     if isinstance(value, torch.Tensor):
         t = value.detach().cpu().contiguous()
@@ -404,8 +398,6 @@ def _read_cached(entry: ModelEntry, device: torch.device, *,
         if digest != card_data["sha256"]:
             problem = f"sha256 mismatch (file {digest[:12]}, card {card_data['sha256'][:12]})"
         else:
-            from safetensors.torch import load as load_bytes
-
             model = _build(entry, device)
             model.load_state_dict(load_bytes(blob))
             model.eval()
@@ -503,8 +495,8 @@ def _train(entry: ModelEntry, device: torch.device, progress: bool) -> tuple[nn.
     }
     weights, card_path, _ = _paths(entry.name)
     # Weights first, card last: the card is the commit marker, and it names the hash.
-    _atomic_write(weights, blob)
-    _atomic_write(card_path, json.dumps(card_data, indent=2, sort_keys=True).encode())
+    atomic_write(weights, blob, fsync=True)
+    atomic_write(card_path, json.dumps(card_data, indent=2, sort_keys=True).encode(), fsync=True)
     return model, card_data
 
 

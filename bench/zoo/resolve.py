@@ -19,6 +19,7 @@ pytest helper all name models this way.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import sys
@@ -223,7 +224,5 @@ def load_model(name: str, *, arch: str | None = None, kwargs: dict[str, Any] | N
 
 
 def _near(name: str, known: list[str]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, known, n=3)
     return f". Did you mean {', '.join(close)}?" if close else "."

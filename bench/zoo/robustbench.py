@@ -34,6 +34,7 @@ Usage::
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from collections.abc import Mapping
@@ -106,7 +107,10 @@ def robustbench_architecture(model_name: str, dataset: str, threat_model: str) -
     Raises ImportError when ``robustbench`` cannot be imported, ValueError for an unknown
     entry or an ensemble entry (several checkpoints)."""
     try:
+        # Deferred: optional dependency (the `robustbench` extra).
         from robustbench.model_zoo import model_dicts
+
+        # Deferred: optional dependency (the `robustbench` extra).
         from robustbench.model_zoo.enums import BenchmarkDataset, ThreatModel
     except Exception as err:  # not installed, or installed without its own dependencies
         raise ImportError(f"the robustbench package cannot be imported ({type(err).__name__}: "
@@ -117,7 +121,6 @@ def robustbench_architecture(model_name: str, dataset: str, threat_model: str) -
     except (KeyError, ValueError):
         raise ValueError(f"RobustBench has no {dataset}/{threat_model} model zoo") from None
     if model_name not in entries:
-        import difflib
 
         close = difflib.get_close_matches(model_name, list(entries), n=3)
         hint = f" Did you mean {', '.join(close)}?" if close else ""

@@ -86,6 +86,7 @@ def _encode(h, chain: Chain, lo: np.ndarray, hi: np.ndarray, pre: list[tuple[Ten
     """Add the network up to its last hidden layer to the HiGHS model ``h``; return the last
     hidden layer's activations as an affine map ``(E, c)`` of the columns (``a = E @ cols + c``)
     and the number of unstable units."""
+    # Deferred: optional dependency (the `certified` extra): only the MILP bound needs it.
     import highspy
 
     inf = highspy.kHighsInf
@@ -140,6 +141,7 @@ def _encode(h, chain: Chain, lo: np.ndarray, hi: np.ndarray, pre: list[tuple[Ten
 
 
 def _highs():
+    # Deferred: optional dependency (the `certified` extra): only the MILP bound needs it.
     import highspy
 
     h = highspy.Highs()
@@ -159,6 +161,7 @@ def milp_margin(chain: Chain, lo_in: Tensor, hi_in: Tensor, y: int,
     lowest first. Stops, with the counterexample, as soon as a class with a margin below
     ``-tol`` is found; ``time_limit`` (seconds) is for the whole sample.
     """
+    # Deferred: optional dependency (the `certified` extra): only the MILP bound needs it.
     import highspy
 
     start = time.perf_counter()

@@ -76,7 +76,6 @@ def _diagnose(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, follow_
     flow_summary = collapse_at = None
     if audit_flow:
         try:
-
             m = min(ctx.n_att, 64)
             flow = audit(model, ctx.xc[:m], ctx.yc[:m], loss="ce")
             flow_summary, collapse_at = flow.summary, flow.collapse_at
