@@ -20,7 +20,7 @@ from .enums import StrEnum, parse_enum
 from .modules import Autocast, Normalize, Precision, model_mode, select_device
 from .results import DRAWS, AttackResult, SampleOutcomes, margin, robust_by_majority
 from .seeding import make_generator, normal, uniform
-from .threat import LargeEpsWarning, Norm, Threat
+from .threat import LargeEpsWarning, Norm, Threat, threat_key
 from .validation import (
     NonFiniteOutputError,
     ProbabilityOutputWarning,
@@ -37,6 +37,7 @@ from .validation import (
 __all__ = [
     "Norm",
     "Threat",
+    "threat_key",
     "AttackResult",
     "Normalize",
     "Precision",

@@ -16,7 +16,8 @@ from typing import IO, Any
 import torch
 from safetensors.torch import load_file as load_safetensors
 
-__all__ = ["atomic_write", "json_safe", "write_between_markers", "read_state_dict", "cache_root"]
+__all__ = ["atomic_write", "json_safe", "write_between_markers", "read_state_dict", "cache_root",
+           "safe_name"]
 
 
 def cache_root() -> Path:
@@ -24,6 +25,12 @@ def cache_root() -> Path:
     ``~/.cache/unmask``. The zoo uses ``models/`` under it, the datasets ``data/``."""
     root = os.environ.get("UNMASK_CACHE")
     return Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
+
+
+def safe_name(name: object) -> str:
+    """``name`` as a file-name part: letters, digits, ``-``, ``_`` and ``.`` kept, anything
+    else (``:``, ``/``, spaces) replaced by ``_``; ``"linf:0.3"`` becomes ``"linf_0.3"``."""
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
 
 
 def atomic_write(path: str | os.PathLike, payload: bytes | Callable[[IO[bytes]], Any], *,

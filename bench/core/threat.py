@@ -15,8 +15,14 @@ from torch import Tensor
 from .enums import StrEnum, parse_enum
 from .seeding import normal, uniform
 
-__all__ = ['Norm', 'Threat', 'LargeEpsWarning']
+__all__ = ['Norm', 'Threat', 'LargeEpsWarning', "threat_key"]
 
+
+
+def threat_key(norm: str | Norm, eps: float) -> str:
+    """The one text form of a threat, ``"<norm>:<eps>"`` (``"linf:0.3"``): the store's cell
+    and unit keys, the leaderboard's threat column and ``str(Threat(...))`` all use it."""
+    return f"{Norm(norm).value}:{float(eps):g}"
 
 class Norm(StrEnum):
     """The norm of a threat model's perturbation ball."""
@@ -89,7 +95,7 @@ class Threat:
                 stacklevel=stacklevel)
 
     def __str__(self) -> str:
-        return f"{self.norm.value}:{self.eps:g}"
+        return threat_key(self.norm, self.eps)
 
     def project(self, x_adv: Tensor, x: Tensor) -> Tensor:
         """Project ``x_adv`` onto the eps-ball around ``x`` intersected with [0, 1].

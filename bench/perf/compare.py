@@ -27,6 +27,7 @@ import torch
 from ...attacks import PGD, Ensemble, attack_in_precision
 from .. import data, zoo
 from ..core import Threat
+from ..core.fileio import atomic_write
 
 
 def _time(fn):
@@ -104,8 +105,7 @@ def main(argv=None) -> int:
               f"torchattacks AutoAttack {s_theirs:.1f}s (robust {acc_aa:.3f}): "
               f"{s_theirs / s_ours:.2f}x")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        atomic_write(args.json, json.dumps(out, indent=2).encode())
     return 0
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from ...attacks import PGD, attack_in_precision
 from .. import data
 from ..core import Autocast, Threat, make_generator, select_device
+from ..core.fileio import atomic_write
 from ..zoo.registry import build_arch, from_checkpoint, versions
 from .harness import _sync, _timed, reference_rates
 
@@ -155,8 +156,7 @@ def main(argv=None) -> int:
            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
            "threads": torch.get_num_threads(), "versions": versions(), "rows": rows}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        atomic_write(args.json, json.dumps(out, indent=2).encode())
     return 0
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from ...attacks import PGD, Square
 from .. import data, zoo
 from ..core import Autocast, Threat, margin, model_mode
+from ..core.fileio import atomic_write
 from ..zoo.registry import versions
 from .harness import _timed, reference_rates
 
@@ -114,8 +115,7 @@ def main(argv=None) -> int:
             line += f"{a['seconds']:>16.2f}{a['speedup']:>6.2f}{a['robust_accuracy_fp32_verdict']:>8.3f}"
         print(line)
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(out, fh, indent=2)
+        atomic_write(args.json, json.dumps(out, indent=2).encode())
     return 0
 
 

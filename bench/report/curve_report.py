@@ -23,10 +23,10 @@ from typing import Any
 
 import pandas as pd
 
-from ..core.fileio import atomic_write
+from ..core.fileio import atomic_write, safe_name
 from ..suite.curves import curve_points
 from .frames import _parse_report, row_outcomes
-from .plotting import _figure, _safe, _save
+from .plotting import _figure, _save
 
 __all__ = ["curves_frame", "write_curves_csv", "robust_vs_eps_figures", "CURVE_COLUMNS",
            "CSV_COLUMNS", "line_styles"]
@@ -173,7 +173,7 @@ def robust_vs_eps_figures(store, run_id: int, df: pd.DataFrame, fig_dir: Path
                      "95% CI", fontsize=8)
         # beside the axes: with a dozen models a legend inside hides the curves
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-        p = _save(fig, fig_dir / f"robust_vs_eps_{_safe(norm)}.png")
+        p = _save(fig, fig_dir / f"robust_vs_eps_{safe_name(norm)}.png")
         out.append((p, f"Security curves ({norm}): robust accuracy against eps, an upper bound "
                        "(per-sample minimum-eps search, capped by the cascade at the suite's "
                        "eps); points: the leaderboard rows with their 95% Wilson intervals"))

@@ -30,6 +30,7 @@ import pandas as pd
 
 from ...defenses import VERDICT_MEANING, MaskingReport
 from ..core import DRAWS, SampleOutcomes
+from ..core.threat import threat_key
 from ..suite.store import WORST_CASE, Store, wilson
 
 __all__ = ["leaderboard_frame", "sections_frame", "row_outcomes", "verdict_legend"]
@@ -192,7 +193,7 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
         cs = sorted(cs, key=lambda c: c["position"])
         worst = next(c for c in cs if c["attack"] == WORST_CASE)
         attacks = [c for c in cs if c["attack"] != WORST_CASE]
-        threat = f"{norm}:{eps:g}"
+        threat = threat_key(norm, eps)
         m_row = masking.get((model, norm, eps))
         state = _masking_state(run, m_row, missing_of.get((model, "masking", threat)),
                                masking_on)

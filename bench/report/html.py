@@ -35,11 +35,12 @@ from typing import Any
 import pandas as pd
 
 from ...defenses.masking import CHECKS
+from ..core.fileio import safe_name
 from ..suite.store import WORST_CASE, Store
 from . import tables as tb
 from .curve_report import robust_vs_eps_figures, write_curves_csv
 from .frames import _header_lines, leaderboard_frame, sections_frame, verdict_legend
-from .plotting import _figure, _safe, _save, write_text
+from .plotting import _figure, _save, write_text
 
 __all__ = ["CSS", "SORT_SCRIPT", "page", "html_table", "render_markdown", "render_html",
            "main_csv", "evidence_page", "write_report", "write_screenshots", "header_lines",
@@ -293,7 +294,7 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
 def _main_html(main: list) -> str:
     parts = []
     for threat, ranked, apart in main:
-        parts.append(f"<h2 id=\"threat-{_E(tb._safe(threat.replace(':', '_')))}\">Leaderboard: "
+        parts.append(f"<h2 id=\"threat-{_E(safe_name(threat))}\">Leaderboard: "
                      f"{_E(_threat_title(threat))}</h2>")
         parts.append(html_table(ranked) if ranked.rows else
                      f"<p>No model is ranked at {_E(threat)}.</p>")
@@ -470,7 +471,7 @@ def evidence_page(store: Store, run_id: int, row: dict[str, Any], *,
             report = None
     units = {u["unit"]: u["wall_seconds"] for u in store.rows("units", run_id)}
     verdict, why = tb._verdict_and_reason(row)
-    anchor = f"threat-{tb._safe(str(threat).replace(':', '_'))}"
+    anchor = f"threat-{safe_name(threat)}"
     parts = [f"<nav><a href=\"{_E(back)}#{_E(anchor)}\">← report</a></nav>",
              f"<h1>{_E(model)} at {_E(threat)}</h1>"]
     rank = main_row.get("rank")
@@ -779,8 +780,7 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
                      "attack, robust)")
         ax.legend(fontsize=7, loc="lower right")
         ax.invert_yaxis()
-        safe = threat.replace(":", "_")
-        p = _save(fig, fig_dir / f"broken_by_{safe}.png")
+        p = _save(fig, fig_dir / f"broken_by_{safe_name(threat)}.png")
         out.append((p, f"Attack ensemble breakdown at {threat}"))
         fig = _figure(fig_dir)
         ax = fig.add_subplot(1, 1, 1)
@@ -796,7 +796,7 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         ax.set_ylabel("forward + backward passes")
         ax.set_title(f"Attack cost at {threat}")
         ax.legend(fontsize=7)
-        p = _save(fig, fig_dir / f"attack_cost_{safe}.png")
+        p = _save(fig, fig_dir / f"attack_cost_{safe_name(threat)}.png")
         out.append((p, f"Attack cost (model passes) at {threat}"))
     # explanation maps
     maps = store.rows("explanation_maps", run_id)
@@ -824,6 +824,6 @@ def _plots(store: Store, run_id: int, df: pd.DataFrame, fig_dir: Path) -> list[t
         for row in axes:
             for ax in row:
                 ax.set_axis_off()
-        p = _save(fig, fig_dir / f"explain_{_safe(model)}.png")
+        p = _save(fig, fig_dir / f"explain_{safe_name(model)}.png")
         out.append((p, f"Attribution maps of {model}"))
     return out

@@ -36,7 +36,3 @@ def _save(fig, path: Path) -> Path:
 def write_bytes(path: Path, payload: bytes) -> Path:
     _atomic_write(Path(path), payload)
     return Path(path)
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..core.threat import threat_key
 from ..suite.store import WORST_CASE, Store
 from .check import ALPHA, baseline_from_store, mcnemar, newcombe
 
@@ -137,7 +138,7 @@ def compare_runs(store_a: Store, run_a: int, store_b: Store | None = None,
     cells_a, cells_b = _worst_cells(a), _worst_cells(b)
     for key in sorted(set(cells_a) | set(cells_b), key=lambda k: (k[1], k[2], k[0])):
         model, norm, eps = key
-        threat = f"{norm}:{eps:g}"
+        threat = threat_key(norm, eps)
         ca, cb = cells_a.get(key), cells_b.get(key)
         if ca is None or cb is None:
             (result.only_b if ca is None else result.only_a).append(f"{model} {threat}")

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from .. import zoo
+from ..core.fileio import safe_name
 from ..suite.store import Store
 
 __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS", "OVERLAP_MARK",
@@ -193,13 +194,9 @@ def _missing(v: Any) -> bool:
         return False
 
 
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
-
-
 def evidence_name(model: str, threat: str) -> str:
     """The file name of a row's evidence page: ``<model>-<norm>_<eps>.html``."""
-    return f"{_safe(model)}-{_safe(str(threat).replace(':', '_'))}.html"
+    return f"{safe_name(model)}-{safe_name(threat)}.html"
 
 
 # --- defenses ---------------------------------------------------------------------------------
@@ -460,10 +457,10 @@ def main_tables(df: pd.DataFrame, *, defenses: dict[str, tuple[str, str]] | None
     out = []
     for threat, group in main.groupby("threat", sort=False):
         cert_col = ["certified"] if has_cert else []
-        ranked = Table(f"leaderboard-{_safe(threat.replace(':', '_'))}",
+        ranked = Table(f"leaderboard-{safe_name(threat)}",
                        ["rank", "model", "defense", "clean", "robust [95% CI]", "verdict",
                         *cert_col, "n", "cost"], caption=f"Ranked at {threat}")
-        apart = Table(f"not-ranked-{_safe(threat.replace(':', '_'))}",
+        apart = Table(f"not-ranked-{safe_name(threat)}",
                       ["model", "defense", "clean", "robust [95% CI]", "verdict",
                        "not ranked because", *cert_col, "n", "cost"],
                       caption=f"Not ranked at {threat}")
@@ -540,15 +537,18 @@ def explanations_frame(store: Store, run_id: int) -> pd.DataFrame:
 
 def explanation_legend(columns: list[str]) -> list[str]:
     """One line per metric column: label, direction, range, meaning."""
-    out = []
-    for c in columns:
-        info = EXPLAIN_METRICS.get(c)
-        if info is not None:
-            out.append(f"{info.header}: {info.better} is better; range {info.range}. "
-                       f"{info.meaning[:1].upper()}{info.meaning[1:]}.")
-        elif c not in ("model", "method", "n"):
-            out.append(f"{c}: the store's metric, direction not stated.")
+    out = _metric_lines(columns, EXPLAIN_METRICS)
+    out += [f"{c}: the store's metric, direction not stated." for c in columns
+            if c not in EXPLAIN_METRICS and c not in ("model", "method", "n")]
     return out
+
+
+def _metric_lines(columns: list[str], metrics: dict[str, Any]) -> list[str]:
+    """``header: direction is better; range R. Meaning.`` for each column with an entry in
+    ``metrics`` (in column order)."""
+    return [f"{m.header}: {m.better} is better; range {m.range}. "
+            f"{m.meaning[:1].upper()}{m.meaning[1:]}." for m in
+            (metrics[c] for c in columns if c in metrics)]
 
 
 def explanations_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None = None
@@ -597,12 +597,7 @@ def backdoor_frame(store: Store, run_id: int, *, defenses: dict[str, tuple[str, 
 def backdoor_legend(columns: list[str]) -> list[str]:
     """One line per backdoor metric column: label, direction (for the model's owner or the
     defender), range, meaning."""
-    out = []
-    for c in columns:
-        info = BACKDOOR_METRICS.get(c)
-        if info is not None:
-            out.append(f"{info.header}: {info.better} is better; range {info.range}. "
-                       f"{info.meaning[:1].upper()}{info.meaning[1:]}.")
+    out = _metric_lines(columns, BACKDOOR_METRICS)
     if "target" in columns:
         out.append("target: the class the trigger flips inputs to.")
     for c in columns:

@@ -377,6 +377,14 @@ class _Table:
     def has(self, name: str) -> bool:
         return name in self.data
 
+    def _default(self, name: str, default: Any) -> Any:
+        """The value of an absent key: ``default``, or an error when the key is required
+        (``default`` is ``...``)."""
+        if default is ...:
+            raise self.error(name, "is required")
+        self.used.add(name)
+        return default
+
     def raw(self, name: str, default: Any = None) -> Any:
         self.used.add(name)
         return self.data.get(name, default)
@@ -384,10 +392,7 @@ class _Table:
     def text(self, name: str, default: Any = ..., choices: Sequence[str] | None = None,
              allow_empty: bool = False) -> Any:
         if name not in self.data:
-            if default is ...:
-                raise self.error(name, "is required")
-            self.used.add(name)
-            return default
+            return self._default(name, default)
         value = self.raw(name)
         if not isinstance(value, str) or not (value or allow_empty):
             raise self.error(name, f"expected a non-empty string, got {value!r}")
@@ -398,10 +403,7 @@ class _Table:
 
     def integer(self, name: str, default: Any = ..., minimum: int = 0) -> Any:
         if name not in self.data:
-            if default is ...:
-                raise self.error(name, "is required")
-            self.used.add(name)
-            return default
+            return self._default(name, default)
         value = self.raw(name)
         if isinstance(value, bool) or not isinstance(value, int):
             raise self.error(name, f"expected an integer, got {value!r}")

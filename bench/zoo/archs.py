@@ -68,14 +68,20 @@ class MLP(nn.Module):
 
 
 class _PreActBlock(nn.Module):
+    """Pre-activation basic block (He et al., ECCV 2016): BN-ReLU-conv twice, with a 1x1
+    projection on the shortcut when the shape changes; ``dropout`` between the convolutions
+    makes it the wide-ResNet block (Zagoruyko and Komodakis, BMVC 2016)."""
+
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+    def __init__(self, in_planes: int, planes: int, stride: int = 1, dropout: float = 0.0
+                 ) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.shortcut = None
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
@@ -84,7 +90,7 @@ class _PreActBlock(nn.Module):
         out = F.relu(self.bn1(x))
         shortcut = self.shortcut(out) if self.shortcut is not None else x
         out = self.conv1(out)
-        out = self.conv2(F.relu(self.bn2(out)))
+        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
         return out + shortcut
 
 
@@ -114,24 +120,11 @@ class PreActResNet18(nn.Module):
         return self.linear(out)
 
 
-class _WideBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.shortcut = None
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride, bias=False)
+class _WideBlock(_PreActBlock):
+    """The wide-ResNet block: :class:`_PreActBlock` with dropout between its convolutions."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
-        shortcut = self.shortcut(out) if self.shortcut is not None else x
-        out = self.conv1(out)
-        out = self.conv2(self.dropout(F.relu(self.bn2(out))))
-        return out + shortcut
+    def __init__(self, in_planes: int, planes: int, stride: int, dropout: float) -> None:
+        super().__init__(in_planes, planes, stride, dropout)
 
 
 class WideResNet(nn.Module):
