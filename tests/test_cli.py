@@ -13,6 +13,7 @@ import pytest
 
 from unmask.bench import zoo
 from unmask.bench.cli.main import main
+from unmask.bench.zoo import registry as zoo_registry
 
 
 def _console_script() -> str:
@@ -116,7 +117,7 @@ def test_unknown_model_exits_2_and_lists_known(capsys, argv, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("nothing may be trained when a name is unknown")
 
-    monkeypatch.setattr(zoo, "_train", refuse)
+    monkeypatch.setattr(zoo_registry, "_train", refuse)
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("unmask: error: unknown model")
@@ -246,6 +247,7 @@ def test_diagnose_end_to_end_exit_status_says_the_verdict(zoo_cache, tmp_path, c
         c["name"] for c in doc["checks"] if not c["passed"]}
 
     import unmask.defenses as defenses
+    from unmask.bench.cli import defenses as cli_defenses
 
     real = defenses.diagnose
 
@@ -254,13 +256,13 @@ def test_diagnose_end_to_end_exit_status_says_the_verdict(zoo_cache, tmp_path, c
         r.verdict = defenses.Verdict.SUSPICIOUS
         return r
 
-    monkeypatch.setattr(defenses, "diagnose", suspicious)
+    monkeypatch.setattr(cli_defenses, "diagnose", suspicious)
     assert main(["diagnose", "mnist-cnn", "--n", "16", "--fast"]) == 3
     assert "verdict: suspicious" in capsys.readouterr().out
     with pytest.raises(SystemExit) as usage:
         main(["diagnose", "mnist-cnn", "--norm", "l7"])
     assert usage.value.code == 2
-    monkeypatch.setattr(defenses, "diagnose", real)
+    monkeypatch.setattr(cli_defenses, "diagnose", real)
     # The registry from the CLI: every registered check listed; a subset run alone.
     from unmask.defenses.masking import CHECKS
 

@@ -13,6 +13,7 @@ from suite_helpers import WEAK_MODULE, tiny_suite
 
 from unmask.bench import zoo
 from unmask.bench.cli.main import main
+from unmask.bench.report import frames
 from unmask.bench.report import leaderboard as lb
 from unmask.bench.report import tables as tb
 from unmask.bench.suite.runner import run_suite
@@ -372,7 +373,7 @@ def test_one_robust_number_is_the_worst_case_over_every_attack(tmp_path, monkeyp
     reports = {"a": _fake_report("suspicious", diagnosis, rankable=True, follow_up=follow),
                "b": _fake_report("masked", diagnosis, rankable=False, follow_up=follow),
                "c": _fake_report("masked", diagnosis, rankable=True, follow_up=follow)}
-    monkeypatch.setattr(lb, "_parse_report",
+    monkeypatch.setattr(frames, "_parse_report",
                         lambda row: None if row is None else reports[row["model"]])
     with Store(tmp_path / "r.sqlite") as st:
         run_id = _run(st, config={"models": [{"name": k} for k in reports]})
@@ -620,7 +621,7 @@ def test_backdoor_table_and_empty_columns(tmp_path):
 
 
 def test_certified_column_only_when_the_run_has_one(tmp_path, monkeypatch):
-    real = lb.leaderboard_frame
+    real = frames.leaderboard_frame
 
     def with_bounds(store, run_id):
         df = real(store, run_id)
@@ -629,7 +630,7 @@ def test_certified_column_only_when_the_run_has_one(tmp_path, monkeypatch):
         df["exact"] = [m == "a" for m in df["model"]]
         return df
 
-    monkeypatch.setattr(lb, "leaderboard_frame", with_bounds)
+    monkeypatch.setattr(frames, "leaderboard_frame", with_bounds)
     with Store(tmp_path / "r.sqlite") as st:
         run_id = _handmade(st)
         md = lb.render(st, run_id, "md")
@@ -767,7 +768,7 @@ def test_every_number_of_the_old_table_is_still_reachable(runs, tmp_path, monkey
         df = lb.leaderboard_frame(st, 1)
     assert {"after fgsm", "sal del", "backdoor_asr", "checkpoint_sha256"} <= set(df.columns)
     assert _check_reachable(tmp_path / "suite", df) >= 2 * 25
-    real = lb.leaderboard_frame
+    real = frames.leaderboard_frame
 
     def with_bounds(store, run_id):
         out = real(store, run_id)
@@ -776,7 +777,7 @@ def test_every_number_of_the_old_table_is_still_reachable(runs, tmp_path, monkey
         out["exact"] = [m == "a" for m in out["model"]]
         return out
 
-    monkeypatch.setattr(lb, "leaderboard_frame", with_bounds)
+    monkeypatch.setattr(frames, "leaderboard_frame", with_bounds)
     with Store(tmp_path / "h.sqlite") as st:
         run_id = _handmade(st)
         lb.write_report(st, run_id, tmp_path / "hand")

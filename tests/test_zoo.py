@@ -18,9 +18,10 @@ import torch
 from torch import nn
 
 from unmask.bench import data, zoo
-from unmask.bench.core import Normalize, training
+from unmask.bench.core import Normalize, fileio, training
 from unmask.bench.core.registry import Registry
 from unmask.bench.core.training import cross_entropy_loss, fit, seeded_init
+from unmask.bench.zoo import registry as zoo_registry
 from unmask.bench.zoo.archs import MLP
 from unmask.bench.zoo.registry import CacheCorruptionWarning
 
@@ -38,13 +39,13 @@ def _files(name):
 def count_training(monkeypatch):
     """Records the name of every entry zoo trains (a cache hit trains nothing)."""
     calls: list[str] = []
-    real = zoo._train
+    real = zoo_registry._train
 
     def spy(entry, *args, **kwargs):
         calls.append(entry.name)
         return real(entry, *args, **kwargs)
 
-    monkeypatch.setattr(zoo, "_train", spy)
+    monkeypatch.setattr(zoo_registry, "_train", spy)
     return calls
 
 
@@ -53,7 +54,7 @@ def no_training(monkeypatch):
     def refuse(entry, *args, **kwargs):
         raise AssertionError(f"{entry.name} was trained; a cache hit was expected")
 
-    monkeypatch.setattr(zoo, "_train", refuse)
+    monkeypatch.setattr(zoo_registry, "_train", refuse)
 
 
 def _tiny_mlp() -> nn.Module:
@@ -236,9 +237,9 @@ def test_atomic_write_leaves_nothing_half_written(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(zoo.os, "replace", broken_replace)
+    monkeypatch.setattr(fileio.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
-        zoo._atomic_write(target, b"new contents")
+        fileio.atomic_write(target, b"new contents", fsync=True)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"]
 
@@ -251,11 +252,11 @@ _WORKER = textwrap.dedent(
     from unmask.bench import zoo
 
     trained = []
-    real = zoo._train
+    real = zoo_registry._train
     def spy(entry, *a, **k):
         trained.append(entry.name)
         return real(entry, *a, **k)
-    zoo._train = spy
+    zoo_registry._train = spy
     zoo.get("digits-mlp")  # imports done before the start line
     ready, me, other = sys.argv[1], sys.argv[2], sys.argv[3]
     open(os.path.join(ready, me), "w").close()
@@ -640,7 +641,7 @@ def test_training_records_its_thread_count_and_a_different_count_warns(tiny, mon
     the model's fingerprint; loading or retraining with another count warns."""
     from unmask.bench.zoo.registry import ThreadCountWarning
 
-    monkeypatch.setattr(zoo, "_THREADS_WARNED", set())
+    monkeypatch.setattr(zoo_registry, "_THREADS_WARNED", set())
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -53,7 +53,7 @@ from ..core.fileio import atomic_write as _atomic_write
 from ..core.text import text_table
 from ..suite.spec import parse_suite
 from ..suite.store import WORST_CASE, Store, wilson
-from .frames import _parse_report, row_outcomes
+from . import frames
 
 __all__ = ["BASELINE_SCHEMA", "baseline_from_store", "helper_baseline", "write_baseline",
            "read_baseline", "compare", "CheckResult", "Difference", "newcombe", "mcnemar",
@@ -134,7 +134,7 @@ def baseline_from_store(store: Store, run_id: int) -> dict[str, Any]:
             rows = sorted(rows, key=lambda r: r["sample"])
             # The row's one number: the worst case over the ensemble AND the diagnosis and its
             # follow-up, as the leaderboard reports it.
-            merged, _ = row_outcomes(rows, _parse_report(reports.get(key)))
+            merged, _ = frames.row_outcomes(rows, frames._parse_report(reports.get(key)))
             robust = [int(b is None) for b in merged.broken_by]
             cell["samples"] = {"ids": [r["sample"] for r in rows],
                                "labels": [int(r["label"]) for r in rows],

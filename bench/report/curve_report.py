@@ -25,7 +25,7 @@ import pandas as pd
 
 from ..core.fileio import atomic_write, safe_name
 from ..suite.curves import curve_points
-from .frames import _parse_report, row_outcomes
+from . import frames
 from .plotting import _figure, _save
 
 __all__ = ["curves_frame", "write_curves_csv", "robust_vs_eps_figures", "CURVE_COLUMNS",
@@ -85,7 +85,7 @@ def curves_frame(store, run_id: int) -> pd.DataFrame:
         n = len(raw)
         row_broken: dict[float, tuple[str | None, ...]] = {}
         for e, smp in samples.get((model, norm), {}).items():
-            merged, _ = row_outcomes(smp, _parse_report(reports.get((model, norm, e))))
+            merged, _ = frames.row_outcomes(smp, frames._parse_report(reports.get((model, norm, e))))
             if merged.n == n:
                 row_broken[e] = merged.broken_by
         capped = _capped(raw, row_broken)

@@ -32,7 +32,7 @@ import pandas as pd
 
 from ..core.fileio import atomic_write
 from ..suite.store import Store
-from .frames import leaderboard_frame
+from . import frames
 
 __all__ = ["robustbench_records", "export_robustbench", "samples_frame", "export_samples",
            "ROBUSTBENCH_FIELDS", "SAMPLE_FORMATS"]
@@ -73,7 +73,7 @@ def robustbench_records(store: Store, run_id: int) -> list[dict[str, Any]]:
     attacks = config.get("attacks") or {}
     attack_text = (f"the {attacks['preset']} ensemble" if attacks.get("preset")
                    else "the suite's attack list")
-    df = leaderboard_frame(store, run_id)
+    df = frames.leaderboard_frame(store, run_id)
     out = []
     for row in df.to_dict("records"):
         verdict = str(row.get("masking") or "not run")

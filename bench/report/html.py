@@ -37,9 +37,9 @@ import pandas as pd
 from ...defenses.masking import CHECKS
 from ..core.fileio import safe_name
 from ..suite.store import WORST_CASE, Store
+from . import frames
 from . import tables as tb
 from .curve_report import robust_vs_eps_figures, write_curves_csv
-from .frames import _header_lines, leaderboard_frame, sections_frame, verdict_legend
 from .plotting import _figure, _save, write_text
 
 __all__ = ["CSS", "SORT_SCRIPT", "page", "html_table", "render_markdown", "render_html",
@@ -205,7 +205,7 @@ def header_lines(store: Store, run_id: int) -> list[str]:
 
     run = store.run(run_id)
     config = run.config if isinstance(run.config, dict) else {}
-    lines = _header_lines(store, run_id)
+    lines = frames._header_lines(store, run_id)
     date = datetime.fromtimestamp(run.started, tz=timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     data = f"dataset {config.get('dataset', '?')} ({config.get('split', 'test')}), " \
            f"n={config.get('n', '?')}"
@@ -229,7 +229,7 @@ def _threat_title(threat: str) -> str:
 
 
 def _context(store: Store, run_id: int, evidence_dir: str | None):
-    df = leaderboard_frame(store, run_id)
+    df = frames.leaderboard_frame(store, run_id)
     defenses = tb.defense_texts(store, run_id)
     return df, defenses, tb.main_tables(df, defenses=defenses, evidence_dir=evidence_dir)
 
@@ -238,7 +238,7 @@ def main_csv(store: Store, run_id: int, *, evidence_dir: str | None = None) -> s
     """The main table as CSV (:data:`~unmask.bench.report.tables.MAIN_CSV_COLUMNS`; ``evidence``
     only with ``evidence_dir``)."""
 
-    main = tb.main_frame(leaderboard_frame(store, run_id),
+    main = tb.main_frame(frames.leaderboard_frame(store, run_id),
                          defenses=tb.defense_texts(store, run_id), evidence_dir=evidence_dir)
     if evidence_dir is None and "evidence" in main:
         main = main.drop(columns="evidence")
@@ -273,7 +273,7 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
                  f"No model is ranked at {threat}."]
         if apart.rows:
             text += ["", f"Not ranked at {threat}:", "", tb.markdown(apart, links=links)]
-    text += ["", verdict_legend(), "", tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]
+    text += ["", frames.verdict_legend(), "", tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]
     evidence = _evidence_of_models(main) if links else None
     expl = tb.explanations_frame(store, run_id)
     if len(expl):
@@ -285,7 +285,7 @@ def render_markdown(store: Store, run_id: int, *, evidence_dir: str | None = Non
         text += ["", "## Backdoor results"]
         for t in tb.backdoor_tables(bd, evidence=evidence):
             text += ["", tb.markdown(t, links=links), ""] + [f"- {x}" for x in t.legend]
-    missing = sections_frame(store, run_id)
+    missing = frames.sections_frame(store, run_id)
     if len(missing):
         text += ["", "## Not run", "", tb.markdown(_frame_table(missing, "not-run"))]
     return "\n".join(text) + "\n"
@@ -311,7 +311,7 @@ def render_html(store: Store, run_id: int, *, evidence_dir: str | None = None) -
     meta = "".join(f"<p>{_E(h)}</p>" for h in header_lines(store, run_id))
     body = (f"<h1>unmask leaderboard</h1><div class=\"meta\">{meta}</div><p>{_E(_INTRO)}</p>"
             + _main_html(main)
-            + _legend([verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
+            + _legend([frames.verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
     return page("unmask leaderboard", body)
 
 
@@ -593,7 +593,7 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
 
     out_dir = Path(out_dir)
     evidence_dir = "evidence"
-    df = leaderboard_frame(store, run_id)
+    df = frames.leaderboard_frame(store, run_id)
     defenses = tb.defense_texts(store, run_id)
     main = tb.main_tables(df, defenses=defenses, evidence_dir=evidence_dir)
     main_df = tb.main_frame(df, defenses=defenses, evidence_dir=evidence_dir)
@@ -627,7 +627,7 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
     parts += [f"<p>{_E(h)}</p>" for h in header_lines(store, run_id)]
     parts.append(f"</div><p>{_E(_INTRO)}</p>")
     parts.append(_main_html(main))
-    parts.append(_legend([verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
+    parts.append(_legend([frames.verdict_legend(), tb.marker_legend(tb.table_draws(df), tb.certified_legend(df))]))
     parts.append("<h2 id=\"explanations-section\">Explanation metrics</h2>")
     if len(expl):
         t = tb.explanations_table(expl, evidence=evidence)
@@ -642,7 +642,7 @@ def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
             parts.append(html_table(t, caption=True) + _legend(t.legend))
     else:
         parts.append("<p>No backdoored model in this run.</p>")
-    missing = sections_frame(store, run_id)
+    missing = frames.sections_frame(store, run_id)
     parts.append("<h2 id=\"not-run-section\">Not run</h2><p>Sections the suite asked for that "
                  "could not run here, with the reason.</p>")
     parts.append(html_table(_frame_table(missing, "not-run")) if len(missing)

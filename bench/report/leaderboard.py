@@ -18,6 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..suite.store import Store
+from . import frames
 from . import html as rh
 from . import tables as tb
 from .frames import leaderboard_frame, row_outcomes, sections_frame, verdict_legend
@@ -34,7 +35,6 @@ def render(store: Store, run_id: int, fmt: str = "md", *, evidence_dir: str | No
     CSV (:data:`unmask.bench.report.tables.MAIN_CSV_COLUMNS`), a self-contained HTML page or LaTeX.
     ``evidence_dir``: link each model to its evidence page there (relative; the pages are
     written by :func:`write_report`, so the default is no links)."""
-
     if fmt == "csv":
         return rh.main_csv(store, run_id, evidence_dir=evidence_dir)
     if fmt == "md":
@@ -42,18 +42,18 @@ def render(store: Store, run_id: int, fmt: str = "md", *, evidence_dir: str | No
     if fmt == "html":
         return rh.render_html(store, run_id, evidence_dir=evidence_dir)
     if fmt == "latex":
-        df = leaderboard_frame(store, run_id)
-        frames = []
+        df = frames.leaderboard_frame(store, run_id)
+        parts = []
         for threat, ranked, apart in tb.main_tables(df, defenses=tb.defense_texts(store, run_id),
                                                     evidence_dir=None):
             for t in (ranked, apart):
                 if t.rows:
                     part = pd.DataFrame([[c.text for c in r] for r in t.rows], columns=t.columns)
                     part.insert(0, "threat", threat)
-                    frames.append(part)
-        if not frames:
+                    parts.append(part)
+        if not parts:
             return "% no results\n"
-        return pd.concat(frames, ignore_index=True).fillna("").to_latex(index=False, escape=True)
+        return pd.concat(parts, ignore_index=True).fillna("").to_latex(index=False, escape=True)
     raise ValueError(f"unknown format {fmt!r}; expected md, csv, html or latex")
 
 
