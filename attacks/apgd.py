@@ -26,6 +26,8 @@ Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..bench.core import Threat, margin
@@ -109,18 +111,12 @@ def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker
             reduced_last, loss_best_last_check = reduce, loss_best.clone()
             increases = torch.zeros_like(increases)
         if i in compact_at and i < steps:
-            keep = tracker.robust(idx)
-            if not bool(keep.all()):  # host read: only at the compaction points
-                idx, xa, ya = idx[keep], xa[keep], ya[keep]
-                lt = lt[keep] if lt is not None else None
-                st = st[keep] if st is not None else None
-                (x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best, loss_prev,
-                 increases, reduced_last, loss_best_last_check) = (
-                    t[keep] for t in (x_cur, x_prev, grad, step, loss_best, x_best_loss,
-                                      grad_best, loss_prev, increases, reduced_last,
-                                      loss_best_last_check))
-                if not idx.numel():
-                    return
+            idx, (xa, ya, lt, st, x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best,
+                  loss_prev, increases, reduced_last, loss_best_last_check) = tracker.shrink(
+                idx, xa, ya, lt, st, x_cur, x_prev, grad, step, loss_best, x_best_loss,
+                grad_best, loss_prev, increases, reduced_last, loss_best_last_check)
+            if not idx.numel():
+                return
 
 
 @register_attack("apgd")
@@ -146,12 +142,8 @@ class APGD(Attack):
                 "restarts": self.restarts, "rho": self.rho, "momentum": self.momentum}
 
     def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
-        for restart in range(self.restarts):
-            if restart:
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
-            _apgd(self, model, x, y, targets, targets, generator, tracker, idx, oracle,
+        for _, active in tracker.runs(idx, range(self.restarts)):
+            _apgd(self, model, x, y, targets, targets, generator, tracker, active, oracle,
                   self._loss)
 
 
@@ -190,10 +182,7 @@ class APGDT(APGD):
         all_targets = torch.zeros(x.shape[0], order.shape[1], dtype=torch.long, device=x.device)
         all_targets[idx] = order
         n_targets = min(self.n_targets, order.shape[1] - 1)
-        for rank in range(1, n_targets + 1):
-            for _ in range(self.restarts):
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
-                _apgd(self, model, x, y, all_targets[:, rank], None, generator, tracker, idx,
-                      oracle, dlr_loss)
+        runs = itertools.product(range(1, n_targets + 1), range(self.restarts))
+        for (rank, _), active in tracker.runs(idx, runs):
+            _apgd(self, model, x, y, all_targets[:, rank], None, generator, tracker, active,
+                  oracle, dlr_loss)

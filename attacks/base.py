@@ -20,8 +20,9 @@ seed gives the same result on any device.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,9 @@ from ..bench.registry import Registry
 from .losses import Loss, loss_fn
 
 __all__ = ["Attack", "ATTACKS", "register_attack", "Tracker", "compaction_points",
-           "GradientOracle", "check_targets", "steepest_step"]
+           "GradientOracle", "WrapperAttack", "check_targets", "steepest_step"]
+
+T = TypeVar("T")
 
 ATTACKS: Registry[type] = Registry("attack")
 register_attack = ATTACKS.register
@@ -118,6 +121,31 @@ class Tracker:
     def robust(self, idx: Tensor) -> Tensor:
         """Boolean mask over ``idx``: not broken yet."""
         return self.margin[idx] >= 0
+
+    def runs(self, idx: Tensor, runs: Iterable[T]) -> Iterator[tuple[T, Tensor]]:
+        """Restarts over the samples still robust: for each item of ``runs`` (a restart
+        number, or a (target rank, restart) pair), yield it with the samples of ``idx`` not
+        broken by the runs before; stop as soon as none is left. The first run takes ``idx``
+        as given (:meth:`Attack.run` passes the samples robust after the clean pass)."""
+        for i, run in enumerate(runs):
+            if i:
+                idx = idx[self.robust(idx)]
+                if not idx.numel():
+                    return
+            yield run, idx
+
+    def shrink(self, idx: Tensor, *state: Tensor | None) -> tuple[Tensor, tuple]:
+        """Early exit: restrict the active samples ``idx`` and each per-sample ``state`` tensor
+        (rows aligned with ``idx``; None passes through) to the samples still robust.
+
+        Returns ``(idx, state)``, unchanged when nothing was broken; an empty ``idx`` means
+        every sample is broken and the run can stop. Reads the host once, so a step loop calls
+        it only at the :func:`compaction_points`.
+        """
+        keep = self.robust(idx)
+        if bool(keep.all()):  # host read: the caller is at a compaction point
+            return idx, state
+        return idx[keep], tuple(None if t is None else t[keep] for t in state)
 
     def result(self, name: str, config: dict[str, Any]) -> AttackResult:
         return AttackResult(x_adv=self.x_best, success=self.margin < 0, margin=self.margin,
@@ -243,6 +271,29 @@ class Attack:
 
     def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+class WrapperAttack(Attack):
+    """Base of the attacks that wrap a gradient attack (:class:`~unmask.attacks.EOT`,
+    :class:`~unmask.attacks.BPDA`): checks that ``attack`` is a gradient attack, takes its
+    threat model, and labels the result ``<name>-<wrapped label>`` (e.g. ``eot-apgd-ce``).
+    The wrapped attack is never mutated.
+
+    Args:
+        attack: the gradient :class:`Attack` to wrap (not gradient-free, e.g. not Square).
+    """
+
+    def __init__(self, attack: Attack) -> None:
+        if not isinstance(attack, Attack) or attack.gradient_free:
+            raise TypeError(f"{type(self).__name__} wraps a gradient attack (FGSM, PGD, APGD, "
+                            f"EOT, BPDA, ...), got {type(attack).__name__}")
+        super().__init__(attack.threat)
+        self.attack = attack
+
+    @property
+    def label(self) -> str:
+        """``<name>-<wrapped attack's label>``, e.g. ``bpda-pgd``."""
+        return f"{self.name}-{self.attack.label}"
 
 
 def resolve_loss(loss: str | Loss):

@@ -65,13 +65,9 @@ class PGD(Attack):
                 "restarts": self.restarts, "loss": self.loss.value,
                 "random_start": self.random_start}
 
-    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+    def _attack(self, model, x, y, targets, generator, tracker, robust, oracle) -> None:
         points = compaction_points(self.steps)
-        for restart in range(self.restarts):
-            if restart:
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
+        for _, idx in tracker.runs(robust, range(self.restarts)):
             xa, ya = x[idx], y[idx]
             ta = targets[idx] if targets is not None else None
             x_cur = self.threat.random_point(xa, generator) if self.random_start else xa.clone()
@@ -82,12 +78,9 @@ class PGD(Attack):
                 x_cur = self.threat.project(
                     steepest_step(self.threat, x_cur, grad, self.step_size), xa)
                 if step in points and step < self.steps:
-                    keep = tracker.robust(idx)
-                    if not bool(keep.all()):  # host read: only at the compaction points
-                        idx, xa, ya, x_cur = idx[keep], xa[keep], ya[keep], x_cur[keep]
-                        ta = ta[keep] if ta is not None else None
-                        if not idx.numel():
-                            return
+                    idx, (xa, ya, ta, x_cur) = tracker.shrink(idx, xa, ya, ta, x_cur)
+                    if not idx.numel():
+                        return
             with torch.no_grad():
                 tracker.update(idx, x_cur, margin(oracle.logits(model, x_cur, generator), ya, ta))
             tracker.cost(idx, oracle.samples)

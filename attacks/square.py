@@ -138,13 +138,10 @@ class Square(Attack):
                 cand = self._l2_step(xa, x_best, p, host_gen)
             tracker.update(idx, cand, query(cand))
             if it + 1 in points and it + 1 < self.queries:
-                keep = tracker.robust(idx)
-                if not bool(keep.all()):  # host read: only at the compaction points
-                    idx, xa, ya = idx[keep], xa[keep], ya[keep]
-                    ta = ta[keep] if ta is not None else None
-                    n = idx.numel()
-                    if not n:
-                        return
+                idx, (xa, ya, ta) = tracker.shrink(idx, xa, ya, ta)
+                n = idx.numel()
+                if not n:
+                    return
 
     def _l2_init(self, n, c, h, w, host_gen, device) -> Tensor:
         """The paper's L2 initialisation: a grid of meta-squares with random signs."""
