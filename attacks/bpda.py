@@ -36,7 +36,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..bench.core import AttackResult, check_inputs, margin, model_mode
-from .base import Attack, register_attack
+from .base import Attack, WrapperAttack, register_attack
 
 __all__ = ["BPDA", "STRAIGHT_THROUGH_OPS", "StraightThroughMode", "find_preprocessing"]
 
@@ -123,25 +123,17 @@ def find_preprocessing(model: nn.Module, approximations=None) -> list[tuple[str,
 
 
 @register_attack("bpda")
-class BPDA(Attack):
+class BPDA(WrapperAttack):
     name = "bpda"
 
     def __init__(self, attack: Attack,
                  approximations: Mapping | Sequence | None = None,
                  functional: bool = False) -> None:
-        if not isinstance(attack, Attack) or attack.gradient_free:
-            raise TypeError("BPDA wraps a gradient attack (FGSM, PGD, APGD, EOT, ...), got "
-                            f"{type(attack).__name__}")
-        super().__init__(attack.threat)
-        self.attack = attack
+        super().__init__(attack)
         self.approximations = approximations
         if not isinstance(functional, bool):
             raise TypeError(f"functional must be a bool, got {type(functional).__name__}")
         self.functional = functional
-
-    @property
-    def label(self) -> str:
-        return f"bpda-{self.attack.label}"
 
     def config(self):
         return {**self.attack.config(), "attack": self.label, "functional": self.functional}

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench.core import AttackResult, check_inputs, make_generator, margin, model_mode
-from .base import Attack, GradientOracle, register_attack
+from .base import Attack, GradientOracle, WrapperAttack, register_attack
 from .pgd import _positive_int
 
 __all__ = ["EOT", "success_rate"]
@@ -58,23 +58,15 @@ def success_rate(model: nn.Module, x_adv: Tensor, y: Tensor, *, targets: Tensor 
 
 
 @register_attack("eot")
-class EOT(Attack):
+class EOT(WrapperAttack):
     name = "eot"
 
     def __init__(self, attack: Attack, transform=None, samples: int = 10,
                  eval_draws: int = 32) -> None:
-        if not isinstance(attack, Attack) or attack.gradient_free:
-            raise TypeError("EOT wraps a gradient attack (FGSM, PGD, APGD, ...), got "
-                            f"{type(attack).__name__}")
-        super().__init__(attack.threat)
-        self.attack = attack
+        super().__init__(attack)
         self.transform = transform
         self.samples = _positive_int(samples, "samples")
         self.eval_draws = _positive_int(eval_draws, "eval_draws")
-
-    @property
-    def label(self) -> str:
-        return f"eot-{self.attack.label}"
 
     def config(self):
         t = self.transform.config() if hasattr(self.transform, "config") else repr(self.transform)
