@@ -165,7 +165,7 @@ def _attack(args: argparse.Namespace) -> int:
             clean = (model(x).argmax(1) == y)
         result, rejected = attack_in_precision(attack, model, x, y, precision=args.precision,
                                                generator=g)
-        robust = result.robust_accuracy()
+        robust = result.robust_accuracy
         summary = {"attack": result.config, "n": len(y), "clean_accuracy": float(clean.float().mean()),
                    "robust_accuracy": robust, "forwards": result.n_forward,
                    "backwards": result.n_backward, "precision": args.precision,

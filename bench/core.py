@@ -236,11 +236,11 @@ class AttackResult:
     def success_rate(self) -> float:
         return float(self.success.float().mean()) if self.success.numel() else 0.0
 
-    def robust_accuracy(self, clean_correct: Tensor | None = None) -> float:
-        """Share of samples the attack did not break (and, if given, that were correct)."""
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of samples the attack did not break; a sample misclassified before the attack
+        counts as broken (its clean margin is already negative)."""
         robust = ~self.success
-        if clean_correct is not None:
-            robust = robust & clean_correct.to(robust.device)
         return float(robust.float().mean()) if robust.numel() else 0.0
 
 

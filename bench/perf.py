@@ -181,7 +181,7 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
         res = results[name]
         nominal, kind = nominal_evaluations(attack, x.shape[0])
         evals = res.n_forward if kind == "forward" else res.n_backward
-        robust = res.robust_accuracy()
+        robust = res.robust_accuracy
         if judge is not None:
             with model_mode(judge), torch.no_grad():
                 robust = float((margin(judge(res.x_adv), y) >= 0).float().mean())

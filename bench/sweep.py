@@ -141,7 +141,7 @@ def main(argv=None) -> int:
                 row = {"batch": batch, "layout": layout, "precision": precision,
                        "R_fb": r_fb, "R_f": statistics.median(f), "pgd_seconds": seconds,
                        "pgd_efficiency": res.n_backward / seconds / r_fb,
-                       "robust_accuracy": res.robust_accuracy(), "rejected": rejected,
+                       "robust_accuracy": res.robust_accuracy, "rejected": rejected,
                        "syncs": syncs,
                        "syncs_per_step": None if syncs is None else syncs / args.steps}
                 rows.append(row)

@@ -235,8 +235,8 @@ def robustness_metrics(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
     x, y = x.to(device), y.to(device)
     result = PGD(threat, steps=steps)(model, x, y, generator=make_generator(generator))
     return {"clean_accuracy": accuracy(model, x, y),
-            "robust_accuracy": result.robust_accuracy(),
-            "fgsm_robust_accuracy": FGSM(threat)(model, x, y).robust_accuracy(),
+            "robust_accuracy": result.robust_accuracy,
+            "fgsm_robust_accuracy": FGSM(threat)(model, x, y).robust_accuracy,
             "attack": f"pgd-{steps}", **threat.to_dict(), "eval_samples": len(y),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 
