@@ -1,27 +1,5 @@
-"""APGD and APGD-T: Auto-PGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial
-robustness with an ensemble of diverse parameter-free attacks").
-
-PGD with momentum (alpha = 0.75) and a per-sample step size that starts at 2 * eps and is
-halved at checkpoints when the attack stalls: at checkpoint w_j the step is halved (and the
-iterate reset to the best point found) when (1) the loss grew in at most rho = 0.75 of the
-steps since the previous checkpoint, or (2) the step was not halved at the previous
-checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
-shrink by 0.03 N down to 0.06 N. Early exit happens at the checkpoints and at the shared
-compaction points.
-
-``APGDT`` runs targeted APGD with the targeted DLR loss against each of the ``n_targets``
-classes with the highest clean logits (after the predicted one), on the samples still robust.
-
-Args:
-    threat: ``Threat("linf" | "l2", eps)``.
-    steps: iterations (default 100), plus one initial gradient.
-    loss: ``"ce"`` (default) or ``"dlr"`` (``"margin"`` also works); APGDT uses targeted DLR.
-    restarts: random restarts on the samples still robust (default 1).
-    rho: the checkpoint success-rate threshold (default 0.75), momentum: alpha (default 0.75).
-
-Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult`.
-
-Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
+"""APGD and APGD-T: Auto-PGD (Croce & Hein, ICML 2020); documented on :class:`APGD` and
+:class:`APGDT`.
 """
 
 from __future__ import annotations
@@ -121,6 +99,35 @@ def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker
 
 @register_attack("apgd")
 class APGD(Attack):
+    """APGD: Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an
+    ensemble of diverse parameter-free attacks", ICML 2020).
+
+    Threat model: white-box (input gradients), ``Linf`` or ``L2`` ball of radius ``eps``
+    intersected with [0, 1]; untargeted, or targeted when ``targets`` is given to the call.
+
+    PGD with momentum (alpha = ``momentum``) and a per-sample step size that starts at 2 * eps
+    and is halved at checkpoints when the attack stalls: at checkpoint w_j the step is halved (and
+    the iterate reset to the best point found) when (1) the loss grew in at most ``rho`` of the
+    steps since the previous checkpoint, or (2) the step was not halved at the previous
+    checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
+    shrink by 0.03 N down to 0.06 N (:func:`checkpoint_intervals`). Early exit happens at the
+    checkpoints and at the shared compaction points.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        steps: iterations (default 100), plus one initial gradient.
+        loss: ``"ce"`` (default) or ``"dlr"`` (``"margin"`` also works); ``"dlr"`` needs at
+            least 3 classes (4 when targeted).
+        restarts: random restarts on the samples still robust (default 1).
+        rho: the checkpoint success-rate threshold, in (0, 1] (default 0.75).
+        momentum: alpha, in [0, 1] (default 0.75).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult`.
+
+    Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
+    """
+
     name = "apgd"
 
     def __init__(self, threat: Threat, steps: int = 100, loss: str = "ce", restarts: int = 1,

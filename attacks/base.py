@@ -113,6 +113,7 @@ class Tracker:
                                        self.x_best[idx])
 
     def cost(self, idx: Tensor, forwards: int = 1, backwards: int = 0) -> None:
+        """Add ``forwards`` forward and ``backwards`` backward passes to each sample of ``idx``."""
         if forwards:
             self.forwards[idx] += forwards
         if backwards:
@@ -148,6 +149,9 @@ class Tracker:
         return idx[keep], tuple(None if t is None else t[keep] for t in state)
 
     def result(self, name: str, config: dict[str, Any]) -> AttackResult:
+        """The run as an :class:`AttackResult`: best iterates, success (margin < 0), margins and
+        costs.
+        """
         return AttackResult(x_adv=self.x_best, success=self.margin < 0, margin=self.margin,
                             forwards=self.forwards, backwards=self.backwards, name=name,
                             config={**config, **self.extra})
@@ -235,11 +239,22 @@ class Attack:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, targets: Tensor | None = None,
                  generator: torch.Generator | int | None = None) -> AttackResult:
+        """Attack ``model`` on ``x`` (N x C x H x W in [0, 1]) with labels ``y`` (int64 N), targeted
+        at ``targets`` (int64 N) when given; randomness from ``generator`` (a torch.Generator or a
+        seed; None means seed 0). Returns an :class:`AttackResult`.
+        """
         return self.run(model, x, y, targets=targets, generator=generator)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, *, targets: Tensor | None = None,
             generator: torch.Generator | int | None = None,
             oracle: GradientOracle = PLAIN) -> AttackResult:
+        """Like :meth:`__call__`, with the gradient ``oracle`` exposed (EOT passes one that averages
+        over random draws). Validates ``x`` (N x C x H x W in [0, 1]), ``y`` (int64 N) and
+        ``targets``; runs the model in eval mode with frozen parameters (both restored); attacks
+        only the samples the model still classifies correctly; returns an :class:`AttackResult`
+        whose ``x_adv`` is projected onto the threat ball once more. ``generator`` is a
+        torch.Generator or a seed (None means seed 0).
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         x, y = check_inputs(x, y, model=model)
