@@ -77,6 +77,9 @@ class AdversarialLoss:
 
     @property
     def eps_scale(self) -> float:
+        """Share of ``eps`` in use: rises linearly from 0 to 1 over ``warmup_epochs`` (1.0
+        without warm-up).
+        """
         if self.warmup_epochs == 0:
             return 1.0
         return min(1.0, self.progress / self.warmup_epochs)
@@ -99,6 +102,9 @@ class AdversarialLoss:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def config(self) -> dict[str, Any]:
+        """The loss's settings (method, threat, warm-up; subclasses add theirs) for the zoo
+        entry's provenance.
+        """
         return {"method": self.desc, **self.threat.to_dict(), "warmup_epochs": self.warmup_epochs}
 
 
