@@ -161,6 +161,7 @@ def _data_list(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``unmask`` argument parser with one sub-command per command group."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -192,6 +193,9 @@ def _load_command_modules() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unmask`` command: parse ``argv`` (default ``sys.argv[1:]``), set the
+    log level from ``-v``, run the sub-command; returns the exit status.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

@@ -47,6 +47,9 @@ def _json_object(text: str) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bool = False
                    ) -> None:
+    """Add the model source options and ``--norm``, ``--eps`` (default 0.3), ``--n`` (default
+    ``n``, capped at the test split) and ``--seed`` to a sub-command's parser.
+    """
     add_model_source_args(p, optional_model)
     p.add_argument("--norm", default="linf", choices=("linf", "l2"))
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")

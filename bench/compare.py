@@ -32,6 +32,9 @@ def _time(fn):
 
 
 def main(argv=None) -> int:
+    """Command line of the torchattacks comparison (see the module docstring); returns the exit
+    status.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--n", type=int, default=256)

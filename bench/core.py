@@ -191,6 +191,7 @@ class Threat:
         return self.project(x + delta, x)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"norm": "linf" | "l2", "eps": float}``."""
         return {"norm": self.norm.value, "eps": self.eps}
 
 
@@ -221,10 +222,12 @@ class AttackResult:
 
     @property
     def n_forward(self) -> int:
+        """Total forward passes over all samples."""
         return int(self.forwards.sum())
 
     @property
     def n_backward(self) -> int:
+        """Total input-gradient evaluations over all samples."""
         return int(self.backwards.sum())
 
     @property
@@ -234,6 +237,7 @@ class AttackResult:
 
     @property
     def success_rate(self) -> float:
+        """Share of samples where the attack reached its goal (0.0 for no samples)."""
         return float(self.success.float().mean()) if self.success.numel() else 0.0
 
     @property
@@ -464,14 +468,17 @@ class SampleOutcomes:
 
     @property
     def n(self) -> int:
+        """The number of samples."""
         return len(self.broken_by)
 
     @property
     def broken(self) -> Tensor:
+        """Bool ``N``: broken (by the clean pass or an attack)."""
         return torch.tensor([b is not None for b in self.broken_by], dtype=torch.bool)
 
     @property
     def robust_accuracy(self) -> float:
+        """Share of samples no one broke (0.0 for no samples)."""
         return sum(b is None for b in self.broken_by) / self.n if self.n else 0.0
 
     def counts(self) -> dict[str, int]:
@@ -497,11 +504,13 @@ class SampleOutcomes:
         return SampleOutcomes(broken_by, rate)
 
     def to_dict(self) -> dict[str, Any]:
+        """``broken_by`` and ``fooled_rate`` as JSON-ready lists."""
         return {"broken_by": list(self.broken_by),
                 "fooled_rate": None if self.fooled_rate is None else list(self.fooled_rate)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleOutcomes:
+        """Rebuild the outcomes from :meth:`to_dict`'s output."""
         return cls(tuple(d["broken_by"]), None if d.get("fooled_rate") is None
                    else tuple(d["fooled_rate"]))
 
@@ -541,6 +550,7 @@ class Precision(StrEnum):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The torch dtype of the precision (float32, bfloat16 or float16)."""
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 

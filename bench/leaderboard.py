@@ -397,6 +397,7 @@ def render(store: Store, run_id: int, fmt: str = "md", *, evidence_dir: str | No
 
 
 def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     from .fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), text.encode("utf-8"))
@@ -421,6 +422,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_bytes(path: Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically; returns the path."""
     from .fileio import atomic_write as _atomic_write
 
     _atomic_write(Path(path), payload)

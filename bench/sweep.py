@@ -70,6 +70,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> No
 
 
 def main(argv=None) -> int:
+    """Command line of the device sweep (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="preact-resnet18")
     parser.add_argument("--width", type=int, help="base width of the ResNet (default its own)")

@@ -90,6 +90,9 @@ class ModelEntry:
     tags: tuple[str, ...] = ()
 
     def config(self) -> dict[str, Any]:
+        """The entry's configuration as a dict: its fields, tags, a digest of the builder's
+        source and the dataset version (a change of any retrains the cached model).
+        """
         cfg = asdict(self)
         cfg.pop("builder")
         cfg["tags"] = [*self.tags]
@@ -175,6 +178,7 @@ def isolated() -> Iterator[None]:
 
 
 def entries() -> list[ModelEntry]:
+    """Every registered zoo entry, by name."""
     _load_plugins()
     return [MODELS.get(n) for n in MODELS.names()]
 
@@ -185,6 +189,7 @@ def list(tag: str | None = None) -> list[str]:  # noqa: A001 - timm-style name
 
 
 def get(name: str) -> ModelEntry:
+    """The zoo entry ``name``; ``ValueError`` listing the known names."""
     _load_plugins()
     try:
         return MODELS.get(name)
@@ -193,6 +198,9 @@ def get(name: str) -> ModelEntry:
 
 
 def cache_dir() -> Path:
+    """Where trained zoo models are cached: ``$UNMASK_CACHE/models``, else
+    ``~/.cache/unmask/models``.
+    """
     root = os.environ.get("UNMASK_CACHE")
     base = Path(root).expanduser() if root else Path.home() / ".cache" / "unmask"
     return base / "models"
