@@ -31,7 +31,7 @@ from unmask.attacks import (
     success_rate,
 )
 from unmask.attacks.apgd import checkpoint_intervals
-from unmask.attacks.base import Attack, compaction_points
+from unmask.attacks.base import Attack, Tracker, compaction_points
 from unmask.attacks.square import p_schedule
 from unmask.bench import Threat
 from unmask.bench.core import AttackResult
@@ -553,3 +553,42 @@ def test_ensemble_recheck_every_candidate_in_the_ball_and_in_fp32(mnist_cnn, mni
     assert bool(res.robust.eq(res.clean_correct).all())
     assert res.costs["liar"].broken == 0
     assert bool(threat.contains(res.x_adv, x).all())
+
+
+# --- the shared restart / early-exit bookkeeping ----------------------------------------------
+
+
+def _tracker(margins):
+    m = torch.tensor(margins)
+    return Tracker(torch.zeros(len(m), 1, 1, 1), m)
+
+
+def test_tracker_runs_restart_on_the_samples_still_robust():
+    tracker = _tracker([1.0, 1.0, 1.0, 1.0])
+    seen = []
+    for run, idx in tracker.runs(torch.arange(4), range(3)):
+        seen.append((run, idx.tolist()))
+        tracker.margin[idx[0]] = -1.0  # each run breaks its first sample
+    assert seen == [(0, [0, 1, 2, 3]), (1, [1, 2, 3]), (2, [2, 3])]
+    # Stops as soon as nothing is left, without asking for more runs.
+    tracker = _tracker([1.0, 1.0])
+    runs = []
+    for run, idx in tracker.runs(torch.arange(2), iter(range(10))):
+        runs.append(run)
+        tracker.margin[idx] = -1.0
+    assert runs == [0]
+
+
+def test_tracker_shrink_keeps_rows_aligned_and_passes_none_through():
+    tracker = _tracker([1.0, -1.0, 2.0, 0.5])
+    idx = torch.tensor([0, 1, 2, 3])
+    state = torch.arange(4.0) * 10
+    new_idx, (new_state, none) = tracker.shrink(idx, state, None)
+    assert new_idx.tolist() == [0, 2, 3] and new_state.tolist() == [0.0, 20.0, 30.0]
+    assert none is None
+    # Nothing broken: the same tensors come back, untouched.
+    same_idx, (same_state,) = tracker.shrink(new_idx, new_state)
+    assert same_idx is new_idx and same_state is new_state
+    tracker.margin[:] = -1.0
+    empty, _ = tracker.shrink(new_idx, new_state)
+    assert empty.numel() == 0
