@@ -156,7 +156,30 @@ class APGD(Attack):
 
 @register_attack("apgd-t")
 class APGDT(APGD):
-    """Targeted APGD over the top ``n_targets`` classes (untargeted success criterion)."""
+    """APGD-T: targeted APGD over the top classes (Croce & Hein, ICML 2020, the targeted
+    member of AutoAttack's standard suite).
+
+    Threat model: white-box, ``Linf`` or ``L2`` ball of radius ``eps`` intersected with
+    [0, 1]; untargeted success criterion (the attack picks its own targets, so ``targets``
+    must not be given to the call).
+
+    Runs :class:`APGD` with the targeted DLR loss against each of the ``n_targets`` classes
+    with the highest clean logits after the predicted one, ``restarts`` times each, always on
+    the samples still robust; the best iterate per sample is kept across all runs. Needs at
+    least 4 classes.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        steps: iterations per run (default 100).
+        n_targets: target classes tried, at most K - 1 (default 9).
+        restarts: runs per target class (default 1).
+        rho, momentum: as :class:`APGD` (defaults 0.75, 0.75).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N ->
+    :class:`~unmask.bench.core.AttackResult`.
+
+    Usage: ``APGDT(Threat("linf", 8/255), n_targets=9)(model, x, y, generator=g)``
+    """
 
     name = "apgd-t"
 
