@@ -1,30 +1,10 @@
-"""APGD and APGD-T: Auto-PGD (Croce & Hein, ICML 2020, "Reliable evaluation of adversarial
-robustness with an ensemble of diverse parameter-free attacks").
-
-PGD with momentum (alpha = 0.75) and a per-sample step size that starts at 2 * eps and is
-halved at checkpoints when the attack stalls: at checkpoint w_j the step is halved (and the
-iterate reset to the best point found) when (1) the loss grew in at most rho = 0.75 of the
-steps since the previous checkpoint, or (2) the step was not halved at the previous
-checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
-shrink by 0.03 N down to 0.06 N. Early exit happens at the checkpoints and at the shared
-compaction points.
-
-``APGDT`` runs targeted APGD with the targeted DLR loss against each of the ``n_targets``
-classes with the highest clean logits (after the predicted one), on the samples still robust.
-
-Args:
-    threat: ``Threat("linf" | "l2", eps)``.
-    steps: iterations (default 100), plus one initial gradient.
-    loss: ``"ce"`` (default) or ``"dlr"`` (``"margin"`` also works); APGDT uses targeted DLR.
-    restarts: random restarts on the samples still robust (default 1).
-    rho: the checkpoint success-rate threshold (default 0.75), momentum: alpha (default 0.75).
-
-Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult`.
-
-Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
+"""APGD and APGD-T: Auto-PGD (Croce & Hein, ICML 2020); documented on :class:`APGD` and
+:class:`APGDT`.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 
@@ -109,22 +89,45 @@ def _apgd(attack, model, x, y, loss_targets, success_targets, generator, tracker
             reduced_last, loss_best_last_check = reduce, loss_best.clone()
             increases = torch.zeros_like(increases)
         if i in compact_at and i < steps:
-            keep = tracker.robust(idx)
-            if not bool(keep.all()):  # host read: only at the compaction points
-                idx, xa, ya = idx[keep], xa[keep], ya[keep]
-                lt = lt[keep] if lt is not None else None
-                st = st[keep] if st is not None else None
-                (x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best, loss_prev,
-                 increases, reduced_last, loss_best_last_check) = (
-                    t[keep] for t in (x_cur, x_prev, grad, step, loss_best, x_best_loss,
-                                      grad_best, loss_prev, increases, reduced_last,
-                                      loss_best_last_check))
-                if not idx.numel():
-                    return
+            idx, (xa, ya, lt, st, x_cur, x_prev, grad, step, loss_best, x_best_loss, grad_best,
+                  loss_prev, increases, reduced_last, loss_best_last_check) = tracker.shrink(
+                idx, xa, ya, lt, st, x_cur, x_prev, grad, step, loss_best, x_best_loss,
+                grad_best, loss_prev, increases, reduced_last, loss_best_last_check)
+            if not idx.numel():
+                return
 
 
 @register_attack("apgd")
 class APGD(Attack):
+    """APGD: Auto-PGD (Croce & Hein, "Reliable evaluation of adversarial robustness with an
+    ensemble of diverse parameter-free attacks", ICML 2020).
+
+    Threat model: white-box (input gradients), ``Linf`` or ``L2`` ball of radius ``eps``
+    intersected with [0, 1]; untargeted, or targeted when ``targets`` is given to the call.
+
+    PGD with momentum (alpha = ``momentum``) and a per-sample step size that starts at 2 * eps
+    and is halved at checkpoints when the attack stalls: at checkpoint w_j the step is halved (and
+    the iterate reset to the best point found) when (1) the loss grew in at most ``rho`` of the
+    steps since the previous checkpoint, or (2) the step was not halved at the previous
+    checkpoint and the best loss has not improved since. Checkpoint intervals start at 0.22 N and
+    shrink by 0.03 N down to 0.06 N (:func:`checkpoint_intervals`). Early exit happens at the
+    checkpoints and at the shared compaction points.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        steps: iterations (default 100), plus one initial gradient.
+        loss: ``"ce"`` (default) or ``"dlr"`` (``"margin"`` also works); ``"dlr"`` needs at
+            least 3 classes (4 when targeted).
+        restarts: random restarts on the samples still robust (default 1).
+        rho: the checkpoint success-rate threshold, in (0, 1] (default 0.75).
+        momentum: alpha, in [0, 1] (default 0.75).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult`.
+
+    Usage: ``APGD(Threat("linf", 8/255), loss="dlr")(model, x, y, generator=g)``
+    """
+
     name = "apgd"
 
     def __init__(self, threat: Threat, steps: int = 100, loss: str = "ce", restarts: int = 1,
@@ -146,18 +149,37 @@ class APGD(Attack):
                 "restarts": self.restarts, "rho": self.rho, "momentum": self.momentum}
 
     def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
-        for restart in range(self.restarts):
-            if restart:
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
-            _apgd(self, model, x, y, targets, targets, generator, tracker, idx, oracle,
+        for _, active in tracker.runs(idx, range(self.restarts)):
+            _apgd(self, model, x, y, targets, targets, generator, tracker, active, oracle,
                   self._loss)
 
 
 @register_attack("apgd-t")
 class APGDT(APGD):
-    """Targeted APGD over the top ``n_targets`` classes (untargeted success criterion)."""
+    """APGD-T: targeted APGD over the top classes (Croce & Hein, ICML 2020, the targeted
+    member of AutoAttack's standard suite).
+
+    Threat model: white-box, ``Linf`` or ``L2`` ball of radius ``eps`` intersected with
+    [0, 1]; untargeted success criterion (the attack picks its own targets, so ``targets``
+    must not be given to the call).
+
+    Runs :class:`APGD` with the targeted DLR loss against each of the ``n_targets`` classes
+    with the highest clean logits after the predicted one, ``restarts`` times each, always on
+    the samples still robust; the best iterate per sample is kept across all runs. Needs at
+    least 4 classes.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        steps: iterations per run (default 100).
+        n_targets: target classes tried, at most K - 1 (default 9).
+        restarts: runs per target class (default 1).
+        rho, momentum: as :class:`APGD` (defaults 0.75, 0.75).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N ->
+    :class:`~unmask.bench.core.AttackResult`.
+
+    Usage: ``APGDT(Threat("linf", 8/255), n_targets=9)(model, x, y, generator=g)``
+    """
 
     name = "apgd-t"
 
@@ -190,10 +212,7 @@ class APGDT(APGD):
         all_targets = torch.zeros(x.shape[0], order.shape[1], dtype=torch.long, device=x.device)
         all_targets[idx] = order
         n_targets = min(self.n_targets, order.shape[1] - 1)
-        for rank in range(1, n_targets + 1):
-            for _ in range(self.restarts):
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
-                _apgd(self, model, x, y, all_targets[:, rank], None, generator, tracker, idx,
-                      oracle, dlr_loss)
+        runs = itertools.product(range(1, n_targets + 1), range(self.restarts))
+        for (rank, _), active in tracker.runs(idx, runs):
+            _apgd(self, model, x, y, all_targets[:, rank], None, generator, tracker, active,
+                  oracle, dlr_loss)

@@ -73,6 +73,7 @@ class PoisonedSet:
 
     @property
     def rate(self) -> float:
+        """The share of the training set that was poisoned, in [0, 1]."""
         return len(self.indices) / len(self.y) if len(self.y) else 0.0
 
 
@@ -209,19 +210,29 @@ class Backdoor:
         return cls(trig, rate=poison_rate, target=target, mode=mode, num_classes=num_classes)
 
     def poison(self, x: Tensor, y: Tensor, *, generator=None) -> PoisonedSet:
+        """Poison a training set with this configuration: :func:`poison` with its trigger, rate,
+        target and mode. Usage: ``Backdoor(BadNets(), rate=0.1).poison(x, y, generator=0)``.
+        """
         return poison(x, y, self.trigger, rate=self.rate, target=self.target, mode=self.mode,
                       num_classes=self.num_classes, generator=generator)
 
     def triggered_test_set(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """The triggered test images and the attacker's labels for them
+        (:func:`triggered_test_set`).
+        """
         return triggered_test_set(x, y, self.trigger, target=self.target, mode=self.mode,
                                   num_classes=self.num_classes)
 
     def attack_success_rate(self, model: nn.Module, x: Tensor, y: Tensor, *,
                             batch_size: int = 512) -> float:
+        """ASR in [0, 1] of ``model`` on the clean test set ``(x, y)``
+        (:func:`attack_success_rate`).
+        """
         return attack_success_rate(model, x, y, self.trigger, target=self.target, mode=self.mode,
                                    num_classes=self.num_classes, batch_size=batch_size)
 
     def config(self) -> dict[str, Any]:
+        """The configuration as a JSON-ready dict (trigger name and options, rate, target, mode)."""
         return {"trigger": self.trigger.name, "trigger_options": self.trigger.config(),
                 "poison_rate": self.rate, "target": self.target, "mode": self.mode.value,
                 "num_classes": self.num_classes}

@@ -46,9 +46,13 @@ class Trigger:
         return self.apply(check_images(x))
 
     def apply(self, x: Tensor) -> Tensor:  # pragma: no cover - abstract
+        """Stamp the trigger on a validated batch ``N x C x H x W`` in [0, 1]; returns a new tensor
+        of the same shape, in [0, 1].
+        """
         raise NotImplementedError
 
     def config(self) -> dict[str, Any]:  # pragma: no cover - abstract
+        """The trigger's settings as a JSON-ready dict (for provenance and the zoo recipe)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -20,8 +20,9 @@ seed gives the same result on any device.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,9 @@ from ..bench.core.registry import Registry
 from .losses import Loss, loss_fn
 
 __all__ = ["Attack", "ATTACKS", "register_attack", "Tracker", "compaction_points",
-           "GradientOracle", "check_targets", "steepest_step"]
+           "GradientOracle", "WrapperAttack", "check_targets", "steepest_step"]
+
+T = TypeVar("T")
 
 ATTACKS: Registry[type] = Registry("attack")
 register_attack = ATTACKS.register
@@ -110,6 +113,7 @@ class Tracker:
                                        self.x_best[idx])
 
     def cost(self, idx: Tensor, forwards: int = 1, backwards: int = 0) -> None:
+        """Add ``forwards`` forward and ``backwards`` backward passes to each sample of ``idx``."""
         if forwards:
             self.forwards[idx] += forwards
         if backwards:
@@ -119,7 +123,35 @@ class Tracker:
         """Boolean mask over ``idx``: not broken yet."""
         return self.margin[idx] >= 0
 
+    def runs(self, idx: Tensor, runs: Iterable[T]) -> Iterator[tuple[T, Tensor]]:
+        """Restarts over the samples still robust: for each item of ``runs`` (a restart
+        number, or a (target rank, restart) pair), yield it with the samples of ``idx`` not
+        broken by the runs before; stop as soon as none is left. The first run takes ``idx``
+        as given (:meth:`Attack.run` passes the samples robust after the clean pass)."""
+        for i, run in enumerate(runs):
+            if i:
+                idx = idx[self.robust(idx)]
+                if not idx.numel():
+                    return
+            yield run, idx
+
+    def shrink(self, idx: Tensor, *state: Tensor | None) -> tuple[Tensor, tuple]:
+        """Early exit: restrict the active samples ``idx`` and each per-sample ``state`` tensor
+        (rows aligned with ``idx``; None passes through) to the samples still robust.
+
+        Returns ``(idx, state)``, unchanged when nothing was broken; an empty ``idx`` means
+        every sample is broken and the run can stop. Reads the host once, so a step loop calls
+        it only at the :func:`compaction_points`.
+        """
+        keep = self.robust(idx)
+        if bool(keep.all()):  # host read: the caller is at a compaction point
+            return idx, state
+        return idx[keep], tuple(None if t is None else t[keep] for t in state)
+
     def result(self, name: str, config: dict[str, Any]) -> AttackResult:
+        """The run as an :class:`AttackResult`: best iterates, success (margin < 0), margins and
+        costs.
+        """
         return AttackResult(x_adv=self.x_best, success=self.margin < 0, margin=self.margin,
                             forwards=self.forwards, backwards=self.backwards, name=name,
                             config={**config, **self.extra})
@@ -207,11 +239,22 @@ class Attack:
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor, *, targets: Tensor | None = None,
                  generator: torch.Generator | int | None = None) -> AttackResult:
+        """Attack ``model`` on ``x`` (N x C x H x W in [0, 1]) with labels ``y`` (int64 N), targeted
+        at ``targets`` (int64 N) when given; randomness from ``generator`` (a torch.Generator or a
+        seed; None means seed 0). Returns an :class:`AttackResult`.
+        """
         return self.run(model, x, y, targets=targets, generator=generator)
 
     def run(self, model: nn.Module, x: Tensor, y: Tensor, *, targets: Tensor | None = None,
             generator: torch.Generator | int | None = None,
             oracle: GradientOracle = PLAIN) -> AttackResult:
+        """Like :meth:`__call__`, with the gradient ``oracle`` exposed (EOT passes one that averages
+        over random draws). Validates ``x`` (N x C x H x W in [0, 1]), ``y`` (int64 N) and
+        ``targets``; runs the model in eval mode with frozen parameters (both restored); attacks
+        only the samples the model still classifies correctly; returns an :class:`AttackResult`
+        whose ``x_adv`` is projected onto the threat ball once more. ``generator`` is a
+        torch.Generator or a seed (None means seed 0).
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         x, y = check_inputs(x, y, model=model)
@@ -243,6 +286,29 @@ class Attack:
 
     def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
         raise NotImplementedError  # pragma: no cover - abstract
+
+
+class WrapperAttack(Attack):
+    """Base of the attacks that wrap a gradient attack (:class:`~unmask.attacks.EOT`,
+    :class:`~unmask.attacks.BPDA`): checks that ``attack`` is a gradient attack, takes its
+    threat model, and labels the result ``<name>-<wrapped label>`` (e.g. ``eot-apgd-ce``).
+    The wrapped attack is never mutated.
+
+    Args:
+        attack: the gradient :class:`Attack` to wrap (not gradient-free, e.g. not Square).
+    """
+
+    def __init__(self, attack: Attack) -> None:
+        if not isinstance(attack, Attack) or attack.gradient_free:
+            raise TypeError(f"{type(self).__name__} wraps a gradient attack (FGSM, PGD, APGD, "
+                            f"EOT, BPDA, ...), got {type(attack).__name__}")
+        super().__init__(attack.threat)
+        self.attack = attack
+
+    @property
+    def label(self) -> str:
+        """``<name>-<wrapped attack's label>``, e.g. ``bpda-pgd``."""
+        return f"{self.name}-{self.attack.label}"
 
 
 def resolve_loss(loss: str | Loss):

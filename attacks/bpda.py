@@ -1,30 +1,6 @@
-"""BPDA: Backward Pass Differentiable Approximation (Athalye, Carlini & Wagner, ICML 2018).
-
-Wraps any gradient attack. On the forward pass, non-differentiable preprocessing modules
-(quantisation, JPEG, ...) run as they are; on the backward pass their gradient is that of a
-differentiable approximation, the identity by default. Implemented with forward hooks that
-return ``approx(x) + (f(x) - approx(x)).detach()``, removed when the attack returns or raises.
-
-Modules declare their approximation with a method ``bpda_approximation(x)``; BPDA finds them
-in the model. ``approximations`` overrides or extends that: a mapping from a module (or its
-qualified name in ``model.named_modules()``) to a callable, or to None for the identity, or a
-list of names/modules approximated by the identity.
-
-Functional ops: ``BPDA(attack, functional=True)`` also replaces the non-differentiable torch
-functions called anywhere in ``forward`` (``torch.round``, ``torch.floor``, ``torch.ceil``,
-``torch.trunc``, ``torch.sign``, ``torch.frac`` and their ``Tensor`` methods, see
-``STRAIGHT_THROUGH_OPS``) by straight-through versions while the attack computes gradients,
-through a ``torch.overrides.TorchFunctionMode``: the forward value is the op's own, bit for
-bit, and the backward pass is the identity. This mode needs no module names; modules with a
-``bpda_approximation`` are still hooked when present. Not covered: comparisons followed by
-casts (``(x > t).float()``), whose boolean intermediate carries no gradient at all.
-
-Success is re-checked on the model without hooks or mode, so ``success`` is exactly the true
-model's verdict.
-
-Usage: ``BPDA(PGD(Threat("linf", 0.3)))(quantised_model, x, y, generator=g)``, or for a
-model that calls ``torch.round`` in its forward:
-``BPDA(PGD(Threat("linf", 0.3)), functional=True)(model, x, y, generator=g)``
+"""BPDA: Backward Pass Differentiable Approximation (Athalye, Carlini & Wagner, ICML 2018);
+documented on :class:`BPDA`. Also :class:`StraightThroughMode`, the straight-through
+replacement of non-differentiable torch functions it uses with ``functional=True``.
 """
 
 from __future__ import annotations
@@ -36,7 +12,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..bench.core import AttackResult, check_inputs, margin, model_mode
-from .base import Attack, register_attack
+from .base import Attack, WrapperAttack, register_attack
 
 __all__ = ["BPDA", "STRAIGHT_THROUGH_OPS", "StraightThroughMode", "find_preprocessing"]
 
@@ -123,25 +99,58 @@ def find_preprocessing(model: nn.Module, approximations=None) -> list[tuple[str,
 
 
 @register_attack("bpda")
-class BPDA(Attack):
+class BPDA(WrapperAttack):
+    """BPDA: Backward Pass Differentiable Approximation (Athalye, Carlini & Wagner, "Obfuscated
+    Gradients Give a False Sense of Security", ICML 2018).
+
+    Threat model: white-box against a model with non-differentiable preprocessing (quantisation,
+    JPEG, thresholding, ...); the wrapped attack's ball and loss.
+
+    Wraps any gradient attack. On the forward pass, non-differentiable preprocessing modules run
+    as they are; on the backward pass their gradient is that of a differentiable approximation,
+    the identity by default. Implemented with forward hooks that return
+    ``approx(x) + (f(x) - approx(x)).detach()``, removed when the attack returns or raises.
+    Modules declare their approximation with a method ``bpda_approximation(x)``; BPDA finds them
+    in the model (:func:`find_preprocessing`).
+
+    Functional ops: with ``functional=True`` the non-differentiable torch functions called
+    anywhere in ``forward`` (``torch.round``, ``floor``, ``ceil``, ``trunc``, ``sign``, ``frac``
+    and their ``Tensor`` methods, see ``STRAIGHT_THROUGH_OPS``) are replaced by straight-through
+    versions while the attack computes gradients, through :class:`StraightThroughMode`: the
+    forward value is the op's own, bit for bit, and the backward pass is the identity. This mode
+    needs no module names; modules with a ``bpda_approximation`` are still hooked when present.
+    Not covered: comparisons followed by casts (``(x > t).float()``), whose boolean intermediate
+    carries no gradient at all.
+
+    Success is re-checked on the model without hooks or mode, so ``success`` is exactly the true
+    model's verdict. Raises ``ValueError`` when there is nothing to approximate.
+
+    Args:
+        attack: a gradient attack (FGSM, PGD, APGD, EOT, ...), not mutated.
+        approximations: default None; overrides or extends the modules found: a mapping from a
+            module (or its qualified name in ``model.named_modules()``) to a callable, or to None
+            for the identity, or a list of names/modules approximated by the identity.
+        functional: also approximate the torch functions above (default False).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult` (its ``config`` lists the ``approximated`` modules
+    and the number of ``straight_through_calls``).
+
+    Usage: ``BPDA(PGD(Threat("linf", 0.3)))(quantised_model, x, y, generator=g)``, or for a model
+    that calls ``torch.round`` in its forward:
+    ``BPDA(PGD(Threat("linf", 0.3)), functional=True)(model, x, y, generator=g)``
+    """
+
     name = "bpda"
 
     def __init__(self, attack: Attack,
                  approximations: Mapping | Sequence | None = None,
                  functional: bool = False) -> None:
-        if not isinstance(attack, Attack) or attack.gradient_free:
-            raise TypeError("BPDA wraps a gradient attack (FGSM, PGD, APGD, EOT, ...), got "
-                            f"{type(attack).__name__}")
-        super().__init__(attack.threat)
-        self.attack = attack
+        super().__init__(attack)
         self.approximations = approximations
         if not isinstance(functional, bool):
             raise TypeError(f"functional must be a bool, got {type(functional).__name__}")
         self.functional = functional
-
-    @property
-    def label(self) -> str:
-        return f"bpda-{self.attack.label}"
 
     def config(self):
         return {**self.attack.config(), "attack": self.label, "functional": self.functional}

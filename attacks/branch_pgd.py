@@ -1,24 +1,5 @@
-"""BranchPGD: PGD whose gradient flows through one chosen sub-module only.
-
-For models with parallel branches (Inception-style blocks, two-stream texture/shape models),
-every other listed branch is detached on the backward pass only: the forward pass, and so
-the model's prediction, is unchanged, but the perturbation is steered by one branch's gradient
-alone. The result then says whether that perturbation fools the full model (``success``) and
-a copy of the model with the chosen branch disabled (its output set to zero,
-``fooled_without_branch``): the experiment that shows how adversarial vulnerability is shared
-between a network's parts (cf. Ilyas et al. 2019, "Adversarial Examples Are Not Bugs, They
-Are Features", for features shared across parts of the input).
-
-Args:
-    threat: ``Threat("linf" | "l2", eps)``.
-    branch: qualified name (as in ``model.named_modules()``) of the branch the gradient flows
-        through.
-    branches: qualified names of all parallel branches; the others than ``branch`` are detached.
-    steps, step_size, restarts, loss, random_start: as :class:`~unmask.attacks.PGD`.
-
-Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`BranchAttackResult`.
-
-Usage: ``BranchPGD(Threat("linf", 0.1), branch="shape", branches=["shape", "texture"])(model, x, y)``
+"""BranchPGD: PGD whose gradient flows through one chosen sub-module only; documented on
+:class:`BranchPGD`.
 """
 
 from __future__ import annotations
@@ -51,6 +32,36 @@ class BranchAttackResult(AttackResult):
 
 @register_attack("branch-pgd")
 class BranchPGD(PGD):
+    """BranchPGD: PGD (Madry et al., ICLR 2018) whose gradient flows through one chosen
+    sub-module only.
+
+    Threat model: white-box, ``Linf`` or ``L2`` ball of radius ``eps`` intersected with
+    [0, 1], with the gradient restricted to one branch of the model.
+
+    For models with parallel branches (Inception-style blocks, two-stream texture/shape models),
+    every other listed branch is detached on the backward pass only: the forward pass, and so
+    the model's prediction, is unchanged, but the perturbation is steered by one branch's gradient
+    alone. The result then says whether that perturbation fools the full model (``success``) and
+    a copy of the model with the chosen branch disabled (its output set to zero,
+    ``fooled_without_branch``): the experiment that shows how adversarial vulnerability is shared
+    between a network's parts (cf. Ilyas, Santurkar, Tsipras, Engstrom, Tran & Madry,
+    "Adversarial Examples Are Not Bugs, They Are Features", NeurIPS 2019, for features shared
+    across parts of the input).
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        branch: qualified name (as in ``model.named_modules()``) of the branch the gradient flows
+            through.
+        branches: qualified names of all parallel branches (``branch`` among them); the others
+            are detached.
+        steps, step_size, restarts, loss, random_start: as :class:`~unmask.attacks.PGD`
+            (defaults 40, ``2.5 * eps / steps``, 1, ``"ce"``, True).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N -> :class:`BranchAttackResult`.
+
+    Usage: ``BranchPGD(Threat("linf", 0.1), branch="shape", branches=["shape", "texture"])(model, x, y)``
+    """
+
     name = "branch-pgd"
 
     def __init__(self, threat: Threat, branch: str, branches: Sequence[str], steps: int = 40,

@@ -83,6 +83,7 @@ class AttackCost:
     rejected: int = 0  # candidates that fooled the reduced-precision search model only
 
     def to_dict(self) -> dict[str, Any]:
+        """The cost record as a JSON-ready dict."""
         return dict(vars(self))
 
 
@@ -119,6 +120,7 @@ class EnsembleResult:
 
     @property
     def n(self) -> int:
+        """The number of samples evaluated."""
         return int(self.robust.numel())
 
     @property
@@ -128,15 +130,22 @@ class EnsembleResult:
 
     @property
     def robust_accuracy_std(self) -> float:
+        """Spread (std) of the per-draw robust accuracy for a randomised model; 0.0 for a
+        deterministic one.
+        """
         if self.robust_accuracy_draws is None:
             return 0.0
         return float(self.robust_accuracy_draws.std(unbiased=False))
 
     @property
     def clean_accuracy(self) -> float:
+        """Share of samples classified correctly before any attack."""
         return float(self.clean_correct.float().mean())
 
     def to_dict(self) -> dict[str, Any]:
+        """The summary as a JSON-ready dict: threat, n, clean and robust accuracy, counts of samples
+        broken per attack, costs per attack, config (the per-sample tensors are not included).
+        """
         return {
             "threat": self.threat.to_dict(),
             "n": self.n,
@@ -240,6 +249,7 @@ class Ensemble:
         raise ValueError(f"unknown ensemble preset {name!r}; expected one of {', '.join(PRESETS)}")
 
     def config(self) -> dict[str, Any]:
+        """The ensemble's settings (attacks' configs, draws, threat, precision) for provenance."""
         out = {"attacks": [a.config() for a in self.attacks], "draws": self.draws,
                **self.threat.to_dict()}
         if self.precision is not Precision.FP32:  # absent for fp32: older records stay equal

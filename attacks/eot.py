@@ -1,21 +1,5 @@
-"""EOT: Expectation over Transformation (Athalye, Engstrom, Ilyas & Kwok, ICML 2018; and
-Athalye, Carlini & Wagner, ICML 2018, for randomised defenses).
-
-Wraps any gradient attack so that every gradient is the average over ``samples`` draws of a
-random transformation (or of the model's own randomness when ``transform`` is None): the
-``samples`` copies are stacked along the batch dimension and run in one forward pass.
-
-The result reports success in expectation: ``expected_success`` is the share of ``eval_draws``
-fresh random draws under which ``x_adv`` still fools the model, and ``success`` means a
-majority of them (``>= 0.5``).
-
-Args:
-    attack: a gradient attack (FGSM, PGD, APGD, APGDT, ...), not mutated.
-    transform: a :mod:`unmask.attacks.transforms` transform, or None for model randomness.
-    samples: draws per gradient (default 10).
-    eval_draws: fresh draws to measure success in expectation (default 32).
-
-Usage: ``EOT(PGD(Threat("linf", 0.3)), samples=10)(noisy_model, x, y, generator=g)``
+"""EOT: Expectation over Transformation (Athalye et al., ICML 2018); documented on
+:class:`EOT`.
 """
 
 from __future__ import annotations
@@ -24,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..bench.core import AttackResult, check_inputs, make_generator, margin, model_mode
-from .base import Attack, GradientOracle, register_attack
+from .base import Attack, GradientOracle, WrapperAttack, register_attack
 from .pgd import _positive_int
 
 __all__ = ["EOT", "success_rate"]
@@ -58,23 +42,42 @@ def success_rate(model: nn.Module, x_adv: Tensor, y: Tensor, *, targets: Tensor 
 
 
 @register_attack("eot")
-class EOT(Attack):
+class EOT(WrapperAttack):
+    """EOT: Expectation over Transformation (Athalye, Engstrom, Ilyas & Kwok, "Synthesizing
+    Robust Adversarial Examples", ICML 2018; and Athalye, Carlini & Wagner, "Obfuscated
+    Gradients Give a False Sense of Security", ICML 2018, for randomised defenses).
+
+    Threat model: white-box against a randomised model or input transformation; the wrapped
+    attack's ball and loss, success judged in expectation over the randomness.
+
+    Wraps any gradient attack so that every gradient (and the margin used to keep the best
+    iterate) is the average over ``samples`` draws of a random transformation (or of the model's
+    own randomness when ``transform`` is None): the ``samples`` copies are stacked along the batch
+    dimension and run in one forward pass. The result reports success in expectation:
+    ``expected_success`` is the share of ``eval_draws`` fresh random draws under which ``x_adv``
+    still fools the model, and ``success`` means a majority of them (``>= 0.5``).
+
+    Args:
+        attack: a gradient attack (FGSM, PGD, APGD, APGDT, BPDA, ...), not mutated.
+        transform: a :mod:`unmask.attacks.transforms` transform, or None (default) for the
+            model's own randomness.
+        samples: draws per gradient (default 10).
+        eval_draws: fresh draws to measure success in expectation (default 32).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult` with ``expected_success`` float N.
+
+    Usage: ``EOT(PGD(Threat("linf", 0.3)), samples=10)(noisy_model, x, y, generator=g)``
+    """
+
     name = "eot"
 
     def __init__(self, attack: Attack, transform=None, samples: int = 10,
                  eval_draws: int = 32) -> None:
-        if not isinstance(attack, Attack) or attack.gradient_free:
-            raise TypeError("EOT wraps a gradient attack (FGSM, PGD, APGD, ...), got "
-                            f"{type(attack).__name__}")
-        super().__init__(attack.threat)
-        self.attack = attack
+        super().__init__(attack)
         self.transform = transform
         self.samples = _positive_int(samples, "samples")
         self.eval_draws = _positive_int(eval_draws, "eval_draws")
-
-    @property
-    def label(self) -> str:
-        return f"eot-{self.attack.label}"
 
     def config(self):
         t = self.transform.config() if hasattr(self.transform, "config") else repr(self.transform)

@@ -21,18 +21,25 @@ __all__ = ["Loss", "loss_fn", "ce_loss", "margin_loss", "dlr_loss"]
 
 
 class Loss(StrEnum):
+    """The named attack losses: ``ce``, ``margin``, ``dlr`` (see the module docstring)."""
     CE = "ce"
     MARGIN = "margin"
     DLR = "dlr"
 
 
 def ce_loss(logits: Tensor, y: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Per-sample cross-entropy of the true label (untargeted) or minus that of the target
+    (targeted): ``N x K`` logits -> ``N``.
+    """
     if targets is None:
         return F.cross_entropy(logits, y, reduction="none")
     return -F.cross_entropy(logits, targets, reduction="none")
 
 
 def margin_loss(logits: Tensor, y: Tensor, targets: Tensor | None = None) -> Tensor:
+    """Carlini & Wagner's logit margin, ``max_{j != y} z_j - z_y`` (targeted: ``z_t - max_{j != t}
+    z_j``): positive exactly when the attack succeeded. ``N x K`` -> ``N``.
+    """
     return -margin(logits, y, targets)
 
 

@@ -1,26 +1,4 @@
-"""PGD: Projected Gradient Descent (Madry et al., ICLR 2018).
-
-``steps`` steepest-ascent steps of size ``step_size`` on the loss, each followed by the
-projection onto the eps-ball intersected with [0, 1], from a uniform random start. With
-``restarts`` > 1 the samples still robust are attacked again from a fresh start; the best
-iterate per sample is kept across steps and restarts.
-
-Args:
-    threat: ``Threat("linf" | "l2", eps)``.
-    steps: iterations per restart (default 40).
-    step_size: default ``2.5 * eps / steps`` (Madry et al.'s rule of thumb).
-    restarts: random restarts (default 1).
-    loss: ``"ce"`` (default), ``"margin"`` (Carlini & Wagner logit margin) or ``"dlr"``
-        (Croce & Hein 2020). Targeted when ``targets`` is given to the call.
-    random_start: start from a uniform point of the ball (default True).
-    loss_fn: optional callable ``(logits, y, targets) -> per-sample loss`` to ascend instead
-        of the named ``loss`` (e.g. a wrapper that records the loss trajectory, as the
-        masking diagnosis does; it must not read tensors back to the host). ``loss`` is
-        still recorded in ``config()`` and should name the loss the callable computes.
-
-Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult`.
-
-Usage: ``PGD(Threat("linf", 0.3), steps=40)(model, x, y, generator=g)``
+"""PGD: Projected Gradient Descent (Madry et al., ICLR 2018); documented on :class:`PGD`.
 """
 
 from __future__ import annotations
@@ -41,6 +19,37 @@ def _positive_int(value, what: str) -> int:
 
 @register_attack("pgd")
 class PGD(Attack):
+    """PGD: Projected Gradient Descent (Madry, Makelov, Schmidt, Tsipras & Vladu, "Towards Deep
+    Learning Models Resistant to Adversarial Attacks", ICLR 2018).
+
+    Threat model: white-box (input gradients), ``Linf`` or ``L2`` ball of radius ``eps``
+    intersected with [0, 1]; untargeted, or targeted when ``targets`` is given to the call.
+
+    ``steps`` steepest-ascent steps of size ``step_size`` on the loss (``sign(grad)`` for Linf,
+    ``grad / ||grad||_2`` for L2), each followed by the projection onto the ball, from a uniform
+    random start. With ``restarts`` > 1 the samples still robust are attacked again from a fresh
+    start; the best iterate per sample (lowest margin) is kept across steps and restarts.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        steps: iterations per restart (default 40).
+        step_size: default None, meaning ``2.5 * eps / steps`` (Madry et al.'s rule of thumb).
+        restarts: random restarts (default 1).
+        loss: ``"ce"`` (default), ``"margin"`` (Carlini & Wagner logit margin) or ``"dlr"``
+            (Croce & Hein 2020).
+        random_start: start from a uniform point of the ball (default True).
+        loss_fn: default None; a callable ``(logits, y, targets) -> per-sample loss`` to ascend
+            instead of the named ``loss`` (e.g. a wrapper that records the loss trajectory, as the
+            masking diagnosis does; it must not read tensors back to the host). ``loss`` is
+            still recorded in ``config()`` and should name the loss the callable computes.
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult` (``x_adv`` N x C x H x W; ``success``, ``margin``,
+    ``forwards``, ``backwards`` N).
+
+    Usage: ``PGD(Threat("linf", 0.3), steps=40)(model, x, y, generator=g)``
+    """
+
     name = "pgd"
 
     def __init__(self, threat: Threat, steps: int = 40, step_size: float | None = None,
@@ -65,13 +74,9 @@ class PGD(Attack):
                 "restarts": self.restarts, "loss": self.loss.value,
                 "random_start": self.random_start}
 
-    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+    def _attack(self, model, x, y, targets, generator, tracker, robust, oracle) -> None:
         points = compaction_points(self.steps)
-        for restart in range(self.restarts):
-            if restart:
-                idx = idx[tracker.robust(idx)]
-                if not idx.numel():
-                    return
+        for _, idx in tracker.runs(robust, range(self.restarts)):
             xa, ya = x[idx], y[idx]
             ta = targets[idx] if targets is not None else None
             x_cur = self.threat.random_point(xa, generator) if self.random_start else xa.clone()
@@ -82,12 +87,9 @@ class PGD(Attack):
                 x_cur = self.threat.project(
                     steepest_step(self.threat, x_cur, grad, self.step_size), xa)
                 if step in points and step < self.steps:
-                    keep = tracker.robust(idx)
-                    if not bool(keep.all()):  # host read: only at the compaction points
-                        idx, xa, ya, x_cur = idx[keep], xa[keep], ya[keep], x_cur[keep]
-                        ta = ta[keep] if ta is not None else None
-                        if not idx.numel():
-                            return
+                    idx, (xa, ya, ta, x_cur) = tracker.shrink(idx, xa, ya, ta, x_cur)
+                    if not idx.numel():
+                        return
             with torch.no_grad():
                 tracker.update(idx, x_cur, margin(oracle.logits(model, x_cur, generator), ya, ta))
             tracker.cost(idx, oracle.samples)

@@ -1,29 +1,4 @@
-"""Square Attack (Andriushchenko, Croce, Flammarion & Hein, ECCV 2020): a score-based,
-gradient-free random search.
-
-Each query changes one random square window of the current best perturbation and keeps the
-change if the margin loss ``z_y - max_{j != y} z_j`` decreases. The window's side follows the
-paper's schedule of the share of changed pixels ``p`` (``p_init`` halved at 10, 50, 200, 500,
-1000, 2000, 4000, 6000 and 8000 of 10,000 iterations, rescaled to ``queries``).
-
-* Linf: initialised with vertical stripes of +-eps; each window is set to +-eps per channel
-  (windows and signs drawn per sample; a window that would not change the image takes the
-  opposite sign, so no query is wasted).
-* L2: the paper's pseudo-Gaussian "meta-square" perturbations, moving mass from a second
-  window to the first while keeping the perturbation on the eps-sphere.
-
-Only forward passes are needed, so it works on models whose gradients are useless: the
-reference black-box check of the masking diagnosis.
-
-Args:
-    threat: ``Threat("linf" | "l2", eps)``.
-    queries: model queries per sample, the initialisation included (default 5000).
-    p_init: initial share of changed pixels (default 0.8).
-
-Shapes: ``x`` N x C x H x W in [0, 1], ``y`` N int64 -> :class:`AttackResult` with per-sample
-query counts in ``forwards``.
-
-Usage: ``Square(Threat("linf", 0.3), queries=5000)(model, x, y, generator=g)``
+"""Square Attack (Andriushchenko et al., ECCV 2020); documented on :class:`Square`.
 """
 
 from __future__ import annotations
@@ -77,6 +52,39 @@ def _pseudo_gaussian(s: int) -> Tensor:
 
 @register_attack("square")
 class Square(Attack):
+    """Square Attack (Andriushchenko, Croce, Flammarion & Hein, "Square Attack: a query-efficient
+    black-box adversarial attack via random search", ECCV 2020).
+
+    Threat model: black-box, score-based (logits only, no gradient), ``Linf`` or ``L2`` ball of
+    radius ``eps`` intersected with [0, 1]; untargeted, or targeted when ``targets`` is given.
+
+    Each query changes one random square window of the current best perturbation and keeps the
+    change if the margin loss ``z_y - max_{j != y} z_j`` decreases. The window's side follows the
+    paper's schedule of the share of changed pixels ``p`` (``p_init`` halved at 10, 50, 200, 500,
+    1000, 2000, 4000, 6000 and 8000 of 10,000 iterations, rescaled to ``queries``; see
+    :func:`p_schedule`).
+
+    * Linf: initialised with vertical stripes of +-eps; each window is set to +-eps per channel
+      (windows and signs drawn per sample; a window that would not change the image takes the
+      opposite sign, so no query is wasted).
+    * L2: the paper's pseudo-Gaussian "meta-square" perturbations, moving mass from a second
+      window to the first while keeping the perturbation on the eps-sphere.
+
+    Only forward passes are needed, so it works on models whose gradients are useless: the
+    reference black-box check of the masking diagnosis.
+
+    Args:
+        threat: ``Threat("linf" | "l2", eps)``.
+        queries: model queries per sample, the initialisation included (default 5000).
+        p_init: initial share of changed pixels, in (0, 1] (default 0.8).
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult` with per-sample query counts in ``forwards`` (and
+    zero ``backwards``).
+
+    Usage: ``Square(Threat("linf", 0.3), queries=5000)(model, x, y, generator=g)``
+    """
+
     name = "square"
     gradient_free = True
 
@@ -138,13 +146,10 @@ class Square(Attack):
                 cand = self._l2_step(xa, x_best, p, host_gen)
             tracker.update(idx, cand, query(cand))
             if it + 1 in points and it + 1 < self.queries:
-                keep = tracker.robust(idx)
-                if not bool(keep.all()):  # host read: only at the compaction points
-                    idx, xa, ya = idx[keep], xa[keep], ya[keep]
-                    ta = ta[keep] if ta is not None else None
-                    n = idx.numel()
-                    if not n:
-                        return
+                idx, (xa, ya, ta) = tracker.shrink(idx, xa, ya, ta)
+                n = idx.numel()
+                if not n:
+                    return
 
     def _l2_init(self, n, c, h, w, host_gen, device) -> Tensor:
         """The paper's L2 initialisation: a grid of meta-squares with random signs."""

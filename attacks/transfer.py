@@ -1,15 +1,5 @@
-"""Transfer attack: craft adversarial examples on a surrogate model and evaluate them on the
-target (Papernot et al. 2017, "Practical black-box attacks"): the black-box setting in which
-the attacker trains a proxy model. Needs one query of the target per sample.
-
-A defense that is robust to white-box attacks but not to transferred examples masks its
-gradients: the masking diagnosis compares the two per sample.
-
-Args:
-    attack: any attack, run on the surrogate.
-    surrogate: a model following the input convention, for the same classes.
-
-Usage: ``Transfer(PGD(threat), surrogate=zoo.load("mnist-cnn"))(target, x, y)``
+"""Transfer attack from a surrogate model (Papernot et al., AsiaCCS 2017); documented on
+:class:`Transfer`.
 """
 
 from __future__ import annotations
@@ -25,6 +15,28 @@ __all__ = ["Transfer"]
 
 @register_attack("transfer")
 class Transfer(Attack):
+    """Transfer attack: craft adversarial examples on a surrogate model and evaluate them on the
+    target (Papernot, McDaniel, Goodfellow, Jha, Celik & Swami, "Practical Black-Box Attacks
+    against Machine Learning", AsiaCCS 2017).
+
+    Threat model: black-box, no gradient of the target: the attacker holds a proxy model for the
+    same classes; the ball is the wrapped attack's ``threat``. One query of the target per sample
+    (the verdict on the crafted example). The surrogate's cost is recorded in the result's
+    ``config`` (``surrogate_forwards``, ``surrogate_backwards``, ``surrogate_success_rate``).
+
+    A defense that is robust to white-box attacks but not to transferred examples masks its
+    gradients: the masking diagnosis compares the two per sample.
+
+    Args:
+        attack: any :class:`~unmask.attacks.Attack`, run on the surrogate (its threat is used).
+        surrogate: an ``nn.Module`` following the input convention, for the same classes.
+
+    Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N, ``targets`` int64 N or None ->
+    :class:`~unmask.bench.core.AttackResult` (``forwards`` counts target queries only).
+
+    Usage: ``Transfer(PGD(threat), surrogate=zoo.load("mnist-cnn"))(target, x, y, generator=g)``
+    """
+
     name = "transfer"
     gradient_free = True  # needs no gradient of the target
 

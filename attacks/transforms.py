@@ -30,6 +30,7 @@ class Transform:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def config(self) -> dict:
+        """The transform's name and settings as a dict (recorded in the attack's config)."""
         return {"transform": type(self).__name__, **{k: v for k, v in vars(self).items()}}
 
 

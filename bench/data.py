@@ -53,6 +53,10 @@ DATASETS: Registry[DatasetInfo] = Registry("dataset")
 
 
 def register_dataset(name: str, *, shape, num_classes: int, description: str, offline: bool):
+    """Decorator: register a loader ``fn(split) -> (x, y)`` as dataset ``name`` with its input
+    ``shape`` (C, H, W), ``num_classes``, a one-line ``description`` and whether it needs no
+    download (``offline``).
+    """
     def deco(fn):
         DATASETS.add(name, DatasetInfo(name, tuple(shape), num_classes, description, fn, offline))
         return fn
@@ -61,10 +65,12 @@ def register_dataset(name: str, *, shape, num_classes: int, description: str, of
 
 
 def names() -> list[str]:
+    """Names of the registered datasets, sorted."""
     return DATASETS.names()
 
 
 def info(name: str) -> DatasetInfo:
+    """The :class:`DatasetInfo` of dataset ``name``; ``ValueError`` naming the known ones."""
     try:
         return DATASETS.get(name)
     except KeyError as err:

@@ -81,6 +81,9 @@ class AdversarialLoss:
 
     @property
     def eps_scale(self) -> float:
+        """Share of ``eps`` in use: rises linearly from 0 to 1 over ``warmup_epochs`` (1.0
+        without warm-up).
+        """
         if self.warmup_epochs == 0:
             return 1.0
         return min(1.0, self.progress / self.warmup_epochs)
@@ -103,6 +106,9 @@ class AdversarialLoss:
         raise NotImplementedError  # pragma: no cover - abstract
 
     def config(self) -> dict[str, Any]:
+        """The loss's settings (method, threat, warm-up; subclasses add theirs) for the zoo
+        entry's provenance.
+        """
         return {"method": self.desc, **self.threat.to_dict(), "warmup_epochs": self.warmup_epochs}
 
 
@@ -248,8 +254,8 @@ def robustness_metrics(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
     x, y = x.to(device), y.to(device)
     result = PGD(threat, steps=steps)(model, x, y, generator=make_generator(generator))
     return {"clean_accuracy": accuracy(model, x, y),
-            "robust_accuracy": result.robust_accuracy(),
-            "fgsm_robust_accuracy": FGSM(threat)(model, x, y).robust_accuracy(),
+            "robust_accuracy": result.robust_accuracy,
+            "fgsm_robust_accuracy": FGSM(threat)(model, x, y).robust_accuracy,
             "attack": f"pgd-{steps}", **threat.to_dict(), "eval_samples": len(y),
             "eval_seconds": round(time.perf_counter() - start, 3)}
 

@@ -74,6 +74,7 @@ class GradientPenaltyLoss:
         return ce + self.lam * penalty
 
     def config(self) -> dict[str, Any]:
+        """The loss's settings (method, ``lam``, penalty norm) for the model card's provenance."""
         return {"method": self.desc, "lam": self.lam, "penalty_norm": self.norm.value}
 
 

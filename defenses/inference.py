@@ -73,6 +73,7 @@ class Quantize(nn.Module):
         return torch.round(x * top) / top  # torch.round has derivative 0: shattered gradient
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the identity (rounding is the identity up to a step)."""
         return x
 
     def extra_repr(self) -> str:
@@ -105,6 +106,7 @@ class JPEG(nn.Module):
         return _zero_gradient(out, x)
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the identity (JPEG approximately preserves the image)."""
         return x
 
     def extra_repr(self) -> str:
@@ -139,6 +141,7 @@ class GaussianNoiseInput(nn.Module):
         return (x + self.std * noise).clamp(0, 1)
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the identity (the expected Jacobian of additive noise)."""
         # The noise is additive: its expected Jacobian is the identity (EOT is the attack).
         return x
 
@@ -159,6 +162,7 @@ class ScaleLogits(nn.Module):
         return z * self.scale
 
     def bpda_approximation(self, z: Tensor) -> Tensor:
+        """BPDA's backward pass: the unscaled logits (a temperature does not move the argmax)."""
         return z
 
     def extra_repr(self) -> str:
@@ -172,6 +176,9 @@ class Softmax(nn.Module):
         return torch.softmax(z, dim=1)
 
     def bpda_approximation(self, z: Tensor) -> Tensor:
+        """BPDA's backward pass: the logits themselves (attack the margin, not the
+        probabilities).
+        """
         return z
 
 

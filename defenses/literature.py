@@ -142,6 +142,7 @@ class Thermometer(nn.Module):
         return _zero_gradient(self._decode(self.encode(x), x.shape[1]), x)
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the decoded soft thermometer code (Buckman et al.'s relaxation)."""
         return self._decode(self.soft_encode(x), x.shape[1])
 
     def extra_repr(self) -> str:
@@ -263,6 +264,7 @@ class SAP(nn.Module):
         return (flat * mask.to(flat.dtype) / keep.clamp_min(1e-12)).view_as(h)
 
     def bpda_approximation(self, h: Tensor) -> Tensor:
+        """BPDA's backward pass: the ReLU without pruning, the layer's expectation."""
         return torch.relu(h)
 
     def extra_repr(self) -> str:
@@ -309,6 +311,7 @@ class KWTA(nn.Module):
         return (flat * (flat >= kth).to(flat.dtype)).view_as(h)
 
     def bpda_approximation(self, h: Tensor) -> Tensor:
+        """BPDA's backward pass: the ReLU that the k-winners-take-all layer replaces."""
         return torch.relu(h)
 
     def extra_repr(self) -> str:
@@ -374,6 +377,7 @@ class EntropyDescent(nn.Module):
         return _zero_gradient(z, x)
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the identity (the purification barely moves the input)."""
         return x
 
     def extra_repr(self) -> str:
@@ -431,6 +435,7 @@ class TVDescent(nn.Module):
         return _zero_gradient(z, x)
 
     def bpda_approximation(self, x: Tensor) -> Tensor:
+        """BPDA's backward pass: the identity (the denoising barely moves the input)."""
         return x
 
     def extra_repr(self) -> str:
@@ -467,6 +472,9 @@ class RejectGate(nn.Module):
         return torch.where(flagged[:, None], self.scale * logits.detach(), logits)
 
     def bpda_approximation(self, logits: Tensor) -> Tensor:
+        """BPDA's backward pass: the logits themselves (differentiate the classifier through the
+        gate).
+        """
         return logits
 
     def extra_repr(self) -> str:

@@ -74,6 +74,7 @@ class TradesLoss(AdversarialLoss):
         return natural + self.beta * robust
 
     def config(self) -> dict[str, Any]:
+        """The loss's settings (the base's plus ``beta``, steps, step size) for provenance."""
         return {**super().config(), "beta": self.beta, "steps": self.steps,
                 "step_size": self.step_size}
 

@@ -133,6 +133,9 @@ class IGResult:
         return self.delta.abs() / self.output_change.abs().clamp_min(1e-12)
 
     def to_dict(self) -> dict[str, Any]:
+        """The completeness check as a JSON-ready dict: n, mean/max absolute delta and relative
+        error.
+        """
         rel = self.relative_error
         return {
             "n": int(self.delta.numel()),

@@ -47,6 +47,9 @@ class BranchAttribution:
         return {n: float(torch.nanmedian(self.share[:, i])) for i, n in enumerate(self.names)}
 
     def to_dict(self) -> dict[str, Any]:
+        """The medians as a JSON-ready dict: branch names, median share and magnitude per branch,
+        median share through no branch and through several.
+        """
         return {"branches": self.names, "median_share": self.median_share(),
                 "median_through_none": float(torch.nanmedian(self.through_none)),
                 "median_interaction": float(torch.nanmedian(self.interaction)),

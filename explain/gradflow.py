@@ -112,6 +112,7 @@ class NormStats:
 
     @classmethod
     def of(cls, values: Tensor) -> NormStats:
+        """Statistics of a tensor of per-sample norms (all NaN when it is empty or all NaN)."""
         v = values.detach().double().cpu()
         if v.numel() == 0 or bool(torch.isnan(v).all()):
             nan = float("nan")
@@ -121,6 +122,7 @@ class NormStats:
         return cls(float(q[0]), float(q[1]), float(q[2]), float(finite.min()), float(finite.max()))
 
     def to_dict(self) -> dict[str, float]:
+        """The statistics as a dict of floats (median, q25, q75, min, max)."""
         return {"median": self.median, "q25": self.q25, "q75": self.q75, "min": self.min,
                 "max": self.max}
 
@@ -172,9 +174,11 @@ class ModuleFlow:
 
     @property
     def label(self) -> str:
+        """The row's name in tables: the module name, with ``#k`` for its k-th call (k >= 2)."""
         return self.name if self.call == 0 else f"{self.name}#{self.call + 1}"
 
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        """The row as a JSON-ready dict; ``per_sample`` adds the per-sample gradient norms."""
         d = {
             "name": self.name, "kind": self.kind, "call": self.call, "depth": self.depth,
             "leaf": self.leaf, "functional": [*self.functional],
@@ -213,14 +217,17 @@ class GradFlowReport:
 
     @property
     def input(self) -> ModuleFlow:
+        """The last row: the gradient that reaches the input."""
         return self.rows[-1]
 
     @property
     def vanishing(self) -> bool:
+        """True when the input gradient collapsed (``collapse_at`` is set)."""
         return self.collapse_at is not None
 
     @property
     def exploding(self) -> bool:
+        """True when the input gradient exploded (``explode_at`` is set)."""
         return self.explode_at is not None
 
     def row(self, name: str, call: int = 0) -> ModuleFlow:
@@ -232,6 +239,7 @@ class GradFlowReport:
         raise KeyError(f"no row {name!r} (call {call}); rows: {known}")
 
     def find(self, name: str | None) -> ModuleFlow | None:
+        """The first row of module ``name``, or None (also when ``name`` is None)."""
         return None if name is None else next((r for r in self.rows if r.name == name), None)
 
     @property
@@ -262,6 +270,9 @@ class GradFlowReport:
         return text_table(cells[1:], cells[0])
 
     def to_dict(self, per_sample: bool = False) -> dict[str, Any]:
+        """The report as a JSON-ready dict with its schema version, verdicts, thresholds and
+        rows; ``per_sample`` adds each row's per-sample gradient norms.
+        """
         return {
             "schema": SCHEMA, "loss": self.loss, "n": self.n, "collapse_at": self.collapse_at,
             "explode_at": self.explode_at, "collapse_reason": self.collapse_reason,

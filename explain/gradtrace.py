@@ -193,6 +193,9 @@ class Tracer:
 
     # - lifecycle -
     def install(self) -> None:
+        """Hook every module of the model (forward pre-hooks and forward hooks); in-place modules
+        are switched out of place until :meth:`remove`.
+        """
         for m in self.model.modules():
             # In-place modules (ReLU(inplace=True)) would rewrite the view we hand them and so
             # hide their input gradient; out of place they compute bit-identical values.
@@ -206,6 +209,7 @@ class Tracer:
                 log.debug("cannot hook %s: %s", self.names.get(id(m)), err)
 
     def remove(self) -> None:
+        """Remove every hook and restore the in-place flags the tracer switched off."""
         for h in self.handles:
             h.remove()
         self.handles.clear()
@@ -215,6 +219,9 @@ class Tracer:
         self.stack.clear()
 
     def begin(self, n: int, device: torch.device) -> None:
+        """Start a new pass over a batch of ``n`` samples on ``device`` (call before the
+        forward).
+        """
         self._n, self._device = n, device
         self._calls = {}
         self.stack.clear()

@@ -43,6 +43,7 @@ class LayerNorm:
 
     @property
     def median(self) -> float:
+        """Median over the samples of the module's spectral norm."""
         return float(self.sigma.median())
 
 
@@ -64,9 +65,13 @@ class JacobianNorm:
 
     @property
     def median(self) -> float:
+        """Median over the samples of the model's spectral norm ``sigma``."""
         return float(self.sigma.median())
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: median, per-sample sigma, iterations, per-layer
+        medians.
+        """
         return {"median": self.median, "sigma": self.sigma.tolist(), "iters": self.iters,
                 "layers": [{"name": la.name, "kind": la.kind, "call": la.call,
                             "median": la.median} for la in self.layers]}

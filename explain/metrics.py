@@ -186,21 +186,26 @@ class DeletionInsertionResult:
 
     @property
     def deletion_auc(self) -> Tensor:
+        """``N``; area under the deletion curve (trapezoid over ``fractions``; lower is better)."""
         return self._auc(self.deletion, self.fractions)
 
     @property
     def insertion_auc(self) -> Tensor:
+        """``N``; area under the insertion curve (higher is better)."""
         return self._auc(self.insertion, self.fractions)
 
     @property
     def random_deletion_auc(self) -> Tensor:
+        """``N``; deletion AUC of the random ranking (the baseline)."""
         return self._auc(self.random_deletion, self.fractions)
 
     @property
     def random_insertion_auc(self) -> Tensor:
+        """``N``; insertion AUC of the random ranking (the baseline)."""
         return self._auc(self.random_insertion, self.fractions)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: mean AUCs and the mean curves over the samples."""
         return {
             "n": int(self.deletion.shape[0]),
             "steps": int(self.fractions.numel() - 1),
@@ -337,6 +342,7 @@ class RandomisationResult:
         return self.final_correlation < threshold
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: layers, mean correlation per layer, final, verdict."""
         return {
             "method": self.method,
             "absolute": self.absolute,
@@ -442,6 +448,7 @@ class SensitivityResult:
     samples: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: method, radius, samples, mean and max sensitivity."""
         return {"method": self.method, "radius": self.radius, "samples": self.samples,
                 "mean_sensitivity": float(self.sensitivity.mean()),
                 "max_sensitivity": float(self.sensitivity.max())}
@@ -513,6 +520,9 @@ class AttributionChangeResult:
     k: int
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: method, k, mean top-k intersection and rank
+        correlation.
+        """
         return {"method": self.method, "k": self.k,
                 "mean_topk_intersection": float(self.topk_intersection.mean()),
                 "mean_rank_correlation": float(self.rank_correlation.mean())}
@@ -579,6 +589,9 @@ class CompletenessResult:
         return bool((self.relative_error < tolerance).all())
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: n_steps, baseline, mean/max absolute and relative
+        error.
+        """
         rel = self.relative_error
         return {"n_steps": self.n_steps, "baseline": self.baseline,
                 "mean_abs_delta": float(self.delta.abs().mean()),
@@ -626,6 +639,9 @@ class TriggerLocalisationResult:
         return float(self.mass_in_trigger.mean()) / max(self.trigger_area, 1e-12)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: mean attribution mass inside the trigger, its area,
+        lift.
+        """
         return {"mean_mass_in_trigger": float(self.mass_in_trigger.mean()),
                 "trigger_area": self.trigger_area, "lift": self.lift}
 

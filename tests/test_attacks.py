@@ -31,7 +31,7 @@ from unmask.attacks import (
     success_rate,
 )
 from unmask.attacks.apgd import checkpoint_intervals
-from unmask.attacks.base import Attack, compaction_points
+from unmask.attacks.base import Attack, Tracker, compaction_points
 from unmask.attacks.square import p_schedule
 from unmask.bench import Threat
 from unmask.bench.core import AttackResult
@@ -336,7 +336,7 @@ def mnist_batch(mnist_test):
 def test_pgd40_breaks_standard_mnist_cnn(mnist_cnn, mnist_batch):
     x, y = mnist_batch
     r = PGD(Threat("linf", 0.3), steps=40)(mnist_cnn, x, y, generator=_gen())
-    assert r.robust_accuracy() <= 0.02
+    assert r.robust_accuracy <= 0.02
 
 
 def test_apgd_at_least_as_strong_as_pgd_same_budget(mnist_cnn, mnist_batch):
@@ -344,14 +344,14 @@ def test_apgd_at_least_as_strong_as_pgd_same_budget(mnist_cnn, mnist_batch):
     threat = Threat("linf", 0.1)
     pgd = PGD(threat, steps=20)(mnist_cnn, x, y, generator=_gen())
     apgd = APGD(threat, steps=20)(mnist_cnn, x, y, generator=_gen())
-    assert apgd.robust_accuracy() <= pgd.robust_accuracy() + 0.01
-    assert pgd.robust_accuracy() > 0.05  # the comparison is not trivial at this eps
+    assert apgd.robust_accuracy <= pgd.robust_accuracy + 0.01
+    assert pgd.robust_accuracy > 0.05  # the comparison is not trivial at this eps
 
 
 def test_square_breaks_standard_mnist_cnn(mnist_cnn, mnist_test):
     x, y = mnist_test
     r = Square(Threat("linf", 0.3), queries=5000)(mnist_cnn, x[:100], y[:100], generator=_gen())
-    assert r.robust_accuracy() <= 0.10
+    assert r.robust_accuracy <= 0.10
     # Score-based: forward passes only, query counts per sample.
     assert r.n_backward == 0 and int(r.queries.max()) <= 5000
 
@@ -379,9 +379,9 @@ def test_bpda_and_square_see_through_input_quantisation(mnist_cnn, mnist_test):
     square = Square(threat, queries=300)(model, x, y, generator=_gen())
     # Masked: the quantiser's gradient is zero, so plain PGD looks robust; the standard
     # model underneath is not, and both adaptive attacks show it.
-    assert plain.robust_accuracy() >= 0.8
-    assert bpda.robust_accuracy() <= 0.05
-    assert square.robust_accuracy() <= 0.10
+    assert plain.robust_accuracy >= 0.8
+    assert bpda.robust_accuracy <= 0.05
+    assert square.robust_accuracy <= 0.10
     assert bpda.config["approximated"] == ["0"]
 
 
@@ -440,7 +440,7 @@ def test_ensemble_is_the_per_sample_worst_case(mnist_cnn, mnist_batch):
     result = Ensemble(attacks)(mnist_cnn, x, y, generator=_gen())
     fgsm = FGSM(threat)(mnist_cnn, x, y)
     assert result.n == 100
-    assert result.robust_accuracy <= fgsm.robust_accuracy(fgsm.margin.new_ones(100).bool()) + 1e-9
+    assert result.robust_accuracy <= fgsm.robust_accuracy + 1e-9
     with torch.no_grad():
         pred = mnist_cnn(result.x_adv).argmax(1)
     assert torch.equal(result.robust, pred == y)  # robust exactly where x_adv is still correct
@@ -553,3 +553,42 @@ def test_ensemble_recheck_every_candidate_in_the_ball_and_in_fp32(mnist_cnn, mni
     assert bool(res.robust.eq(res.clean_correct).all())
     assert res.costs["liar"].broken == 0
     assert bool(threat.contains(res.x_adv, x).all())
+
+
+# --- the shared restart / early-exit bookkeeping ----------------------------------------------
+
+
+def _tracker(margins):
+    m = torch.tensor(margins)
+    return Tracker(torch.zeros(len(m), 1, 1, 1), m)
+
+
+def test_tracker_runs_restart_on_the_samples_still_robust():
+    tracker = _tracker([1.0, 1.0, 1.0, 1.0])
+    seen = []
+    for run, idx in tracker.runs(torch.arange(4), range(3)):
+        seen.append((run, idx.tolist()))
+        tracker.margin[idx[0]] = -1.0  # each run breaks its first sample
+    assert seen == [(0, [0, 1, 2, 3]), (1, [1, 2, 3]), (2, [2, 3])]
+    # Stops as soon as nothing is left, without asking for more runs.
+    tracker = _tracker([1.0, 1.0])
+    runs = []
+    for run, idx in tracker.runs(torch.arange(2), iter(range(10))):
+        runs.append(run)
+        tracker.margin[idx] = -1.0
+    assert runs == [0]
+
+
+def test_tracker_shrink_keeps_rows_aligned_and_passes_none_through():
+    tracker = _tracker([1.0, -1.0, 2.0, 0.5])
+    idx = torch.tensor([0, 1, 2, 3])
+    state = torch.arange(4.0) * 10
+    new_idx, (new_state, none) = tracker.shrink(idx, state, None)
+    assert new_idx.tolist() == [0, 2, 3] and new_state.tolist() == [0.0, 20.0, 30.0]
+    assert none is None
+    # Nothing broken: the same tensors come back, untouched.
+    same_idx, (same_state,) = tracker.shrink(new_idx, new_state)
+    assert same_idx is new_idx and same_state is new_state
+    tracker.margin[:] = -1.0
+    empty, _ = tracker.shrink(new_idx, new_state)
+    assert empty.numel() == 0

@@ -55,7 +55,7 @@ def test_attack_benchmark(benchmark, name, mnist_cnn, batch):
     attack = ATTACKS[name]()
     result = benchmark(lambda: attack(mnist_cnn, x, y, generator=torch.Generator().manual_seed(0)))
     benchmark.extra_info.update(forwards=result.n_forward, backwards=result.n_backward,
-                                robust_accuracy=result.robust_accuracy())
+                                robust_accuracy=result.robust_accuracy)
     assert bool(THREAT.contains(result.x_adv, x).all())
 
 

@@ -157,7 +157,7 @@ def test_attack_in_bf16_reports_the_fp32_verdict(capsys, tmp_path, digits_mlp):
     from unmask.bench import Threat
 
     fp32 = PGD(Threat("linf", 0.1), steps=5)(digits_mlp, x, y, generator=torch.Generator().manual_seed(0))
-    assert abs(summary["robust_accuracy"] - fp32.robust_accuracy()) <= 0.1
+    assert abs(summary["robust_accuracy"] - fp32.robust_accuracy) <= 0.1
 
 
 def test_perf_reports_rates_efficiency_and_the_settings(capsys, tmp_path, digits_mlp):

@@ -56,6 +56,9 @@ def _json_object(text: str) -> dict:
 
 def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bool = False
                    ) -> None:
+    """Add the model source options and ``--norm``, ``--eps`` (default 0.3), ``--n`` (default
+    ``n``, capped at the test split) and ``--seed`` to a sub-command's parser.
+    """
     add_model_source_args(p, optional_model)
     p.add_argument("--norm", default="linf", choices=("linf", "l2"))
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
@@ -164,7 +167,7 @@ def _attack(args: argparse.Namespace) -> int:
             clean = (model(x).argmax(1) == y)
         result, rejected = attack_in_precision(attack, model, x, y, precision=args.precision,
                                                generator=g)
-        robust = result.robust_accuracy()
+        robust = result.robust_accuracy
         summary = {"attack": result.config, "n": len(y), "clean_accuracy": float(clean.float().mean()),
                    "robust_accuracy": robust, "forwards": result.n_forward,
                    "backwards": result.n_backward, "precision": args.precision,

@@ -35,6 +35,7 @@ __all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``unmask`` argument parser with one sub-command per command group."""
     parser = argparse.ArgumentParser(
         prog="unmask",
         description="Adversarial robustness and interpretability benchmarks for PyTorch: "
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unmask`` command: parse ``argv`` (default ``sys.argv[1:]``), set the
+    log level from ``-v``, run the sub-command; returns the exit status.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)

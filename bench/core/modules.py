@@ -52,6 +52,7 @@ class Precision(StrEnum):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The torch dtype of the precision (float32, bfloat16 or float16)."""
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.value]
 
 

@@ -23,6 +23,9 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
 
     def add(self, name: str, entry: T, *, replace: bool = False) -> T:
+        """Register ``entry`` under ``name`` and return it; ``ValueError`` for an empty name or a
+        name already taken (unless ``replace``).
+        """
         if not isinstance(name, str) or not name:
             raise ValueError(f"a {self.kind} name must be a non-empty string, got {name!r}")
         if name in self._entries and not replace:
@@ -40,6 +43,7 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> T:
+        """The entry of ``name``; ``KeyError`` listing the known names."""
         try:
             return self._entries[name]
         except KeyError:
@@ -47,6 +51,7 @@ class Registry(Generic[T]):
             raise KeyError(f"unknown {self.kind} {name!r}; known: {known}") from None
 
     def names(self) -> list[str]:
+        """The registered names, sorted."""
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
@@ -68,4 +73,5 @@ class Registry(Generic[T]):
             self._entries = saved
 
     def remove(self, name: str) -> None:
+        """Forget ``name`` (no error when it is not registered)."""
         self._entries.pop(name, None)

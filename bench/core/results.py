@@ -41,10 +41,12 @@ class AttackResult:
 
     @property
     def n_forward(self) -> int:
+        """Total forward passes over all samples."""
         return int(self.forwards.sum())
 
     @property
     def n_backward(self) -> int:
+        """Total input-gradient evaluations over all samples."""
         return int(self.backwards.sum())
 
     @property
@@ -54,13 +56,14 @@ class AttackResult:
 
     @property
     def success_rate(self) -> float:
+        """Share of samples where the attack reached its goal (0.0 for no samples)."""
         return float(self.success.float().mean()) if self.success.numel() else 0.0
 
-    def robust_accuracy(self, clean_correct: Tensor | None = None) -> float:
-        """Share of samples the attack did not break (and, if given, that were correct)."""
+    @property
+    def robust_accuracy(self) -> float:
+        """Share of samples the attack did not break; a sample misclassified before the attack
+        counts as broken (its clean margin is already negative)."""
         robust = ~self.success
-        if clean_correct is not None:
-            robust = robust & clean_correct.to(robust.device)
         return float(robust.float().mean()) if robust.numel() else 0.0
 
 
@@ -121,14 +124,17 @@ class SampleOutcomes:
 
     @property
     def n(self) -> int:
+        """The number of samples."""
         return len(self.broken_by)
 
     @property
     def broken(self) -> Tensor:
+        """Bool ``N``: broken (by the clean pass or an attack)."""
         return torch.tensor([b is not None for b in self.broken_by], dtype=torch.bool)
 
     @property
     def robust_accuracy(self) -> float:
+        """Share of samples no one broke (0.0 for no samples)."""
         return sum(b is None for b in self.broken_by) / self.n if self.n else 0.0
 
     def counts(self) -> dict[str, int]:
@@ -154,10 +160,12 @@ class SampleOutcomes:
         return SampleOutcomes(broken_by, rate)
 
     def to_dict(self) -> dict[str, Any]:
+        """``broken_by`` and ``fooled_rate`` as JSON-ready lists."""
         return {"broken_by": list(self.broken_by),
                 "fooled_rate": None if self.fooled_rate is None else list(self.fooled_rate)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleOutcomes:
+        """Rebuild the outcomes from :meth:`to_dict`'s output."""
         return cls(tuple(d["broken_by"]), None if d.get("fooled_rate") is None
                    else tuple(d["fooled_rate"]))

@@ -140,6 +140,7 @@ class Threat:
         return self.project(x + delta, x)
 
     def to_dict(self) -> dict[str, Any]:
+        """``{"norm": "linf" | "l2", "eps": float}``."""
         return {"norm": self.norm.value, "eps": self.eps}
 
 

@@ -150,6 +150,7 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn, *, epochs: int,
 
 
 def cross_entropy_loss(model: nn.Module, xb: Tensor, yb: Tensor, generator) -> Tensor:
+    """The standard training loss ``CE(model(xb), yb)`` (the ``generator`` is unused)."""
     return F.cross_entropy(model(xb), yb)
 
 

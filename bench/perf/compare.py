@@ -37,6 +37,9 @@ def _time(fn):
 
 
 def main(argv=None) -> int:
+    """Command line of the torchattacks comparison (see the module docstring); returns the exit
+    status.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--n", type=int, default=256)
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         s, (res, _) = _time(lambda r=r: attack_in_precision(
             ours, model, x, y, precision=args.precision, generator=torch.Generator().manual_seed(r)))
         t_ours.append(s)
-        acc_ours = res.robust_accuracy()  # the fp32 model's verdict, as for torchattacks
+        acc_ours = res.robust_accuracy  # the fp32 model's verdict, as for torchattacks
         with torch.random.fork_rng():  # torchattacks draws its start from the global RNG
             torch.manual_seed(r)
             s, x_adv = _time(lambda: theirs(x, y))

@@ -58,6 +58,9 @@ def measure(model_name: str = "mnist-cnn", *, n: int | None = None, n_steps: int
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of the IG cost measurement (see the module docstring); returns the exit
+    status.
+    """
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mnist-cnn")
     p.add_argument("--n", type=int, default=None, help="images (default: the whole test split)")

@@ -85,6 +85,10 @@ def nominal_evaluations(attack, n: int) -> tuple[int, str]:
 
 @dataclass
 class AttackPerf:
+    """One attack's measured throughput: ``kind`` ``"gradient"`` or ``"forward"``, wall
+    ``seconds`` per repeat, the ``evaluations`` it executed, the ``nominal`` count without early
+    exit, and the robust accuracy it reached.
+    """
     name: str
     kind: str  # "gradient" or "forward"
     seconds: list[float]
@@ -94,14 +98,20 @@ class AttackPerf:
 
     @property
     def median_seconds(self) -> float:
+        """Median wall time over the repeats."""
         return statistics.median(self.seconds)
 
     def rate(self) -> float:
+        """Executed evaluations per second (at the median time)."""
         return self.evaluations / self.median_seconds
 
 
 @dataclass
 class PerfReport:
+    """Result of :func:`measure`: the reference rates ``r_fb`` (forward + backward images/s) and
+    ``r_f`` (forward-only) per repeat, one :class:`AttackPerf` per attack, the batch size and the
+    environment (device, threads, dtype, versions).
+    """
     r_fb: list[float]
     r_f: list[float]
     attacks: list[AttackPerf]
@@ -110,13 +120,18 @@ class PerfReport:
 
     @property
     def R_fb(self) -> float:  # noqa: N802 - the name used in the docs
+        """Median forward + backward images per second: the gradient attacks' physical limit."""
         return statistics.median(self.r_fb)
 
     @property
     def R_f(self) -> float:  # noqa: N802
+        """Median forward-only images per second: the score-based attacks' limit."""
         return statistics.median(self.r_f)
 
     def rows(self) -> list[dict[str, Any]]:
+        """One dict per attack: median/min/max seconds, evaluations per second, efficiency (ratio
+        to ``R_fb``, or ``R_f`` for forward attacks), effective speed, robust accuracy.
+        """
         out = []
         for a in self.attacks:
             ref = self.R_f if a.kind == "forward" else self.R_fb
@@ -131,14 +146,19 @@ class PerfReport:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (reference rates with their ranges, rows,
+        environment).
+        """
         return {"R_fb": self.R_fb, "R_fb_range": [min(self.r_fb), max(self.r_fb)],
                 "R_f": self.R_f, "R_f_range": [min(self.r_f), max(self.r_f)],
                 "batch": self.batch, "attacks": self.rows(), "environment": self.environment}
 
     def to_json(self) -> str:
+        """The report as indented JSON (:meth:`to_dict`)."""
         return json.dumps(self.to_dict(), indent=2)
 
     def table(self) -> str:
+        """The report as a plain-text table, one line per attack."""
         lines = [f"R_fb {self.R_fb:,.0f} img/s (range {min(self.r_fb):,.0f}..{max(self.r_fb):,.0f}),"
                  f" R_f {self.R_f:,.0f} img/s, batch {self.batch}, "
                  f"{self.environment.get('device')} x{self.environment.get('threads')} threads",
@@ -181,7 +201,7 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
         res = results[name]
         nominal, kind = nominal_evaluations(attack, x.shape[0])
         evals = res.n_forward if kind == "forward" else res.n_backward
-        robust = res.robust_accuracy()
+        robust = res.robust_accuracy
         if judge is not None:
             with model_mode(judge), torch.no_grad():
                 robust = float((margin(judge(res.x_adv), y) >= 0).float().mean())

@@ -103,6 +103,7 @@ class BenchmarkEntry:
     reference_label: str
 
     def to_dict(self) -> dict[str, Any]:
+        """The entry as a JSON-ready dict (the reference attack's builder left out)."""
         return {k: v for k, v in asdict(self).items() if k != "reference"}
 
 
@@ -245,6 +246,9 @@ class BenchmarkRow:
 
     @property
     def gap(self) -> float | None:
+        """The follow-up's robust accuracy minus the reference attack's (None without a
+        follow-up): how far the adaptive attack stayed above the known answer.
+        """
         if self.follow_up_after is None:
             return None
         return self.follow_up_after - self.reference_robust_accuracy
@@ -260,6 +264,7 @@ class BenchmarkRow:
         return out
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict, with ``gap`` and ``properties``."""
         d = asdict(self)
         d.update(gap=self.gap, properties=self.properties)
         return d

@@ -74,6 +74,7 @@ def _train(model: nn.Module, x: Tensor, y: Tensor, epochs: int, seed: int) -> No
 
 
 def main(argv=None) -> int:
+    """Command line of the device sweep (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", default="preact-resnet18")
     parser.add_argument("--width", type=int, help="base width of the ResNet (default its own)")
@@ -141,7 +142,7 @@ def main(argv=None) -> int:
                 row = {"batch": batch, "layout": layout, "precision": precision,
                        "R_fb": r_fb, "R_f": statistics.median(f), "pgd_seconds": seconds,
                        "pgd_efficiency": res.n_backward / seconds / r_fb,
-                       "robust_accuracy": res.robust_accuracy(), "rejected": rejected,
+                       "robust_accuracy": res.robust_accuracy, "rejected": rejected,
                        "syncs": syncs,
                        "syncs_per_step": None if syncs is None else syncs / args.steps}
                 rows.append(row)

@@ -42,6 +42,9 @@ def variants(model: nn.Module, *, compile_model: bool = False) -> dict[str, nn.M
 
 
 def main(argv=None) -> int:
+    """Command line of the model-variant comparison (see the module docstring); returns the exit
+    status.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="mnist-cnn")
     parser.add_argument("--n", type=int, default=256)

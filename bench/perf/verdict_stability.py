@@ -50,6 +50,9 @@ def stability(name: str, threat: Threat, device: torch.device, surrogate, x, y) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line of the verdict-stability measurement (see the module docstring); returns the
+    exit status.
+    """
     p = argparse.ArgumentParser(prog="python -m unmask.bench.perf.verdict_stability",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--models", help="comma-separated zoo names (default: the default suite's)")

@@ -73,6 +73,7 @@ class CertifyRow:
     note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict (every field)."""
         return asdict(self)
 
 

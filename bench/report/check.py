@@ -234,6 +234,7 @@ class Difference:
     p_value: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The difference as a JSON-ready dict (every field)."""
         return asdict(self)
 
 
@@ -248,13 +249,16 @@ class CheckResult:
 
     @property
     def failures(self) -> list[Difference]:
+        """The differences that fail the check."""
         return [d for d in self.differences if d.failed]
 
     @property
     def passed(self) -> bool:
+        """True when no difference fails and no baseline row is missing."""
         return not self.failures and not self.missing
 
     def to_dict(self) -> dict[str, Any]:
+        """The outcome as a JSON-ready dict: passed, differences, missing, extra, notes."""
         return {"passed": self.passed, "differences": [d.to_dict() for d in self.differences],
                 "missing": list(self.missing), "extra": list(self.extra),
                 "notes": list(self.notes)}

@@ -12,6 +12,7 @@ __all__ = ["write_text", "write_bytes"]
 
 
 def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically; returns the path."""
     _atomic_write(Path(path), text.encode("utf-8"))
     return Path(path)
 
@@ -34,5 +35,6 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_bytes(path: Path, payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` atomically; returns the path."""
     _atomic_write(Path(path), payload)
     return Path(path)

@@ -73,9 +73,11 @@ class RowChange:
 
     @property
     def test(self) -> str:
+        """The statistical test the row used, in words."""
         return "paired McNemar (exact)" if self.paired else "unpaired 95% Newcombe interval"
 
     def to_dict(self) -> dict[str, Any]:
+        """The row as a JSON-ready dict, with the test's name."""
         return {**asdict(self), "test": self.test}
 
 
@@ -93,6 +95,7 @@ class RunComparison:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The comparison as a JSON-ready dict."""
         return {"run_a": self.run_a, "run_b": self.run_b, "alpha": self.alpha,
                 "rows": [r.to_dict() for r in self.rows], "only_a": list(self.only_a),
                 "only_b": list(self.only_b), "notes": list(self.notes)}

@@ -115,9 +115,11 @@ class MinEpsResult:
 
     @property
     def n(self) -> int:
+        """The number of samples."""
         return len(self.broken_at)
 
     def to_dict(self) -> dict[str, Any]:
+        """The result as a JSON-ready dict: grid, per-sample ``broken_at``, costs, attacks."""
         return {"grid": list(self.grid), "broken_at": list(self.broken_at), "n": self.n,
                 "forwards": self.forwards, "backwards": self.backwards, "calls": self.calls,
                 "seconds": self.seconds, "attacks": self.attacks}

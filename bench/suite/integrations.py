@@ -208,6 +208,9 @@ def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, i
 
 
 def opts_without_generator(opts: dict[str, Any]) -> dict[str, Any]:
+    """``opts`` without its ``generator`` key: the metric gets the run's seed as ``generator``
+    instead.
+    """
     return {k: v for k, v in opts.items() if k != "generator"}
 
 

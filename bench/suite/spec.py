@@ -130,11 +130,15 @@ class ModelSpec:
 
     @property
     def is_user(self) -> bool:
+        """True when the name is a user's model (``module:function`` or ``robustbench:...``), not
+        a zoo name.
+        """
         return is_user_model(self.name)
 
 
 @dataclass(frozen=True)
 class ThreatSpec:
+    """``[[threats]]``: one norm and the eps values to evaluate it at."""
     norm: str
     eps: tuple[float, ...]
 
@@ -169,6 +173,9 @@ class MaskingSpec:
 
 @dataclass(frozen=True)
 class ExplainSpec:
+    """``[explain]``: attribution methods and metrics on the first ``n`` test samples, IG steps,
+    and how many maps per model and method the report keeps; off unless ``enabled``.
+    """
     enabled: bool = False
     methods: tuple[str, ...] = ("saliency",)
     metrics: tuple[str, ...] = ("deletion_insertion",)
@@ -179,6 +186,9 @@ class ExplainSpec:
 
 @dataclass(frozen=True)
 class BackdoorSpec:
+    """``[backdoor]``: evaluate backdoored models (default: the suite's models trained with the
+    backdoor recipe) and, with ``defenses``, poison detection, STRIP and fine-pruning.
+    """
     enabled: bool = False
     models: tuple[str, ...] = ()  # empty: the suite's models trained with the backdoor recipe
     defenses: bool = False        # poison detection, STRIP and fine-pruning (slow)
@@ -303,6 +313,9 @@ class Suite:
         return json.loads(json.dumps(d))  # tuples -> lists
 
     def config_hash(self) -> str:
+        """16 hex digits of SHA-256 over the suite and its quick flag: identifies the
+        configuration of a run.
+        """
         blob = json.dumps({"suite": self.to_dict(), "quick": self.is_quick}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -373,9 +373,13 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike | None = None, *, readonly: bool = False) -> Store:
+        """The store at ``path`` (default: ``$UNMASK_STORE``, else ``results/unmask.sqlite``),
+        created on first use unless ``readonly``.
+        """
         return cls(default_path(path), readonly=readonly)
 
     def close(self) -> None:
+        """Close the database connection."""
         self.conn.close()
 
     def __enter__(self) -> Store:
@@ -492,6 +496,7 @@ class Store:
     def start_run(self, *, suite: str, config: Mapping[str, Any], config_hash: str, seed: int,
                   quick: bool, git_commit: str | None, versions: Mapping[str, str], device: str,
                   world_size: int = 1, host: str | None = None) -> int:
+        """Record a new run (status ``running``) with its provenance; returns its id."""
         with self._transaction() as conn:
             cur = conn.execute(
                 "INSERT INTO runs(suite, config, config_hash, seed, quick, git_commit, versions,"
@@ -502,6 +507,9 @@ class Store:
             return int(cur.lastrowid)
 
     def set_status(self, run_id: int, status: str, *, finished: bool = True) -> None:
+        """Set a run's status (``finished``, ``failed``, ...), stamping the finish time if
+        ``finished``.
+        """
         with self._transaction() as conn:
             conn.execute("UPDATE runs SET status = ?, finished = ? WHERE run_id = ?",
                          (status, time.time() if finished else None, run_id))
@@ -526,6 +534,7 @@ class Store:
                    paused=row["paused"] if "paused" in row.keys() else 0.0)
 
     def run(self, run_id: int) -> Run:
+        """The :class:`Run` with id ``run_id``; ``ValueError`` naming the latest runs."""
         row = self.conn.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             known = [str(r.run_id) for r in self.runs()[-10:]]
@@ -534,10 +543,12 @@ class Store:
         return self._run_from_row(row)
 
     def runs(self) -> list[Run]:
+        """Every run, oldest first."""
         rows = self.conn.execute("SELECT * FROM runs ORDER BY run_id").fetchall()
         return [self._run_from_row(r) for r in rows]
 
     def latest_run(self, *, finished_only: bool = False) -> Run:
+        """The newest run (or newest finished one); ``ValueError`` when there is none."""
         where = "WHERE status = 'finished'" if finished_only else ""
         row = self.conn.execute(f"SELECT * FROM runs {where} ORDER BY run_id DESC LIMIT 1"
                                 ).fetchone()
@@ -570,12 +581,16 @@ class Store:
             UnitWriter(conn, run_id).clear_section(model, section, detail)
 
     def finished_units(self, run_id: int) -> set[str]:
+        """The units of a run already committed (a resumed run skips them)."""
         rows = self.conn.execute("SELECT unit FROM units WHERE run_id = ?", (run_id,))
         return {r[0] for r in rows}
 
     # --- reading tables -------------------------------------------------------------------
 
     def rows(self, table: str, run_id: int) -> list[dict[str, Any]]:
+        """The rows of ``table`` for a run, as dicts in a stable order; ``ValueError`` for an
+        unknown table.
+        """
         if table not in (_TABLES | _ADDED_TABLES) - {"meta"}:
             raise ValueError(f"unknown table {table!r}")
         if table in _ADDED_TABLES and table not in self._tables():
@@ -589,6 +604,7 @@ class Store:
         return [dict(r) for r in cur.fetchall()]
 
     def schema_version(self) -> int:
+        """The schema version the store file was written with."""
         row = self.conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
         return int(row[0]) if row else SCHEMA_VERSION
 
@@ -601,6 +617,7 @@ class UnitWriter:
         self.run_id = run_id
 
     def add_cells(self, cells: Sequence[Mapping[str, Any]]) -> None:
+        """Insert leaderboard cells (one per model x threat x attack position)."""
         cols = ("model", "norm", "eps", "attack", "position", "n", "clean_correct", "robust",
                 "clean_accuracy", "robust_accuracy", "ci_low", "ci_high", "robust_accuracy_std",
                 "attacked", "broken", "forwards", "backwards", "wall_seconds", "stochastic",
@@ -608,11 +625,13 @@ class UnitWriter:
         self._insert("cells", cols, cells)
 
     def add_samples(self, samples: Sequence[Mapping[str, Any]]) -> None:
+        """Insert per-sample outcomes (label, clean/robust, who broke it, margin)."""
         cols = ("model", "norm", "eps", "sample", "label", "clean_correct", "robust",
                 "broken_by", "margin")
         self._insert("samples", cols, samples)
 
     def add_masking(self, row: Mapping[str, Any]) -> None:
+        """Insert one masking diagnosis (verdict, failing checks, next attack, report JSON)."""
         row = {**row, "failing": _json(list(row.get("failing", []))),
                "report": row["report"] if isinstance(row["report"], str) else _json(row["report"])}
         cols = ("model", "norm", "eps", "verdict", "failing", "next_attack",
@@ -620,15 +639,18 @@ class UnitWriter:
         self._insert("masking", cols, [row])
 
     def add_explanations(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Insert explanation metric values (model x method x metric)."""
         rows = [{**r, "details": _json(r.get("details", {}))} for r in rows]
         self._insert("explanations", ("model", "method", "metric", "value", "n", "details"), rows)
 
     def add_explanation_map(self, model: str, method: str, inputs: Any, maps: Any) -> None:
+        """Insert the inputs and attribution maps kept for the report's figures."""
         self._insert("explanation_maps", ("model", "method", "inputs", "maps"),
                      [{"model": model, "method": method, "inputs": _json(inputs),
                        "maps": _json(maps)}])
 
     def add_backdoor(self, model: str, metrics: Mapping[str, Any]) -> None:
+        """Insert a backdoored model's metrics, one row per metric."""
         rows = [{"model": model, "metric": k, "value": _number(v)} for k, v in metrics.items()]
         self._insert("backdoor", ("model", "metric", "value"), rows)
 
@@ -652,11 +674,15 @@ class UnitWriter:
 
     def add_section(self, model: str, section: str, status: str, reason: str,
                     detail: str = "") -> None:
+        """Insert the status of a section of a model's evaluation (e.g. a failure and its
+        reason).
+        """
         self._insert("sections", ("model", "section", "detail", "status", "reason"),
                      [{"model": model, "section": section, "detail": detail, "status": status,
                        "reason": reason}])
 
     def clear_section(self, model: str, section: str, detail: str = "") -> None:
+        """Delete a section's recorded status."""
         self.conn.execute("DELETE FROM sections WHERE run_id = ? AND model = ? AND section = ? "
                           "AND detail = ?", (self.run_id, model, section, detail))
 

@@ -96,6 +96,9 @@ class ModelEntry:
     tags: tuple[str, ...] = ()
 
     def config(self) -> dict[str, Any]:
+        """The entry's configuration as a dict: its fields, tags, a digest of the builder's
+        source and the dataset version (a change of any retrains the cached model).
+        """
         cfg = asdict(self)
         cfg.pop("builder")
         cfg["tags"] = [*self.tags]
@@ -173,6 +176,7 @@ def isolated() -> Iterator[None]:
 
 
 def entries() -> list[ModelEntry]:
+    """Every registered zoo entry, by name."""
     _load_plugins()
     return [MODELS.get(n) for n in MODELS.names()]
 
@@ -183,6 +187,7 @@ def list(tag: str | None = None) -> list[str]:  # noqa: A001 - timm-style name
 
 
 def get(name: str) -> ModelEntry:
+    """The zoo entry ``name``; ``ValueError`` listing the known names."""
     _load_plugins()
     try:
         return MODELS.get(name)

@@ -72,6 +72,7 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's first parameter (CPU for a model without parameters)."""
         p = next(iter(self.model.parameters()), None)
         return p.device if p is not None else torch.device("cpu")
 

@@ -71,10 +71,12 @@ class CertifyResult:
 
     @property
     def n(self) -> int:
+        """The number of samples."""
         return len(self.status)
 
     @property
     def certified(self) -> list[bool]:
+        """Per sample: proven robust (status ``certified``)."""
         return [s == Status.CERTIFIED.value for s in self.status]
 
     @property
@@ -84,9 +86,13 @@ class CertifyResult:
 
     @property
     def seconds_per_sample(self) -> float:
+        """Wall-clock seconds per sample."""
         return self.seconds / max(1, self.n)
 
     def to_dict(self) -> dict:
+        """The result as a JSON-ready dict (a lower bound of -inf, misclassified at x, becomes
+        null).
+        """
         return {"method": self.method, "threat": {"norm": self.threat.norm.value,
                                                    "eps": self.threat.eps},
                 # -inf (misclassified at x) as null: the dict stays valid JSON

@@ -56,6 +56,7 @@ class Segment:
     out_shape: tuple[int, ...]
 
     def forward(self, x: Tensor) -> Tensor:
+        """The segment's affine map ``L(x) + b`` (no ReLU), batch in, batch out."""
         for layer in self.layers:
             x = layer(x)
         return x
@@ -65,6 +66,7 @@ class Segment:
         return self.forward(torch.zeros((1,) + self.in_shape, device=device, dtype=dtype))[0]
 
     def abs_linear(self, r: Tensor) -> Tensor:
+        """``|L| r`` for a radius ``r >= 0`` (no bias): how an IBP box's radius propagates."""
         for layer in self.layers:
             r = _abs_forward(layer, r)
         return r
@@ -96,6 +98,7 @@ class Chain:
     segments: list[Segment]
 
     def forward(self, x: Tensor) -> Tensor:
+        """The logits of the chain: every segment, with a ReLU between consecutive ones."""
         for i, seg in enumerate(self.segments):
             x = seg.forward(x)
             if i < len(self.segments) - 1:

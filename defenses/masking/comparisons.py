@@ -49,6 +49,10 @@ _RULE = f"share broken by it but not PGD significantly > {BEATS_SHARE} (p < {BEA
        evidence=("samples", "count", "of", "p_value", "fgsm_success", "pgd_success"),
        cost="FGSM: one forward and backward pass per attacked sample, plus the shared PGD")
 def one_step(ctx: Context) -> Outcome:
+    """Check "one-step beats iterative": FGSM on the attacked samples must not break
+    significantly more of them than PGD left standing (a one-step attack beating the iterative
+    one means the loss surface is shattered). Records FGSM's breaks on the context.
+    """
     r_fgsm = ctx.adapt(FGSM(ctx.threat))(ctx.view, ctx.xc, ctx.yc, generator=ctx.g)
     ctx.record("fgsm", r_fgsm.success)
     only = r_fgsm.success & ~ctx.pgd_broken
@@ -65,6 +69,10 @@ def one_step(ctx: Context) -> Outcome:
        evidence=("samples", "count", "of", "p_value", "square_attacked"),
        cost="Square: up to `queries` forward passes on up to `square_samples` PGD survivors")
 def black_box(ctx: Context) -> Outcome:
+    """Check "black-box beats white-box": Square on a subsample of PGD's survivors must not break
+    significantly more than :data:`BEATS_SHARE` of the attacked samples (gradient-free search
+    beating gradients means the gradients are useless). Records Square's breaks.
+    """
     rob = ctx.survivors
     q, steps = ctx.budget.queries, ctx.steps
     what = f"share of the Square-{q} subsample broken by Square but not PGD-{steps}"
@@ -92,6 +100,10 @@ def black_box(ctx: Context) -> Outcome:
        evidence=("samples", "count", "of", "p_value"),
        cost="PGD on the surrogate, one forward pass of the model per PGD survivor")
 def transfer(ctx: Context) -> Outcome:
+    """Check "transfer beats white-box": PGD examples crafted on the surrogate model must not
+    break significantly more of PGD's survivors than :data:`BEATS_SHARE`; skipped without a
+    surrogate. Records the transferred breaks.
+    """
     if ctx.surrogate is None:
         return Outcome(None, True, skipped="no surrogate model given")
     rob = ctx.survivors
@@ -112,6 +124,10 @@ def transfer(ctx: Context) -> Outcome:
        thresholds=("UNBOUNDED_SUCCESS",), evidence=("eps", "attacked"),
        cost="PGD-`steps` (margin loss) on the PGD survivors")
 def unbounded(ctx: Context) -> Outcome:
+    """Check "unbounded attack": PGD (margin loss) with eps large enough to reach any image (1
+    for Linf, sqrt(d) for L2) must succeed on at least :data:`UNBOUNDED_SUCCESS` of the attacked
+    samples; anything less means the attack cannot follow the gradient.
+    """
     t = ctx.threat
     big = Threat(t.norm, 1.0 if t.norm is Norm.LINF else math.sqrt(ctx.xc[0].numel()))
     rob = ctx.survivors
@@ -131,6 +147,9 @@ def unbounded(ctx: Context) -> Outcome:
        thresholds=("MONOTONE_SLACK",), evidence=("eps_factors", "success"),
        cost="four PGD-`steps` runs on up to `monotone_samples` attacked samples")
 def monotone(ctx: Context) -> Outcome:
+    """Check "monotone in eps": PGD's success at 0.25, 0.5, 1 and 2 times eps must not fall by
+    more than :data:`MONOTONE_SLACK` as eps grows (on up to ``monotone_samples`` samples).
+    """
     sub = torch.arange(min(ctx.n_att, ctx.budget.monotone_samples), device=ctx.x.device)
     rates = []
     for factor in EPS_FACTORS:
@@ -148,6 +167,10 @@ def monotone(ctx: Context) -> Outcome:
        rule=_RULE, thresholds=("BEATS_SHARE",), evidence=("samples", "count", "of", "p_value"),
        cost="`noise_draws` forward passes per PGD survivor")
 def noise(ctx: Context) -> Outcome:
+    """Check "noise beats attack": ``noise_draws`` random points of the ball (corners for Linf)
+    must not break significantly more of PGD's survivors than :data:`BEATS_SHARE`. Records the
+    breaks found.
+    """
     rob = ctx.survivors
     draws = ctx.budget.noise_draws
     broken = torch.zeros_like(ctx.pgd_broken)

@@ -29,6 +29,9 @@ _GRAD_COST = "one forward and two backward passes per attacked sample, shared by
        source="Athalye et al. 2018 (shattered gradients)", rule="no input gradient -> fail",
        cost=_GRAD_COST)
 def broken_graph(ctx: Context) -> Outcome:
+    """Check "broken graph": the loss must have an input gradient at all (a detached or
+    non-differentiable forward fails).
+    """
     broken = ctx.grads[2]
     return Outcome(float(broken), not broken)
 
@@ -38,6 +41,9 @@ def broken_graph(ctx: Context) -> Outcome:
        rule=f"share of samples with grad CE == 0 > {ZERO_GRAD_SHARE}",
        thresholds=("ZERO_GRAD_SHARE",), evidence=("zero_samples",), cost=_GRAD_COST)
 def zero_gradients(ctx: Context) -> Outcome:
+    """Check "zero gradients": at most :data:`ZERO_GRAD_SHARE` of the attacked samples may have
+    an exactly-zero cross-entropy input gradient.
+    """
     zero = ctx.grads[0].flatten(1).norm(dim=1) == 0
     share = float(zero.float().mean())
     return Outcome(share, share <= ZERO_GRAD_SHARE, {"zero_samples": ctx.idx[zero][:20]})
@@ -49,6 +55,10 @@ def zero_gradients(ctx: Context) -> Outcome:
        rule=f"median ||grad CE|| / ||grad margin|| < {SATURATION_RATIO:g} -> fail",
        thresholds=("SATURATION_RATIO",), evidence=("margin_grad_zero_share",), cost=_GRAD_COST)
 def saturation_ratio(ctx: Context) -> Outcome:
+    """Check "saturation ratio": the median ratio ||grad CE|| / ||grad margin|| must not fall
+    below :data:`SATURATION_RATIO` (a saturated softmax leaves the CE gradient as rounding noise
+    while the logit margin still has a slope).
+    """
     g_ce, g_m, _ = ctx.grads
     ce_norm, m_norm = g_ce.flatten(1).norm(dim=1), g_m.flatten(1).norm(dim=1)
     ratio = ce_norm / m_norm.clamp_min(1e-30)
@@ -69,6 +79,10 @@ def saturation_ratio(ctx: Context) -> Outcome:
        thresholds=("UNPREDICTED_CHANGE", "TINY_FRACTION"), evidence=("samples_changed",),
        cost="two forward passes per attacked sample, plus the shared gradient")
 def unstable_loss(ctx: Context) -> Outcome:
+    """Check "unstable loss": under a random perturbation of :data:`TINY_FRACTION` eps, the
+    median share of the CE loss change that the first-order prediction ``grad . delta`` misses
+    must not exceed :data:`UNPREDICTED_CHANGE`.
+    """
     g_ce, _, broken = ctx.grads
     xc, yc = ctx.xc, ctx.yc
     with model_mode(ctx.model), torch.no_grad():

@@ -38,6 +38,10 @@ class _LossRecorder:
        thresholds=("RISING_SHARE",), evidence=("first", "last", "late_gain", "total_gain"),
        cost="PGD-2x`steps` (margin loss) on the PGD survivors")
 def incomplete_optimisation(ctx: Context) -> Outcome:
+    """Check "incomplete optimisation": PGD with twice the steps (margin loss) on PGD's
+    survivors, recording the mean loss per step; fails when the last quarter of the steps still
+    gains more than :data:`RISING_SHARE` of the total gain (the attack had not converged).
+    """
     rob = ctx.survivors
     if not rob.numel():
         return Outcome(None, True, skipped="PGD broke every sample")
@@ -61,6 +65,10 @@ def incomplete_optimisation(ctx: Context) -> Outcome:
        evidence=("success", "success_doubled", "count", "of", "p_value"),
        cost="PGD-2x`steps` with 2 restarts on the PGD survivors")
 def convergence(ctx: Context) -> Outcome:
+    """Check "convergence": PGD with twice the steps and two restarts on PGD's survivors must not
+    break significantly more than :data:`CONVERGENCE_DELTA` of the attacked samples. Records the
+    newly broken samples.
+    """
     # Samples PGD already broke stay broken, so only the survivors are attacked again.
     base = float(ctx.pgd_broken.float().mean())
     rob = ctx.survivors

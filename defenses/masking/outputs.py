@@ -16,6 +16,9 @@ RANDOM_TOLERANCE = 0.0
        rule="rows in [0, 1] summing to 1 -> fail", evidence=("row_sums",),
        cost="none: reads the clean pass", needs_correct=False)
 def probability_outputs(ctx: Context) -> Outcome:
+    """Check "probability outputs": the model must return logits, not rows in [0, 1] that sum to
+    1 (probabilities flatten the cross-entropy gradient).
+    """
     probs = looks_like_probabilities(ctx.logits)
     return Outcome(float(probs), not probs, {"row_sums": ctx.logits.sum(1)[:5]})
 
@@ -26,6 +29,9 @@ def probability_outputs(ctx: Context) -> Outcome:
        evidence=("pred_changes",), cost="none: compares the two clean passes",
        needs_correct=False)
 def randomness(ctx: Context) -> Outcome:
+    """Check "randomness": two clean forward passes on the same inputs must give the same logits
+    (a randomised model needs EOT).
+    """
     diff = float((ctx.logits - ctx.logits2).abs().max())
     random_model = not diff <= RANDOM_TOLERANCE  # NaN would fail this check, not pass
     return Outcome(diff, not random_model,
@@ -38,5 +44,8 @@ def randomness(ctx: Context) -> Outcome:
        rule="autograd called during inference -> fail", evidence=("calls",),
        cost="none: counted during the clean passes", needs_correct=False)
 def autograd_in_forward(ctx: Context) -> Outcome:
+    """Check "autograd in forward": the forward pass must not call autograd (an optimisation
+    inside the model, an implicit layer, hides the gradient).
+    """
     calls = ctx.autograd_calls
     return Outcome(float(calls), calls == 0, {"calls": calls})

@@ -99,6 +99,9 @@ class Check:
     module: str = ""
 
     def run(self, ctx: Context) -> CheckResult:
+        """Run the check on ``ctx`` and return its :class:`CheckResult` with the passes it spent;
+        skipped when it needs correctly classified samples and there are none.
+        """
         if self.needs_correct and ctx.n_att == 0:
             out = Outcome(None, True, skipped="no correctly classified sample")
         else:
@@ -205,6 +208,7 @@ class Context:
 
     @property
     def steps(self) -> int:
+        """PGD steps of the budget (the shared PGD run and the checks' own PGD runs)."""
         return self.budget.steps
 
     @cached_property
@@ -234,6 +238,7 @@ class Context:
 
     @property
     def pgd_broken(self) -> Tensor:
+        """Bool per attacked sample: broken by the shared PGD run."""
         return self.pgd.success
 
     @property

@@ -15,6 +15,9 @@ __all__ = ["Verdict", "VERDICT_MEANING", "MaskingKind", "CheckResult", "MaskingR
 
 
 class Verdict(StrEnum):
+    """The diagnosis's verdict: ``clean`` (no check fired), ``suspicious`` (only heuristic checks
+    fired) or ``masked`` (a mechanism check fired); see ``VERDICT_MEANING``.
+    """
     CLEAN = "clean"
     SUSPICIOUS = "suspicious"
     MASKED = "masked"
@@ -59,6 +62,7 @@ class CheckResult:
     cost: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """The check's result as a JSON-ready dict."""
         return {"name": self.name, "value": self.value, "rule": self.rule,
                 "passed": self.passed, "severity": self.severity.value, "kind": self.kind.value,
                 "source": self.source, "evidence": json_safe(self.evidence),
@@ -66,6 +70,7 @@ class CheckResult:
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> CheckResult:
+        """Rebuild a result from :meth:`to_dict`'s output."""
         return cls(c["name"], c["value"], c["rule"], c["passed"], Verdict(c["severity"]),
                    MaskingKind(c["kind"]), c["source"], c.get("evidence") or {},
                    c.get("skipped"), c.get("cost"))
@@ -92,6 +97,7 @@ class MaskingReport:
 
     @property
     def failed(self) -> list[CheckResult]:
+        """The checks that ran and fired (skipped checks excluded)."""
         return [c for c in self.checks if not c.passed and c.skipped is None]
 
     @property
@@ -101,6 +107,7 @@ class MaskingReport:
                                                           and self.adaptive.get("passed"))
 
     def to_dict(self) -> dict[str, Any]:
+        """The report as a JSON-ready dict (verdict, threat, checks, follow-up, outcomes, ...)."""
         return {"verdict": self.verdict.value, "recommended_attack": self.recommended_attack,
                 "threat": self.threat.to_dict(), "n": self.n, "seconds": round(self.seconds, 3),
                 "gradient_flow": self.gradient_flow, "collapse_at": self.collapse_at,
@@ -111,6 +118,7 @@ class MaskingReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskingReport:
+        """Rebuild a report from :meth:`to_dict`'s output."""
         checks = [CheckResult.from_dict(c) for c in d.get("checks", [])]
         t = d["threat"]
         outcomes = d.get("outcomes")
@@ -121,9 +129,11 @@ class MaskingReport:
                    d.get("adaptive"))
 
     def to_json(self, indent: int | None = 2) -> str:
+        """The report as a JSON string (:meth:`to_dict`)."""
         return json.dumps(self.to_dict(), indent=indent)
 
     def table(self) -> str:
+        """The checks as a plain-text table: value, rule, pass / skip / FAIL->severity, kind."""
         rows = []
         for c in self.checks:
             result = "skip" if c.skipped else ("pass" if c.passed else f"FAIL->{c.severity.value}")
