@@ -3,13 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 
+from ..attacks import ATTACKS, PRESETS, attack_in_precision
 from .cli import CLIError, _table, command
 
-ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
+
+def standalone_attacks() -> list[str]:
+    """The registered attacks built from a threat alone (``Cls(threat, **defaults)``); the
+    wrappers (EOT, BPDA, transfer) and attacks with required settings need a suite entry."""
+    out = []
+    for name, cls in ATTACKS.items():
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if params and params[0].name == "threat" and all(
+                p.default is not inspect.Parameter.empty for p in params[1:]):
+            out.append(name)
+    return out
+
+
+def attack_choices() -> list[str]:
+    """``--attack``'s choices: the standalone attacks, then the ensemble presets."""
+    return [*standalone_attacks(), *PRESETS.names()]
 
 
 MODEL_HELP = ("a zoo name (unmask zoo list), package.module:function (a builder of yours, "
@@ -123,9 +140,11 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run an attack or an ensemble preset on a model's test "
                                    "split and print clean and robust accuracy.")
     add_model_args(p)
-    p.add_argument("--attack", default="quick", choices=ATTACK_CHOICES,
-                   help="an attack, or an ensemble preset (default quick)")
-    p.add_argument("--steps", type=int, help="iterations (PGD/APGD) or queries (Square)")
+    p.add_argument("--attack", default="quick", choices=attack_choices(),
+                   help=f"an attack ({', '.join(standalone_attacks())}) or an ensemble preset "
+                        f"({', '.join(PRESETS.names())}); default quick")
+    p.add_argument("--steps", type=int,
+                   help="iterations (attacks with steps) or queries (attacks with queries)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="search precision (autocast); verdicts stay the fp32 model's "
                         "(default fp32; see docs/performance.md)")
@@ -140,7 +159,6 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
 def _attack(args: argparse.Namespace) -> int:
     import torch
 
-    from ..attacks import APGD, APGDT, FGSM, PGD, Square, attack_in_precision
     from .core import Threat
     from .zoo import fingerprint
 
@@ -152,15 +170,15 @@ def _attack(args: argparse.Namespace) -> int:
     model_fp = fingerprint(model)  # weights and structure, before any forward
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    if args.attack in ("quick", "standard"):
+    if args.attack in PRESETS:
         summary = _evaluate_preset(args, model, x, y, threat)
         robust = summary["robust_accuracy"]
     else:
-        kw = {} if args.steps is None else (
-            {"queries": args.steps} if args.attack == "square" else {"steps": args.steps})
-        attack = {"fgsm": lambda: FGSM(threat), "pgd": lambda: PGD(threat, **kw),
-                  "apgd": lambda: APGD(threat, **kw), "apgd-t": lambda: APGDT(threat, **kw),
-                  "square": lambda: Square(threat, **kw)}[args.attack]()
+        cls = ATTACKS.get(args.attack)
+        params = inspect.signature(cls.__init__).parameters
+        budget = next((k for k in ("steps", "queries") if k in params), None)
+        kw = {} if args.steps is None or budget is None else {budget: args.steps}
+        attack = cls(threat, **kw)
         with torch.no_grad():
             clean = (model(x).argmax(1) == y)
         result, rejected = attack_in_precision(attack, model, x, y, precision=args.precision,

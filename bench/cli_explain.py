@@ -15,10 +15,16 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..explain.attribution import METHODS
 from .cli import CLIError, _table, command
 from .cli_attack import add_model_source_args, load_model, probe, test_data
 
 log = logging.getLogger(__name__)
+
+
+def _alias(method: str) -> str:
+    return ", ".join(a for a, m in METHODS.aliases().items() if m == method)
+
 
 @command("explain")
 def _explain_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +35,9 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
                     "against a random ranking).")
     add_model_source_args(p)
     p.add_argument("--method", action="append", metavar="METHOD",
-                   help="attribution method, repeatable: saliency, smoothgrad (sg), "
-                        "integrated_gradients (ig), input_x_gradient (ixg); default ig")
+                   help="attribution method, repeatable: "
+                        + ", ".join(f"{m} ({a})" if (a := _alias(m)) else m
+                                    for m in METHODS.names()) + "; default ig")
     p.add_argument("--n", type=int, default=8, help="test images to explain (default 8)")
     p.add_argument("--out", required=True, help="figure path (PNG)")
     p.add_argument("--curves", help="also save the deletion/insertion curves to this path")
@@ -73,7 +80,7 @@ def _adversarial(model, x, y, norm: str, eps: float, steps: int, seed: int):
 def _explain(args: argparse.Namespace) -> int:
     import torch
 
-    from ..explain.attribution import Method, attribute, integrated_gradients, parse_method
+    from ..explain.attribution import attribute, integrated_gradients, parse_method
     from ..explain.metrics import attribution_change, deletion_insertion
     from ..explain.plots import plot_attributions, plot_curves
     if args.n < 1:
@@ -89,9 +96,9 @@ def _explain(args: argparse.Namespace) -> int:
     probe(model, x, y, args.model)
 
     def options(method):
-        if method is Method.INTEGRATED_GRADIENTS:
+        if method == "integrated_gradients":
             return {"n_steps": args.n_steps, "output": args.output}
-        if method is Method.SMOOTHGRAD:
+        if method == "smoothgrad":
             return {"samples": args.samples, "noise_level": args.noise_level,
                     "generator": args.seed, "output": args.output}
         return {"output": args.output}
@@ -108,17 +115,17 @@ def _explain(args: argparse.Namespace) -> int:
 
     maps, adv_maps, curves, rows, ig = {}, {}, {}, [], None
     for m in methods:
-        if m is Method.INTEGRATED_GRADIENTS:
+        if m == "integrated_gradients":
             ig = integrated_gradients(model, x, y, **options(m))
-            maps[m.value] = ig.attributions
+            maps[m] = ig.attributions
         else:
-            maps[m.value] = attribute(model, x, y, m, **options(m))
-        res = deletion_insertion(model, x, maps[m.value], y, generator=args.seed)
-        curves[m.value] = res
-        row = [m.value, f"{res.deletion_auc.mean():.3f}", f"{res.random_deletion_auc.mean():.3f}",
+            maps[m] = attribute(model, x, y, m, **options(m))
+        res = deletion_insertion(model, x, maps[m], y, generator=args.seed)
+        curves[m] = res
+        row = [m, f"{res.deletion_auc.mean():.3f}", f"{res.random_deletion_auc.mean():.3f}",
                f"{res.insertion_auc.mean():.3f}", f"{res.random_insertion_auc.mean():.3f}"]
         if x_adv is not None:
-            adv_maps[m.value] = attribute(model, x_adv, y, m, **options(m))
+            adv_maps[m] = attribute(model, x_adv, y, m, **options(m))
             change = attribution_change(model, x, x_adv, y, m, **options(m))
             row += [f"{change.topk_intersection.mean():.3f}",
                     f"{change.rank_correlation.mean():.3f}"]

@@ -51,9 +51,9 @@ from ..bench.core import (
     parse_enum,
     uniform,
 )
+from ..bench.registry import Registry
 
 __all__ = [
-    "Method",
     "Output",
     "Baseline",
     "IGResult",
@@ -65,7 +65,9 @@ __all__ = [
     "make_baseline",
     "blur",
     "METHODS",
-    "ALIASES",
+    "register_method",
+    "parse_method",
+    "method_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,17 +75,11 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERNAL_BATCH_SIZE = 256
 
 
-class Method(StrEnum):
-    """An attribution method."""
-
-    SALIENCY = "saliency"
-    SMOOTHGRAD = "smoothgrad"
-    INTEGRATED_GRADIENTS = "integrated_gradients"
-    INPUT_X_GRADIENT = "input_x_gradient"
-
-
-ALIASES = {"ig": "integrated_gradients", "sg": "smoothgrad", "ixg": "input_x_gradient",
-           "gradient": "saliency"}
+# The attribution methods: name -> function ``(model, x, target, **options)``; ``attribute``,
+# the CLI's ``--method`` and the suite's ``[explain] methods`` read this registry. Listed in
+# registration order (saliency first), aliases (``ig``) resolve to the names.
+METHODS: Registry[Callable[..., Any]] = Registry("attribution method", order=lambda _: 0)
+register_method = METHODS.register
 
 
 class Output(StrEnum):
@@ -102,14 +98,14 @@ class Baseline(StrEnum):
     BLUR = "blur"
 
 
-def parse_method(method: str | Method) -> Method:
-    """``Method`` from a name or alias; a bad value raises ``ValueError`` naming the valid ones."""
-    if isinstance(method, str) and not isinstance(method, Method):
-        method = ALIASES.get(method.lower(), method)
-    try:
-        return parse_enum(Method, method, "attribution method")
-    except ValueError as err:
-        raise ValueError(f"{err.args[0]} (aliases: {', '.join(sorted(ALIASES))})") from None
+def parse_method(method: str) -> str:
+    """The registered name of ``method`` (a name or an alias, any case); a bad value raises
+    ``ValueError`` naming the valid ones."""
+    if isinstance(method, str) and method.lower() in {*METHODS, *METHODS.aliases()}:
+        return METHODS.resolve(method.lower())
+    valid = ", ".join(repr(m) for m in METHODS.names())
+    raise ValueError(f"unknown attribution method {method!r}; expected one of {valid} "
+                     f"(aliases: {', '.join(METHODS.aliases())})")
 
 
 @dataclass
@@ -197,6 +193,7 @@ def _prepare(model: nn.Module, x: Tensor, target: Any, batch_size: int) -> tuple
 # --- the methods -------------------------------------------------------------------------------
 
 
+@register_method("saliency", aliases=("gradient",))
 def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
              abs: bool = True, output: str | Output = "logit",
              internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -225,6 +222,7 @@ def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
     return out
 
 
+@register_method("smoothgrad", aliases=("sg",))
 def smoothgrad(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                noise_level: float = 0.15, samples: int = 25, abs: bool = True,
                output: str | Output = "logit",
@@ -333,6 +331,7 @@ def make_baseline(x: Tensor, baseline: str | Baseline | float | Tensor = "zeros"
     return blur(x)
 
 
+@register_method("integrated_gradients", aliases=("ig",))
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                          baseline: str | Baseline | float | Tensor = "zeros", n_steps: int = 50,
                          integration: str = "gausslegendre", output: str | Output = "logit",
@@ -390,6 +389,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | Non
     return IGResult(attributions=out, delta=delta, output_change=change)
 
 
+@register_method("input_x_gradient", aliases=("ixg",))
 def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                      output: str | Output = "logit",
                      internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -412,15 +412,7 @@ def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = 
     return out
 
 
-METHODS: dict[Method, Callable[..., Any]] = {
-    Method.SALIENCY: saliency,
-    Method.SMOOTHGRAD: smoothgrad,
-    Method.INTEGRATED_GRADIENTS: integrated_gradients,
-    Method.INPUT_X_GRADIENT: input_x_gradient,
-}
-
-
-def method_options(method: str | Method) -> list[str]:
+def method_options(method: str) -> list[str]:
     """The keyword options ``method`` accepts (its function's keyword-only parameters)."""
     fn = METHODS[parse_method(method)]
     return [p.name for p in inspect.signature(fn).parameters.values()
@@ -428,7 +420,7 @@ def method_options(method: str | Method) -> list[str]:
 
 
 def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
-              method: str | Method = "saliency", **options: Any) -> Tensor:
+              method: str = "saliency", **options: Any) -> Tensor:
     """Attributions of ``method`` for ``x``: one signature for every method.
 
     Args:
@@ -436,8 +428,9 @@ def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
             ``requires_grad`` are restored afterwards.
         x: ``N x C x H x W`` in [0, 1]; the device follows it.
         target: int64 ``N``, one int, or None for the model's predicted class.
-        method: ``"saliency"``, ``"smoothgrad"``, ``"integrated_gradients"`` (``"ig"``),
-            ``"input_x_gradient"`` (``"ixg"``).
+        method: a name of :data:`METHODS` or an alias: ``"saliency"``, ``"smoothgrad"``
+            (``"sg"``), ``"integrated_gradients"`` (``"ig"``), ``"input_x_gradient"``
+            (``"ixg"``).
         **options: the method's keyword options (see :func:`method_options`); an option the
             method does not take raises ``ValueError`` naming the ones it does.
 
@@ -448,7 +441,7 @@ def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
     valid = method_options(m)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"{m.value} does not take option(s) {', '.join(unknown)}; "
+        raise ValueError(f"{m} does not take option(s) {', '.join(unknown)}; "
                          f"valid options: {', '.join(valid)}")
     result = METHODS[m](model, x, target, **options)
     return result.attributions if isinstance(result, IGResult) else result
