@@ -40,14 +40,14 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from ..defenses.certified import Method, certify
+    from ..defenses.certified import BoundMethod, certify
     from .core import Threat
     from .fileio import atomic_write
 
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
     for m in args.methods:
-        _known(m, [v.value for v in Method], "method")
+        _known(m, [v.value for v in BoundMethod], "method")
     try:
         threat = Threat(args.norm, args.eps)
     except ValueError as err:

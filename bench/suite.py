@@ -77,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from ..attacks.ensemble import PRESETS
+from ..defenses.certified import BoundMethod
 from ..explain.attribution import METHODS as EXPLAIN_METHODS
 from ..explain.metrics import METRICS as EXPLAIN_METRICS
 from .core import DRAWS, Precision
@@ -92,7 +93,7 @@ __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "Exp
            "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
            "build_attack", "default_surrogate", "WRAPPERS", "CurveSpec", "CURVE_MODELS"]
 
-CERTIFY_METHODS = ("ibp", "crown", "milp")
+CERTIFY_METHODS = tuple(m.value for m in BoundMethod)
 
 
 class SuiteError(ValueError):

@@ -4,8 +4,8 @@ from . import defense_zoo  # noqa: F401 - registers the defended zoo entries
 from .adversarial import (
     AdversarialLoss,
     FastAdversarialLoss,
-    Method,
     PGDAdversarialLoss,
+    TrainingMethod,
     adversarial_training,
     robustness_metrics,
 )
@@ -58,7 +58,7 @@ __all__ += [  # training recipes
     "AdversarialLoss",
     "FastAdversarialLoss",
     "GradientPenaltyLoss",
-    "Method",
+    "TrainingMethod",
     "PGDAdversarialLoss",
     "PenaltyNorm",
     "TradesLoss",

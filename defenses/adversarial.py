@@ -37,13 +37,13 @@ from ..attacks.base import steepest_step
 from ..bench.core import StrEnum, Threat, check_inputs, make_generator, model_mode, parse_enum
 from ..bench.training import accuracy, fit, register_recipe
 
-__all__ = ["Method", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
+__all__ = ["TrainingMethod", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
            "adversarial_training", "robustness_metrics", "pgd_at", "fast_at"]
 
 log = logging.getLogger(__name__)
 
 
-class Method(StrEnum):
+class TrainingMethod(StrEnum):
     """Adversarial-training methods of :func:`adversarial_training`."""
 
     PGD = "pgd"
@@ -156,12 +156,12 @@ class FastAdversarialLoss(PGDAdversarialLoss):
                          random_start=True, warmup_epochs=warmup_epochs)
 
 
-def _make_loss(method: Method, threat: Threat, *, steps: int | None, step_size: float | None,
-               beta: float, warmup_epochs: float) -> AdversarialLoss:
-    if method is Method.PGD:
+def _make_loss(method: TrainingMethod, threat: Threat, *, steps: int | None,
+               step_size: float | None, beta: float, warmup_epochs: float) -> AdversarialLoss:
+    if method is TrainingMethod.PGD:
         return PGDAdversarialLoss(threat, steps=7 if steps is None else steps,
                                   step_size=step_size, warmup_epochs=warmup_epochs)
-    if method is Method.FAST:
+    if method is TrainingMethod.FAST:
         if steps not in (None, 1):
             raise ValueError(f"method 'fast' takes one step, got steps={steps}")
         return FastAdversarialLoss(threat, step_size=step_size, warmup_epochs=warmup_epochs)
@@ -183,7 +183,7 @@ def train_with_loss(model: nn.Module, x: Tensor, y: Tensor, loss: Any, *, epochs
 
 
 def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Threat,
-                         method: str | Method = "pgd", epochs: int = 10,
+                         method: str | TrainingMethod = "pgd", epochs: int = 10,
                          steps: int | None = None, step_size: float | None = None,
                          beta: float = 6.0, warmup_epochs: float = 0.0, batch_size: int = 128,
                          lr: float = 1e-3, generator: torch.Generator | int | None = 0,
@@ -207,7 +207,7 @@ def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Thre
     Returns:
         The trained model, in eval mode.
     """
-    method = parse_enum(Method, method, "adversarial-training method")
+    method = parse_enum(TrainingMethod, method, "adversarial-training method")
     loss = _make_loss(method, threat, steps=steps, step_size=step_size, beta=beta,
                       warmup_epochs=warmup_epochs)
     log.info("adversarial training: %s", loss.config())
@@ -269,7 +269,7 @@ def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Thr
     return metrics
 
 
-def _recipe(method: Method, model, x, y, *, epochs, batch_size, lr, generator, progress,
+def _recipe(method: TrainingMethod, model, x, y, *, epochs, batch_size, lr, generator, progress,
             checkpoint_dir, norm, eps, steps, step_size, beta, warmup_epochs, eval_dataset,
             eval_samples, eval_steps, eval_other_eps=(), **options):
     threat = Threat(norm, eps)
@@ -298,7 +298,7 @@ def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
     ``eval_samples`` test samples (also at each eps of the option ``eval_other_eps``).
     Returns ``(model, metrics)``.
     """
-    return _recipe(Method.PGD, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.PGD, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=steps, step_size=step_size, beta=0.0,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,
@@ -313,7 +313,7 @@ def fast_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: 
             eval_steps: int = 20, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Fast FGSM adversarial training with random start (Wong et al. 2020) as a zoo recipe;
     options as for ``pgd-at``. Returns ``(model, metrics)``."""
-    return _recipe(Method.FAST, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.FAST, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=None, step_size=step_size, beta=0.0,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..attacks.base import steepest_step
 from ..bench.core import Threat, normal
 from ..bench.training import register_recipe
-from .adversarial import AdversarialLoss, Method, _input_gradient, _recipe
+from .adversarial import AdversarialLoss, TrainingMethod, _input_gradient, _recipe
 
 __all__ = ["TradesLoss", "trades"]
 
@@ -87,7 +87,7 @@ def trades(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
            **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """TRADES as a zoo recipe; options as for ``pgd-at`` plus ``beta``. Returns
     ``(model, metrics)``."""
-    return _recipe(Method.TRADES, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.TRADES, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=steps, step_size=step_size, beta=beta,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,
