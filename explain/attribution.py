@@ -65,6 +65,7 @@ __all__ = [
     "make_baseline",
     "blur",
     "METHODS",
+    "AttributionMethod",
     "register_method",
     "parse_method",
     "method_options",
@@ -75,11 +76,36 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERNAL_BATCH_SIZE = 256
 
 
-# The attribution methods: name -> function ``(model, x, target, **options)``; ``attribute``,
-# the CLI's ``--method`` and the suite's ``[explain] methods`` read this registry. Listed in
-# registration order (saliency first), aliases (``ig``) resolve to the names.
-METHODS: Registry[Callable[..., Any]] = Registry("attribution method", order=lambda _: 0)
-register_method = METHODS.register
+@dataclass(frozen=True)
+class AttributionMethod:
+    """A registered attribution method: ``fn(model, x, target, **options)`` returning
+    ``N x C x H x W`` maps (or an :class:`IGResult`), its display ``title`` and the ``short``
+    label of the leaderboard's columns."""
+
+    name: str
+    fn: Callable[..., Any]
+    title: str
+    short: str
+
+
+# The attribution methods; ``attribute``, the CLI's ``--method``, the suite's ``[explain]
+# methods`` and the report's labels read this registry. Listed in registration order (saliency
+# first); aliases (``ig``) resolve to the names.
+METHODS: Registry[AttributionMethod] = Registry("attribution method", order=lambda _: 0)
+
+
+def register_method(name: str, *, title: str, short: str, aliases: tuple[str, ...] = ()
+                    ) -> Callable:
+    """Register ``fn(model, x, target, **options)`` as attribution method ``name``.
+
+    Usage: ``@register_method("my_map", title="My map", short="my")`` above the function.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        METHODS.add(name, AttributionMethod(name, fn, title, short), aliases=aliases)
+        return fn
+
+    return deco
 
 
 class Output(StrEnum):
@@ -193,7 +219,7 @@ def _prepare(model: nn.Module, x: Tensor, target: Any, batch_size: int) -> tuple
 # --- the methods -------------------------------------------------------------------------------
 
 
-@register_method("saliency", aliases=("gradient",))
+@register_method("saliency", aliases=("gradient",), title="saliency", short="sal")
 def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
              abs: bool = True, output: str | Output = "logit",
              internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -222,7 +248,7 @@ def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
     return out
 
 
-@register_method("smoothgrad", aliases=("sg",))
+@register_method("smoothgrad", aliases=("sg",), title="SmoothGrad", short="sg")
 def smoothgrad(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                noise_level: float = 0.15, samples: int = 25, abs: bool = True,
                output: str | Output = "logit",
@@ -331,7 +357,7 @@ def make_baseline(x: Tensor, baseline: str | Baseline | float | Tensor = "zeros"
     return blur(x)
 
 
-@register_method("integrated_gradients", aliases=("ig",))
+@register_method("integrated_gradients", aliases=("ig",), title="Integrated Gradients", short="ig")
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                          baseline: str | Baseline | float | Tensor = "zeros", n_steps: int = 50,
                          integration: str = "gausslegendre", output: str | Output = "logit",
@@ -389,7 +415,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | Non
     return IGResult(attributions=out, delta=delta, output_change=change)
 
 
-@register_method("input_x_gradient", aliases=("ixg",))
+@register_method("input_x_gradient", aliases=("ixg",), title="input x gradient", short="ixg")
 def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                      output: str | Output = "logit",
                      internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -414,7 +440,7 @@ def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = 
 
 def method_options(method: str) -> list[str]:
     """The keyword options ``method`` accepts (its function's keyword-only parameters)."""
-    fn = METHODS[parse_method(method)]
+    fn = METHODS.get(parse_method(method)).fn
     return [p.name for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
@@ -443,5 +469,5 @@ def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
     if unknown:
         raise ValueError(f"{m} does not take option(s) {', '.join(unknown)}; "
                          f"valid options: {', '.join(valid)}")
-    result = METHODS[m](model, x, target, **options)
+    result = METHODS.get(m).fn(model, x, target, **options)
     return result.attributions if isinstance(result, IGResult) else result

@@ -75,6 +75,8 @@ __all__ = [
     "METRICS",
     "register_metric",
     "ExplanationMetric",
+    "ScoreInfo",
+    "score_infos",
     "MetricInputs",
     "MetricScore",
 ]
@@ -708,6 +710,28 @@ class MetricScore:
 
 
 @dataclass(frozen=True)
+class ScoreInfo:
+    """What one stored number of a metric means: its declared range ``low`` .. ``high``
+    (inclusive; ``math.inf`` for unbounded) and ``range_text`` saying it in words, which way
+    is ``better`` (``"higher"`` or ``"lower"``), the column ``label`` of the report tables and
+    the ``short`` one of the leaderboard, and its ``meaning`` with the reference."""
+
+    low: float
+    high: float
+    better: str
+    label: str
+    short: str
+    range_text: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"a score range needs low <= high, got [{self.low}, {self.high}]")
+        if self.better not in ("higher", "lower"):
+            raise ValueError(f"better must be 'higher' or 'lower', got {self.better!r}")
+
+
+@dataclass(frozen=True)
 class ExplanationMetric:
     """A registered explanation metric.
 
@@ -715,8 +739,8 @@ class ExplanationMetric:
         name: the suite's name (``[explain] metrics``).
         compute: ``MetricInputs -> list[MetricScore]`` (empty when nothing applies, e.g. no
             sample outside the backdoor target).
-        ranges: per stored key, the declared ``(low, high)`` range of its value (inclusive;
-            ``math.inf`` for unbounded); the contract tests hold every score to it.
+        scores: per stored key, its :class:`ScoreInfo` (range, direction, labels); the
+            contract tests hold every score to its declared range.
         methods: the attribution methods it applies to (None: all).
         needs: the optional :class:`MetricInputs` fields it needs (``"x_adv"``, ``"trigger"``);
             without them it does not apply.
@@ -724,9 +748,14 @@ class ExplanationMetric:
 
     name: str
     compute: Callable[[MetricInputs], list[MetricScore]]
-    ranges: dict[str, tuple[float, float]]
+    scores: dict[str, ScoreInfo]
     methods: tuple[str, ...] | None = None
     needs: tuple[str, ...] = ()
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Per stored key, the declared ``(low, high)``."""
+        return {k: (s.low, s.high) for k, s in self.scores.items()}
 
     def applies(self, inputs: MetricInputs) -> bool:
         """True when ``inputs`` has what the metric needs (its method, the optional fields)."""
@@ -743,25 +772,28 @@ class ExplanationMetric:
         return self.compute(inputs)
 
 
+# Listed in registration order: the order of the report's columns.
 METRICS: Registry[ExplanationMetric] = Registry("explanation metric", order=lambda _: 0)
 
 
-def register_metric(name: str, *, ranges: dict[str, tuple[float, float]],
+def register_metric(name: str, *, scores: dict[str, ScoreInfo],
                     methods: tuple[str, ...] | None = None, needs: tuple[str, ...] = ()
                     ) -> Callable:
-    """Register ``fn(inputs: MetricInputs) -> list[MetricScore]`` as metric ``name``.
+    """Register ``fn(inputs: MetricInputs) -> list[MetricScore]`` as metric ``name``, whose
+    stored numbers are ``scores``.
 
     Usage::
 
-        @register_metric("my_metric", ranges={"my_score": (0.0, 1.0)})
+        @register_metric("my_metric", scores={"my_score": ScoreInfo(0.0, 1.0, "higher", ...)})
         def _my_metric(inputs: MetricInputs) -> list[MetricScore]: ...
     """
-    for key, (low, high) in ranges.items():
-        if not low <= high:
-            raise ValueError(f"metric {name!r}: range of {key!r} must have low <= high")
+    for key, info in scores.items():
+        if not isinstance(info, ScoreInfo):
+            raise TypeError(f"metric {name!r}: score {key!r} needs a ScoreInfo, got "
+                            f"{type(info).__name__}")
 
     def deco(fn: Callable[[MetricInputs], list[MetricScore]]):
-        METRICS.add(name, ExplanationMetric(name, fn, dict(ranges),
+        METRICS.add(name, ExplanationMetric(name, fn, dict(scores),
                                             None if methods is None else tuple(methods),
                                             tuple(needs)))
         return fn
@@ -769,12 +801,25 @@ def register_metric(name: str, *, ranges: dict[str, tuple[float, float]],
     return deco
 
 
+def score_infos() -> dict[str, ScoreInfo]:
+    """Every stored key of every registered metric, in registry order, with its
+    :class:`ScoreInfo` (what the report tables and the leaderboard label and sort by)."""
+    return {k: info for m in METRICS.values() for k, info in m.scores.items()}
+
+
 def _options_without_generator(options: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in options.items() if k != "generator"}
 
 
-@register_metric("deletion_insertion", ranges={"deletion_auc": (0.0, 1.0),
-                                               "insertion_auc": (0.0, 1.0)})
+@register_metric("deletion_insertion", scores={
+    "deletion_auc": ScoreInfo(
+        0.0, 1.0, "lower", "deletion AUC", "del", "[0, 1]",
+        "class probability as the most-attributed pixels are removed first, area under the "
+        "curve (Petsiuk et al. 2018); a faithful map makes it fall fast"),
+    "insertion_auc": ScoreInfo(
+        0.0, 1.0, "higher", "insertion AUC", "ins", "[0, 1]",
+        "class probability as the most-attributed pixels are inserted first into a blurred "
+        "input, area under the curve (Petsiuk et al. 2018)")})
 def _deletion_insertion_scores(inp: MetricInputs) -> list[MetricScore]:
     d = deletion_insertion(inp.model, inp.x, inp.attributions, inp.y, generator=inp.seed).to_dict()
     scalars = {k: v for k, v in d.items() if not k.endswith("curve")}
@@ -784,37 +829,42 @@ def _deletion_insertion_scores(inp: MetricInputs) -> list[MetricScore]:
         "fractions": d["fractions"]}) for key in ("deletion_auc", "insertion_auc")]
 
 
-@register_metric("randomisation", ranges={"randomisation_correlation": (-1.0, 1.0)})
+@register_metric("randomisation", scores={"randomisation_correlation": ScoreInfo(
+    -1.0, 1.0, "lower", "randomisation corr.", "rand-corr", "[-1, 1]",
+    "Spearman correlation between the map and the map of the model with every layer "
+    "randomised (Adebayo et al. 2018); a map that depends on the weights decorrelates")})
 def _randomisation_scores(inp: MetricInputs) -> list[MetricScore]:
     d = model_randomisation(inp.model, inp.x, inp.y, inp.method, generator=inp.seed,
                             **_options_without_generator(inp.options)).to_dict()
     return [MetricScore("randomisation_correlation", d["final_correlation"], d)]
 
 
-@register_metric("max_sensitivity", ranges={"max_sensitivity": (0.0, math.inf)})
-def _max_sensitivity_scores(inp: MetricInputs) -> list[MetricScore]:
-    d = max_sensitivity(inp.model, inp.x, inp.y, inp.method, generator=inp.seed,
-                        **_options_without_generator(inp.options)).to_dict()
-    return [MetricScore("max_sensitivity", d["mean_sensitivity"], d)]
-
-
-@register_metric("completeness", ranges={"completeness_error": (0.0, math.inf)},
-                 methods=("integrated_gradients",))
+@register_metric("completeness", methods=("integrated_gradients",), scores={
+    "completeness_error": ScoreInfo(
+        0.0, math.inf, "lower", "IG completeness error", "ig-err", "[0, inf), 0 = exact",
+        "|sum of IG - (f(x) - f(baseline))| / |f(x) - f(baseline)| (Sundararajan et al. "
+        "2017); 1 with a zero input gradient")})
 def _completeness_scores(inp: MetricInputs) -> list[MetricScore]:
     d = completeness(inp.model, inp.x, inp.y, n_steps=inp.ig_steps).to_dict()
     return [MetricScore("completeness_error", d["mean_relative_error"], d)]
 
 
-@register_metric("attribution_change", ranges={"adversarial_rank_correlation": (-1.0, 1.0)},
-                 needs=("x_adv",))
+@register_metric("attribution_change", needs=("x_adv",), scores={
+    "adversarial_rank_correlation": ScoreInfo(
+        -1.0, 1.0, "higher", "clean-vs-adversarial corr.", "adv-corr", "[-1, 1]",
+        "Spearman correlation between the maps of a clean input and its PGD example "
+        "(Ghorbani et al. 2019); low means the explanation is fragile")})
 def _attribution_change_scores(inp: MetricInputs) -> list[MetricScore]:
     d = attribution_change(inp.model, inp.x, inp.x_adv, inp.y, inp.method,
                            **inp.options).to_dict()
     return [MetricScore("adversarial_rank_correlation", d["mean_rank_correlation"], d)]
 
 
-@register_metric("trigger_localisation", ranges={"trigger_lift": (0.0, math.inf)},
-                 needs=("trigger", "trigger_target"))
+@register_metric("trigger_localisation", needs=("trigger", "trigger_target"), scores={
+    "trigger_lift": ScoreInfo(
+        0.0, math.inf, "higher", "trigger lift", "trig-lift", "[0, 1/trigger area], 1 = chance",
+        "attribution mass inside the backdoor trigger over the trigger's share of the "
+        "pixels, on triggered inputs; a map that finds the trigger is far above 1")})
 def _trigger_localisation_scores(inp: MetricInputs) -> list[MetricScore]:
     keep = inp.y != inp.trigger_target
     if not bool(keep.any()):
@@ -827,3 +877,12 @@ def _trigger_localisation_scores(inp: MetricInputs) -> list[MetricScore]:
     a_trig = attribute(inp.model, x_trig, target, inp.method, **inp.options)
     d = trigger_localisation(a_trig, mask).to_dict()
     return [MetricScore("trigger_lift", d["lift"], d)]
+
+
+@register_metric("max_sensitivity", scores={"max_sensitivity": ScoreInfo(
+    0.0, math.inf, "lower", "max sensitivity", "sens", "[0, inf)",
+    "largest change of the map under small input perturbations (Yeh et al. 2019)")})
+def _max_sensitivity_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = max_sensitivity(inp.model, inp.x, inp.y, inp.method, generator=inp.seed,
+                        **_options_without_generator(inp.options)).to_dict()
+    return [MetricScore("max_sensitivity", d["mean_sensitivity"], d)]

@@ -56,7 +56,8 @@ from unmask.bench.zoo import MODELS
 from unmask.defenses import masking
 from unmask.defenses.masking import CHECKS, CheckResult, MaskingKind, Outcome, Verdict
 from unmask.explain import METHODS, METRICS, attribute
-from unmask.explain.metrics import MetricInputs, MetricScore, register_metric
+from unmask.explain.attribution import register_method
+from unmask.explain.metrics import MetricInputs, MetricScore, ScoreInfo, register_metric
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,8 +365,10 @@ def test_every_method_gives_finite_maps_of_the_input_shape(name, digits_model, d
 def test_break_it_broken_methods_fail_the_contract(digits_model, digits_batch):
     x, y = digits_batch
     with METHODS.isolated():
-        METHODS.add("_pixel-sum", lambda model, x, target: x.flatten(1))
-        METHODS.add("_nan", lambda model, x, target: torch.full_like(x, float("nan")))
+        register_method("_pixel-sum", title="flat", short="flat")(
+            lambda model, x, target: x.flatten(1))
+        register_method("_nan", title="NaN", short="nan")(
+            lambda model, x, target: torch.full_like(x, float("nan")))
         with pytest.raises(AssertionError, match="_pixel-sum: attribution of shape"):
             method_contract("_pixel-sum", digits_model, x[:4], y[:4])
         with pytest.raises(AssertionError, match="_nan: non-finite"):
@@ -379,11 +382,14 @@ def test_method_names_come_from_the_registry_in_the_suite():
     with pytest.raises(SuiteError, match="'saliency'"):
         parse_suite(doc)
     with METHODS.isolated():
-        METHODS.add("_mine", lambda model, x, target: x)
+        register_method("_mine", title="mine", short="mine")(lambda model, x, target: x)
         assert parse_suite(doc).explain.methods == ("_mine",)
 
 
 # --- explanation metrics ------------------------------------------------------------------------
+
+
+SHARE = ScoreInfo(0.0, 1.0, "higher", "share", "share", "[0, 1]", "a dummy's share")
 
 
 def metric_inputs(model: nn.Module, x: Tensor, y: Tensor, method: str) -> MetricInputs:
@@ -423,9 +429,9 @@ def test_break_it_broken_metrics_fail_the_contract(digits_model, digits_batch):
     x, y = digits_batch
     inputs = metric_inputs(digits_model, x[:8], y[:8], "saliency")
     with METRICS.isolated():
-        register_metric("_above-range", ranges={"share": (0.0, 1.0)})(
+        register_metric("_above-range", scores={"share": SHARE})(
             lambda inp: [MetricScore("share", 1.5, {})])
-        register_metric("_undeclared", ranges={"share": (0.0, 1.0)})(
+        register_metric("_undeclared", scores={"share": SHARE})(
             lambda inp: [MetricScore("other", 0.5, {})])
         with pytest.raises(AssertionError, match=r"_above-range: share=1.5 outside \[0.0, 1.0\]"):
             metric_contract("_above-range", inputs)
@@ -440,7 +446,7 @@ def test_metric_names_come_from_the_registry_in_the_suite():
     with pytest.raises(SuiteError, match="deletion_insertion"):
         parse_suite(doc)
     with METRICS.isolated():
-        register_metric("_mine", ranges={"x": (0.0, 1.0)})(lambda inp: [])
+        register_metric("_mine", scores={"share": SHARE})(lambda inp: [])
         assert parse_suite(doc).explain.metrics == ("_mine",)
 
 
@@ -527,7 +533,7 @@ def test_readme_table_lists_every_registry():
 def test_break_it_a_new_name_makes_the_readme_table_stale():
     text = (ROOT / "README.md").read_text()
     with METRICS.isolated():
-        register_metric("_new", ranges={"x": (0.0, 1.0)})(lambda inp: [])
+        register_metric("_new", scores={"share": SHARE})(lambda inp: [])
         assert "`_new`" in registries_table() and "`_new`" not in text
 
 
