@@ -32,6 +32,7 @@ import pandas as pd
 from ..explain.attribution import METHODS
 from ..explain.metrics import score_infos
 from .store import Store
+from .training import RECIPES
 
 __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS", "OVERLAP_MARK",
            "RANDOMISED_MARK", "main_frame", "main_tables", "explanations_frame",
@@ -184,10 +185,6 @@ def evidence_name(model: str, threat: str) -> str:
 
 # --- defenses ---------------------------------------------------------------------------------
 
-_RECIPE_LABELS = {"standard": "standard training", "pgd-at": "PGD-AT", "fast-at": "fast FGSM-AT",
-                  "trades": "TRADES", "grad-reg": "input-gradient penalty",
-                  "ibp": "IBP certified training", "backdoor": "backdoor"}
-
 
 def _defense_of_entry(entry) -> tuple[str, str]:
     opts = dict(entry.recipe_options)
@@ -206,7 +203,7 @@ def _defense_of_entry(entry) -> tuple[str, str]:
         if "masking-control" in entry.tags:
             short = f"control: {short}"
         return short, desc
-    label = _RECIPE_LABELS.get(entry.recipe, entry.recipe)
+    label = RECIPES.get(entry.recipe).label if entry.recipe in RECIPES else entry.recipe
     if entry.recipe == "backdoor":
         trigger = opts.get("trigger", "")
         rate = opts.get("poison_rate")

@@ -285,7 +285,7 @@ def _recipe(method: TrainingMethod, model, x, y, *, epochs, batch_size, lr, gene
                                     eval_other_eps=eval_other_eps)
 
 
-@register_recipe("pgd-at")
+@register_recipe("pgd-at", label="PGD-AT")
 def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
            lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
            norm: str = "linf", eps: float = 0.3, steps: int = 7, step_size: float | None = None,
@@ -305,7 +305,7 @@ def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
                    eval_samples=eval_samples, eval_steps=eval_steps, **options)
 
 
-@register_recipe("fast-at")
+@register_recipe("fast-at", label="fast FGSM-AT")
 def fast_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
             lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
             norm: str = "linf", eps: float = 0.3, step_size: float | None = None,

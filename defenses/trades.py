@@ -78,7 +78,7 @@ class TradesLoss(AdversarialLoss):
                 "step_size": self.step_size}
 
 
-@register_recipe("trades")
+@register_recipe("trades", label="TRADES")
 def trades(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
            lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
            norm: str = "linf", eps: float = 0.3, beta: float = 6.0, steps: int = 10,
