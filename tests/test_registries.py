@@ -7,10 +7,11 @@ calls it for every registered entry, and a break-it test registers a deliberatel
 inside ``REGISTRY.isolated()`` and shows the same function rejects it. Nothing is skipped: an
 entry the contract cannot exercise (an attack without a factory below) fails.
 
-Registries: attacks (``unmask.attacks.ATTACKS``), ensemble presets (``PRESETS``), masking checks
-(``unmask.defenses.masking.CHECKS``), datasets (``unmask.bench.data.DATASETS``), attribution
+Registries: attacks (``unmask.attacks.ATTACKS``), ensemble presets (``PRESETS``), backdoor
+triggers (``TRIGGERS``), masking checks (``unmask.defenses.masking.CHECKS``), datasets (``unmask.bench.data.DATASETS``), attribution
 methods (``unmask.explain.METHODS``), explanation metrics (``unmask.explain.METRICS``), zoo
-entries (``unmask.bench.zoo.MODELS``); the architectures are generated in ``test_archs.py``.
+entries (``unmask.bench.zoo.MODELS``), training recipes (``unmask.bench.training.RECIPES``). The
+architectures are generated in ``test_archs.py``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from unmask.attacks import (
     Square,
     Transfer,
 )
+from unmask.attacks.backdoor_triggers import TRIGGERS, Trigger, make_trigger, register_trigger
 from unmask.attacks.base import Attack
 from unmask.bench import Threat, data, zoo
 from unmask.bench.archs import ARCHS
@@ -51,7 +53,7 @@ from unmask.bench.core import AttackResult
 from unmask.bench.fileio import write_between_markers
 from unmask.bench.registry import Registry, UnknownNameError
 from unmask.bench.suite import SuiteError, parse_suite
-from unmask.bench.training import RECIPES
+from unmask.bench.training import RECIPES, register_recipe, seeded_init
 from unmask.bench.zoo import MODELS
 from unmask.defenses import masking
 from unmask.defenses.masking import CHECKS, CheckResult, MaskingKind, Outcome, Verdict
@@ -450,6 +452,97 @@ def test_metric_names_come_from_the_registry_in_the_suite():
         assert parse_suite(doc).explain.metrics == ("_mine",)
 
 
+# --- backdoor triggers -------------------------------------------------------------------------
+
+
+def trigger_contract(name: str, x: Tensor) -> None:
+    """A trigger built by name with its defaults leaves its input untouched, returns a new batch
+    of the same shape in [0, 1] that differs from it, the same one every call, and rebuilds
+    from its own ``config()``."""
+    trigger = make_trigger(name)
+    before = x.clone()
+    out = trigger(x)
+    assert torch.equal(x, before), f"{name}: modified its input"
+    assert out.shape == x.shape, f"{name}: shape {tuple(out.shape)}, input {tuple(x.shape)}"
+    assert float(out.min()) >= 0 and float(out.max()) <= 1, f"{name}: outside [0, 1]"
+    assert not torch.equal(out, x), f"{name}: changes nothing"
+    assert torch.equal(trigger(x), out), f"{name}: not deterministic"
+    assert torch.equal(make_trigger(name, **trigger.config())(x), out), (
+        f"{name}: config() does not rebuild it")
+
+
+@pytest.mark.parametrize("name", TRIGGERS.names())
+def test_every_trigger_keeps_the_contract(name, digits_batch):
+    trigger_contract(name, digits_batch[0][:6])
+
+
+def test_break_it_a_trigger_changing_nothing_fails_the_contract(digits_batch):
+    with TRIGGERS.isolated():
+        @register_trigger
+        class _Nothing(Trigger):
+            name = "_nothing"
+
+            def apply(self, x):
+                return x.clone()
+
+            def config(self):
+                return {}
+
+        with pytest.raises(AssertionError, match="_nothing: changes nothing"):
+            trigger_contract("_nothing", digits_batch[0][:6])
+    assert "_nothing" not in TRIGGERS
+
+
+# --- training recipes --------------------------------------------------------------------------
+
+
+def _tiny_mlp() -> nn.Module:
+    with seeded_init(0):
+        return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 10))
+
+
+def recipe_contract(name: str, x: Tensor, y: Tensor) -> nn.Module:
+    """A recipe called the way the zoo calls it (defaults for every option) trains a tiny model
+    and returns it (or ``(model, metrics)`` with a dict): finite ``N x K`` logits, weights that
+    changed, and the same weights from the same seed."""
+    opts = dict(epochs=1, batch_size=32, lr=1e-2, generator=0, progress=False)
+    outs = [RECIPES.get(name)(_tiny_mlp(), x, y, **opts) for _ in range(2)]
+    models = []
+    for out in outs:
+        model, metrics = out if isinstance(out, tuple) else (out, {})
+        assert isinstance(model, nn.Module) and isinstance(metrics, dict), (
+            f"{name}: returned {type(out).__name__}, not a model or (model, metrics)")
+        models.append(model)
+    with torch.no_grad():
+        logits = models[0].eval()(x)
+    assert logits.shape == (len(x), 10) and bool(torch.isfinite(logits).all()), (
+        f"{name}: logits {tuple(logits.shape)}, finite {bool(torch.isfinite(logits).all())}")
+    before, after = _tiny_mlp().state_dict(), models[0].state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), f"{name}: trained nothing"
+    second = models[1].state_dict()
+    assert all(torch.equal(after[k], second[k]) for k in after), f"{name}: same seed, other weights"
+    return models[0]
+
+
+@pytest.mark.parametrize("name", RECIPES.names())
+def test_every_recipe_trains_a_tiny_model(name, digits_train_small):
+    recipe_contract(name, *digits_train_small)
+
+
+@pytest.fixture(scope="module")
+def digits_train_small():
+    x, y = data.load("digits", "train", n=64)
+    return x, y
+
+
+def test_break_it_a_recipe_that_trains_nothing_fails_the_contract(digits_train_small):
+    with RECIPES.isolated():
+        register_recipe("_idle")(lambda model, x, y, **opts: model)
+        with pytest.raises(AssertionError, match="_idle: trained nothing"):
+            recipe_contract("_idle", *digits_train_small)
+    assert "_idle" not in RECIPES
+
+
 # --- zoo entries --------------------------------------------------------------------------------
 
 
@@ -495,6 +588,7 @@ DOC_REGISTRIES = [
     ("attacks", "unmask.attacks.ATTACKS", ATTACKS),
     ("ensemble presets", "unmask.attacks.PRESETS", PRESETS),
     ("masking checks", "unmask.defenses.masking.CHECKS", CHECKS),
+    ("backdoor triggers", "unmask.attacks.TRIGGERS", TRIGGERS),
     ("zoo entries", "unmask.bench.zoo.MODELS", MODELS),
     ("architectures", "unmask.bench.archs.ARCHS", ARCHS),
     ("datasets", "unmask.bench.data.DATASETS", data.DATASETS),
