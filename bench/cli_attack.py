@@ -9,7 +9,9 @@ import sys
 import time
 
 from ..attacks import ATTACKS, PRESETS, attack_in_precision
+from .archs import ARCHS
 from .cli import CLIError, _table, command
+from .core import Norm, Precision
 
 
 def standalone_attacks() -> list[str]:
@@ -41,9 +43,8 @@ def add_model_source_args(p: argparse.ArgumentParser, optional_model: bool = Fal
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP,
                    nargs="?" if optional_model else None)
     p.add_argument("--arch", metavar="ARCH",
-                   help="the architecture of a checkpoint of weights: a registered one "
-                        "(small-cnn, mlp, preact-resnet18, wide-resnet-28-10), tv:NAME, or "
-                        "package.module:function")
+                   help=f"the architecture of a checkpoint of weights: a registered one "
+                        f"({', '.join(ARCHS.names())}), tv:NAME, or package.module:function")
     p.add_argument("--model-kwargs", metavar="JSON", type=_json_object, default=None,
                    help="keyword arguments of the builder or of --arch, as a JSON object")
     p.add_argument("--dataset", metavar="NAME",
@@ -65,7 +66,7 @@ def _json_object(text: str) -> dict:
 def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bool = False
                    ) -> None:
     add_model_source_args(p, optional_model)
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm])
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
     p.add_argument("--n", type=int, default=None,
                    help=f"test samples (default {n}, or the whole test split when smaller; "
@@ -145,7 +146,7 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
                         f"({', '.join(PRESETS.names())}); default quick")
     p.add_argument("--steps", type=int,
                    help="iterations (attacks with steps) or queries (attacks with queries)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default="fp32", choices=[v.value for v in Precision],
                    help="search precision (autocast); verdicts stay the fp32 model's "
                         "(default fp32; see docs/performance.md)")
     p.add_argument("--batch-size", type=int, default=250, metavar="N",

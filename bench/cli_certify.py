@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..defenses.certified import BoundMethod, certify
 from .cli import CLIError, _known, _table, command
 from .cli_attack import add_model_source_args, load_model, test_data
+from .core import Norm
 
 
 @command("certify")
@@ -29,9 +31,10 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
                     "counterexample verified on the model) or unknown.")
     add_model_source_args(p)
     p.add_argument("--eps", type=float, required=True, help="radius of the threat ball")
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="default linf")
-    p.add_argument("--methods", nargs="+", default=["ibp", "crown", "milp"],
-                   help="any of ibp crown milp (default: all three)")
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm],
+                   help="default linf")
+    p.add_argument("--methods", nargs="+", default=[m.value for m in BoundMethod],
+                   help=f"any of {' '.join(m.value for m in BoundMethod)} (default: all)")
     p.add_argument("--n", type=int, default=100, help="test images (default 100)")
     p.add_argument("--time-limit", type=float, default=10.0,
                    help="MILP seconds per sample; a timeout leaves it unknown (default 10)")
@@ -40,7 +43,6 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _certify(args: argparse.Namespace) -> int:
-    from ..defenses.certified import BoundMethod, certify
     from .core import Threat
     from .fileio import atomic_write
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from ..explain.attribution import METHODS
+from ..explain.attribution import METHODS, Output
 from .cli import CLIError, _table, command
 from .cli_attack import add_model_source_args, load_model, probe, test_data
+from .core import Norm
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,15 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n", type=int, default=8, help="test images to explain (default 8)")
     p.add_argument("--out", required=True, help="figure path (PNG)")
     p.add_argument("--curves", help="also save the deletion/insertion curves to this path")
-    p.add_argument("--output", default="logit", choices=("logit", "probability", "log_probability"),
+    p.add_argument("--output", default="logit", choices=[o.value for o in Output],
                    help="what is explained (default logit); log_probability shows what a "
                         "saturated loss (gradient masking) leaves of the maps")
     p.add_argument("--n-steps", type=int, default=32, help="IG integration steps (default 32)")
     p.add_argument("--samples", type=int, default=25, help="SmoothGrad samples (default 25)")
     p.add_argument("--noise-level", type=float, default=0.15,
                    help="SmoothGrad noise std as a share of the input range (default 0.15)")
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="PGD threat norm")
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm],
+                   help="PGD threat norm")
     p.add_argument("--eps", type=float,
                    help="PGD eps (default 0.3 linf / 2.0 l2 on MNIST-like data, 8/255 / 0.5 else)")
     p.add_argument("--attack-steps", type=int, default=20, help="PGD steps (default 20)")

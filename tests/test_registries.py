@@ -48,6 +48,7 @@ from unmask.attacks.backdoor_triggers import TRIGGERS, Trigger, make_trigger, re
 from unmask.attacks.base import Attack
 from unmask.bench import Threat, data, zoo
 from unmask.bench.archs import ARCHS
+from unmask.bench.cli import build_parser
 from unmask.bench.cli_attack import attack_choices
 from unmask.bench.core import AttackResult
 from unmask.bench.fileio import write_between_markers
@@ -245,6 +246,28 @@ def test_preset_names_come_from_the_registry_in_the_cli_and_the_suite():
         PRESETS.add("_mine", lambda threat: [FGSM(threat)])
         assert parse_suite(doc).attacks.preset == "_mine"
         assert "_mine" in attack_choices()
+
+
+def test_cli_help_lists_names_from_the_registries(capsys, monkeypatch):
+    """``--help`` of attack and explain is built from the registries at parse time: an entry
+    registered now is listed now (and one removed is gone)."""
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping inside hyphenated names
+    with PRESETS.isolated(), METHODS.isolated(), ARCHS.isolated():
+        PRESETS.add("_fast-preset", lambda threat: [FGSM(threat)])
+        register_method("_my-map", title="mine", short="mine", aliases=("_mm",))(
+            lambda model, x, target: x)
+        ARCHS.add("_my-arch", nn.Identity)
+        for argv in (["attack"], ["explain"]):
+            with pytest.raises(SystemExit):
+                build_parser().parse_args([*argv, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "_fast-preset" in text and "_my-map (_mm)" in text and "_my-arch" in text
+    for argv in (["attack"], ["explain"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args([*argv, "--help"])
+    text = capsys.readouterr().out
+    assert "_fast-preset" not in text and "_my-map" not in text
+    assert all(n in " ".join(text.split()) for n in [*PRESETS, *METHODS, *ARCHS])
 
 
 # --- masking checks ----------------------------------------------------------------------------
