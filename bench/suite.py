@@ -707,7 +707,8 @@ def default_surrogate(dataset: str) -> str | None:
 def _explain(t: _Table) -> ExplainSpec:
     spec = ExplainSpec(enabled=t.flag("enabled", bool(t.data)),
                        methods=t.str_list("methods", ("saliency",), EXPLAIN_METHODS.names()),
-                       metrics=t.str_list("metrics", ("deletion_insertion",), EXPLAIN_METRICS.names()),
+                       metrics=t.str_list("metrics", ("deletion_insertion",),
+                                          EXPLAIN_METRICS.names()),
                        n=t.integer("n", 32, minimum=1), ig_steps=t.integer("ig_steps", 32, minimum=1),
                        maps=t.integer("maps", 4, minimum=0))
     if spec.enabled and not spec.methods:

@@ -8,10 +8,10 @@ inside ``REGISTRY.isolated()`` and shows the same function rejects it. Nothing i
 entry the contract cannot exercise (an attack without a factory below) fails.
 
 Registries: attacks (``unmask.attacks.ATTACKS``), ensemble presets (``PRESETS``), backdoor
-triggers (``TRIGGERS``), masking checks (``unmask.defenses.masking.CHECKS``), datasets (``unmask.bench.data.DATASETS``), attribution
-methods (``unmask.explain.METHODS``), explanation metrics (``unmask.explain.METRICS``), zoo
-entries (``unmask.bench.zoo.MODELS``), training recipes (``unmask.bench.training.RECIPES``). The
-architectures are generated in ``test_archs.py``.
+triggers (``TRIGGERS``), masking checks (``unmask.defenses.masking.CHECKS``), datasets
+(``unmask.bench.data.DATASETS``), attribution methods (``unmask.explain.METHODS``), explanation
+metrics (``unmask.explain.METRICS``), zoo entries (``unmask.bench.zoo.MODELS``), training recipes
+(``unmask.bench.training.RECIPES``). The architectures are generated in ``test_archs.py``.
 """
 
 from __future__ import annotations

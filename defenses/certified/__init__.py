@@ -30,7 +30,8 @@ from .milp import MilpOutcome, milp_margin
 from .network import Chain, NotSupportedError, to_chain
 
 __all__ = ["BoundMethod", "Status", "CertifyResult", "SoundnessError", "NotSupportedError",
-           "certify", "margin_lower_bound", "assert_sound", "to_chain", "Chain", "milp_margin", "MilpOutcome"]
+           "certify", "margin_lower_bound", "assert_sound", "to_chain", "Chain", "milp_margin",
+           "MilpOutcome"]
 
 
 class BoundMethod(StrEnum):

@@ -1,6 +1,7 @@
 """The check registry (:data:`CHECKS`, a :class:`~unmask.bench.registry.Registry`): every
-masking check is a function of a :class:`Context`, registered with :func:`check` together with what it detects, its rule and thresholds, the evidence it
-records, the verdict a failure implies and what it costs.
+masking check is a function of a :class:`Context`, registered with :func:`check` together with
+what it detects, its rule and thresholds, the evidence it records, the verdict a failure
+implies and what it costs.
 
 A check returns an :class:`Outcome` (value, pass/fail, evidence); the registry turns it into a
 :class:`~.report.CheckResult` with the declared metadata and the forward/backward passes the
