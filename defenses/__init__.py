@@ -3,8 +3,8 @@
 from .adversarial import (
     AdversarialLoss,
     FastAdversarialLoss,
-    Method,
     PGDAdversarialLoss,
+    TrainingMethod,
     adversarial_training,
     robustness_metrics,
 )
@@ -55,7 +55,7 @@ __all__ += [  # training recipes
     "AdversarialLoss",
     "FastAdversarialLoss",
     "GradientPenaltyLoss",
-    "Method",
+    "TrainingMethod",
     "PGDAdversarialLoss",
     "PenaltyNorm",
     "TradesLoss",

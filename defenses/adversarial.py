@@ -41,13 +41,13 @@ from ..bench.core import StrEnum, Threat, check_inputs, make_generator, model_mo
 from ..bench.core.registry import Registry
 from ..bench.core.training import accuracy, fit, register_recipe
 
-__all__ = ["Method", "LOSSES", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
+__all__ = ["TrainingMethod", "LOSSES", "AdversarialLoss", "PGDAdversarialLoss", "FastAdversarialLoss",
            "adversarial_training", "robustness_metrics", "pgd_at", "fast_at"]
 
 log = logging.getLogger(__name__)
 
 
-class Method(StrEnum):
+class TrainingMethod(StrEnum):
     """Adversarial-training methods of :func:`adversarial_training`."""
 
     PGD = "pgd"
@@ -171,14 +171,14 @@ class FastAdversarialLoss(PGDAdversarialLoss):
 LOSSES: Registry[Callable[..., AdversarialLoss]] = Registry("adversarial-training method")
 
 
-@LOSSES.register(Method.PGD.value)
+@LOSSES.register(TrainingMethod.PGD.value)
 def _pgd_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
               warmup_epochs: float) -> AdversarialLoss:
     return PGDAdversarialLoss(threat, steps=7 if steps is None else steps,
                               step_size=step_size, warmup_epochs=warmup_epochs)
 
 
-@LOSSES.register(Method.FAST.value)
+@LOSSES.register(TrainingMethod.FAST.value)
 def _fast_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
                warmup_epochs: float) -> AdversarialLoss:
     if steps not in (None, 1):
@@ -186,7 +186,7 @@ def _fast_loss(threat: Threat, *, steps: int | None, step_size: float | None, be
     return FastAdversarialLoss(threat, step_size=step_size, warmup_epochs=warmup_epochs)
 
 
-def _make_loss(method: Method, threat: Threat, *, steps: int | None, step_size: float | None,
+def _make_loss(method: TrainingMethod, threat: Threat, *, steps: int | None, step_size: float | None,
                beta: float, warmup_epochs: float) -> AdversarialLoss:
     return LOSSES.get(method.value)(threat, steps=steps, step_size=step_size, beta=beta,
                                     warmup_epochs=warmup_epochs)
@@ -204,7 +204,7 @@ def train_with_loss(model: nn.Module, x: Tensor, y: Tensor, loss: Any, *, epochs
 
 
 def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Threat,
-                         method: str | Method = "pgd", epochs: int = 10,
+                         method: str | TrainingMethod = "pgd", epochs: int = 10,
                          steps: int | None = None, step_size: float | None = None,
                          beta: float = 6.0, warmup_epochs: float = 0.0, batch_size: int = 128,
                          lr: float = 1e-3, generator: torch.Generator | int | None = 0,
@@ -228,7 +228,7 @@ def adversarial_training(model: nn.Module, x: Tensor, y: Tensor, *, threat: Thre
     Returns:
         The trained model, in eval mode.
     """
-    method = parse_enum(Method, method, "adversarial-training method")
+    method = parse_enum(TrainingMethod, method, "adversarial-training method")
     loss = _make_loss(method, threat, steps=steps, step_size=step_size, beta=beta,
                       warmup_epochs=warmup_epochs)
     log.info("adversarial training: %s", loss.config())
@@ -287,7 +287,7 @@ def evaluate_for_card(model: nn.Module, loss_config: dict[str, Any], threat: Thr
     return metrics
 
 
-def _recipe(method: Method, model, x, y, *, epochs, batch_size, lr, generator, progress,
+def _recipe(method: TrainingMethod, model, x, y, *, epochs, batch_size, lr, generator, progress,
             checkpoint_dir, norm, eps, steps, step_size, beta, warmup_epochs, eval_dataset,
             eval_samples, eval_steps, eval_other_eps=(), **options):
     threat = Threat(norm, eps)
@@ -303,7 +303,7 @@ def _recipe(method: Method, model, x, y, *, epochs, batch_size, lr, generator, p
                                     eval_other_eps=eval_other_eps)
 
 
-@register_recipe("pgd-at")
+@register_recipe("pgd-at", label="PGD-AT")
 def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
            lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
            norm: str = "linf", eps: float = 0.3, steps: int = 7, step_size: float | None = None,
@@ -316,14 +316,14 @@ def pgd_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
     ``eval_samples`` test samples (also at each eps of the option ``eval_other_eps``).
     Returns ``(model, metrics)``.
     """
-    return _recipe(Method.PGD, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.PGD, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=steps, step_size=step_size, beta=0.0,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,
                    eval_samples=eval_samples, eval_steps=eval_steps, **options)
 
 
-@register_recipe("fast-at")
+@register_recipe("fast-at", label="fast FGSM-AT")
 def fast_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
             lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
             norm: str = "linf", eps: float = 0.3, step_size: float | None = None,
@@ -331,7 +331,7 @@ def fast_at(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: 
             eval_steps: int = 20, **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """Fast FGSM adversarial training with random start (Wong et al. 2020) as a zoo recipe;
     options as for ``pgd-at``. Returns ``(model, metrics)``."""
-    return _recipe(Method.FAST, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.FAST, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=None, step_size=step_size, beta=0.0,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,

@@ -92,7 +92,7 @@ def gradient_regularization(model: nn.Module, x: Tensor, y: Tensor, *, lam: floa
                            checkpoint_dir=checkpoint_dir, **fit_options)
 
 
-@register_recipe("grad-reg")
+@register_recipe("grad-reg", label="input-gradient penalty")
 def grad_reg(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
              lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
              lam: float = 0.3, penalty_norm: str = "l1", norm: str = "linf", eps: float = 0.3,

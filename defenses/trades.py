@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..attacks.base import steepest_step
 from ..bench.core import Threat, normal
 from ..bench.core.training import register_recipe
-from .adversarial import LOSSES, AdversarialLoss, Method, _input_gradient, _recipe
+from .adversarial import LOSSES, AdversarialLoss, TrainingMethod, _input_gradient, _recipe
 
 __all__ = ["TradesLoss", "trades"]
 
@@ -79,14 +79,14 @@ class TradesLoss(AdversarialLoss):
                 "step_size": self.step_size}
 
 
-@LOSSES.register(Method.TRADES.value)
+@LOSSES.register(TrainingMethod.TRADES.value)
 def _trades_loss(threat: Threat, *, steps: int | None, step_size: float | None, beta: float,
                  warmup_epochs: float) -> TradesLoss:
     return TradesLoss(threat, beta=beta, steps=10 if steps is None else steps,
                       step_size=step_size, warmup_epochs=warmup_epochs)
 
 
-@register_recipe("trades")
+@register_recipe("trades", label="TRADES")
 def trades(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
            lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
            norm: str = "linf", eps: float = 0.3, beta: float = 6.0, steps: int = 10,
@@ -95,7 +95,7 @@ def trades(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: i
            **options: Any) -> tuple[nn.Module, dict[str, Any]]:
     """TRADES as a zoo recipe; options as for ``pgd-at`` plus ``beta``. Returns
     ``(model, metrics)``."""
-    return _recipe(Method.TRADES, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
+    return _recipe(TrainingMethod.TRADES, model, x, y, epochs=epochs, batch_size=batch_size, lr=lr,
                    generator=generator, progress=progress, checkpoint_dir=checkpoint_dir,
                    norm=norm, eps=eps, steps=steps, step_size=step_size, beta=beta,
                    warmup_epochs=warmup_epochs, eval_dataset=eval_dataset,

@@ -1,9 +1,9 @@
 """unmask.explain: attributions (Captum), explanation metrics, gradient-flow audit, plots."""
 
 from .attribution import (
+    METHODS,
     Baseline,
     IGResult,
-    Method,
     Output,
     attribute,
     input_x_gradient,
@@ -16,6 +16,7 @@ from .branches import BranchAttribution, branch_attribution
 from .gradflow import AuditLoss, GradFlowReport, ModuleFlow, NormStats, audit
 from .jacobian import JacobianNorm, LayerNorm, jacobian_norm
 from .metrics import (
+    METRICS,
     AttributionChangeResult,
     CompletenessResult,
     DeletionInsertionResult,
@@ -39,7 +40,7 @@ __all__: list[str] = []
 __all__ += [
     "Baseline",
     "IGResult",
-    "Method",
+    "METHODS",
     "Output",
     "attribute",
     "input_x_gradient",
@@ -47,6 +48,7 @@ __all__ += [
     "make_baseline",
     "saliency",
     "smoothgrad",
+    "METRICS",
     "AttributionChangeResult",
     "CompletenessResult",
     "DeletionInsertionResult",

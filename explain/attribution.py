@@ -51,9 +51,9 @@ from ..bench.core import (
     parse_enum,
     uniform,
 )
+from ..bench.core.registry import Registry
 
 __all__ = [
-    "Method",
     "Output",
     "Baseline",
     "IGResult",
@@ -65,7 +65,10 @@ __all__ = [
     "make_baseline",
     "blur",
     "METHODS",
-    "ALIASES",
+    "AttributionMethod",
+    "register_method",
+    "parse_method",
+    "method_options",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,17 +76,36 @@ log = logging.getLogger(__name__)
 DEFAULT_INTERNAL_BATCH_SIZE = 256
 
 
-class Method(StrEnum):
-    """An attribution method."""
+@dataclass(frozen=True)
+class AttributionMethod:
+    """A registered attribution method: ``fn(model, x, target, **options)`` returning
+    ``N x C x H x W`` maps (or an :class:`IGResult`), its display ``title`` and the ``short``
+    label of the leaderboard's columns."""
 
-    SALIENCY = "saliency"
-    SMOOTHGRAD = "smoothgrad"
-    INTEGRATED_GRADIENTS = "integrated_gradients"
-    INPUT_X_GRADIENT = "input_x_gradient"
+    name: str
+    fn: Callable[..., Any]
+    title: str
+    short: str
 
 
-ALIASES = {"ig": "integrated_gradients", "sg": "smoothgrad", "ixg": "input_x_gradient",
-           "gradient": "saliency"}
+# The attribution methods; ``attribute``, the CLI's ``--method``, the suite's ``[explain]
+# methods`` and the report's labels read this registry. Listed in registration order (saliency
+# first); aliases (``ig``) resolve to the names.
+METHODS: Registry[AttributionMethod] = Registry("attribution method", order=lambda _: 0)
+
+
+def register_method(name: str, *, title: str, short: str, aliases: tuple[str, ...] = ()
+                    ) -> Callable:
+    """Register ``fn(model, x, target, **options)`` as attribution method ``name``.
+
+    Usage: ``@register_method("my_map", title="My map", short="my")`` above the function.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        METHODS.add(name, AttributionMethod(name, fn, title, short), aliases=aliases)
+        return fn
+
+    return deco
 
 
 class Output(StrEnum):
@@ -102,14 +124,14 @@ class Baseline(StrEnum):
     BLUR = "blur"
 
 
-def parse_method(method: str | Method) -> Method:
-    """``Method`` from a name or alias; a bad value raises ``ValueError`` naming the valid ones."""
-    if isinstance(method, str) and not isinstance(method, Method):
-        method = ALIASES.get(method.lower(), method)
-    try:
-        return parse_enum(Method, method, "attribution method")
-    except ValueError as err:
-        raise ValueError(f"{err.args[0]} (aliases: {', '.join(sorted(ALIASES))})") from None
+def parse_method(method: str) -> str:
+    """The registered name of ``method`` (a name or an alias, any case); a bad value raises
+    ``ValueError`` naming the valid ones."""
+    if isinstance(method, str) and method.lower() in {*METHODS, *METHODS.aliases()}:
+        return METHODS.resolve(method.lower())
+    valid = ", ".join(repr(m) for m in METHODS.names())
+    raise ValueError(f"unknown attribution method {method!r}; expected one of {valid} "
+                     f"(aliases: {', '.join(METHODS.aliases())})")
 
 
 @dataclass
@@ -200,6 +222,7 @@ def _prepare(model: nn.Module, x: Tensor, target: Any, batch_size: int) -> tuple
 # --- the methods -------------------------------------------------------------------------------
 
 
+@register_method("saliency", aliases=("gradient",), title="saliency", short="sal")
 def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
              abs: bool = True, output: str | Output = "logit",
              internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -229,6 +252,7 @@ def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
     return out
 
 
+@register_method("smoothgrad", aliases=("sg",), title="SmoothGrad", short="sg")
 def smoothgrad(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                noise_level: float = 0.15, samples: int = 25, abs: bool = True,
                output: str | Output = "logit",
@@ -338,6 +362,7 @@ def make_baseline(x: Tensor, baseline: str | Baseline | float | Tensor = "zeros"
     return blur(x)
 
 
+@register_method("integrated_gradients", aliases=("ig",), title="Integrated Gradients", short="ig")
 def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                          baseline: str | Baseline | float | Tensor = "zeros", n_steps: int = 50,
                          integration: str = "gausslegendre", output: str | Output = "logit",
@@ -396,6 +421,7 @@ def integrated_gradients(model: nn.Module, x: Tensor, target: Tensor | int | Non
     return IGResult(attributions=out, delta=delta, output_change=change)
 
 
+@register_method("input_x_gradient", aliases=("ixg",), title="input x gradient", short="ixg")
 def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
                      output: str | Output = "logit",
                      internal_batch_size: int = DEFAULT_INTERNAL_BATCH_SIZE) -> Tensor:
@@ -419,23 +445,15 @@ def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = 
     return out
 
 
-METHODS: dict[Method, Callable[..., Any]] = {
-    Method.SALIENCY: saliency,
-    Method.SMOOTHGRAD: smoothgrad,
-    Method.INTEGRATED_GRADIENTS: integrated_gradients,
-    Method.INPUT_X_GRADIENT: input_x_gradient,
-}
-
-
-def method_options(method: str | Method) -> list[str]:
+def method_options(method: str) -> list[str]:
     """The keyword options ``method`` accepts (its function's keyword-only parameters)."""
-    fn = METHODS[parse_method(method)]
+    fn = METHODS.get(parse_method(method)).fn
     return [p.name for p in inspect.signature(fn).parameters.values()
             if p.kind is inspect.Parameter.KEYWORD_ONLY]
 
 
 def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
-              method: str | Method = "saliency", **options: Any) -> Tensor:
+              method: str = "saliency", **options: Any) -> Tensor:
     """Attributions of ``method`` for ``x``: one signature for every method.
 
     Args:
@@ -443,8 +461,9 @@ def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
             ``requires_grad`` are restored afterwards.
         x: ``N x C x H x W`` in [0, 1]; the device follows it.
         target: int64 ``N``, one int, or None for the model's predicted class.
-        method: ``"saliency"``, ``"smoothgrad"``, ``"integrated_gradients"`` (``"ig"``),
-            ``"input_x_gradient"`` (``"ixg"``).
+        method: a name of :data:`METHODS` or an alias: ``"saliency"``, ``"smoothgrad"``
+            (``"sg"``), ``"integrated_gradients"`` (``"ig"``), ``"input_x_gradient"``
+            (``"ixg"``).
         **options: the method's keyword options (see :func:`method_options`); an option the
             method does not take raises ``ValueError`` naming the ones it does.
 
@@ -455,7 +474,7 @@ def attribute(model: nn.Module, x: Tensor, target: Tensor | int | None = None,
     valid = method_options(m)
     unknown = sorted(set(options) - set(valid))
     if unknown:
-        raise ValueError(f"{m.value} does not take option(s) {', '.join(unknown)}; "
+        raise ValueError(f"{m} does not take option(s) {', '.join(unknown)}; "
                          f"valid options: {', '.join(valid)}")
-    result = METHODS[m](model, x, target, **options)
+    result = METHODS.get(m).fn(model, x, target, **options)
     return result.attributions if isinstance(result, IGResult) else result

@@ -16,6 +16,10 @@
   (Sundararajan et al. 2017);
 * :func:`trigger_localisation` the share of attribution mass inside a backdoor trigger.
 
+The registry :data:`METRICS` names each of them for a suite (``[explain] metrics``): an
+:class:`ExplanationMetric` turns :class:`MetricInputs` (model, samples, one method's maps) into
+the stored numbers (:class:`MetricScore`), each with its declared range.
+
 Maps are compared at pixel level: channels are summed (after the absolute value where a
 function says so). Every result is a dataclass with ``to_dict()`` (plain floats and lists).
 
@@ -31,7 +35,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..bench.core import check_images, make_generator, model_mode, normal, uniform
+from ..bench.core.registry import Registry
 from .attribution import (
     DEFAULT_INTERNAL_BATCH_SIZE,
     _chunks,
@@ -66,6 +72,13 @@ __all__ = [
     "spearman",
     "topk_intersection",
     "pixel_map",
+    "METRICS",
+    "register_metric",
+    "ExplanationMetric",
+    "ScoreInfo",
+    "score_infos",
+    "MetricInputs",
+    "MetricScore",
 ]
 
 log = logging.getLogger(__name__)
@@ -427,7 +440,7 @@ def model_randomisation(model: nn.Module, x: Tensor, target: Tensor | int | None
         randomised = pixel_map(attribute(shadow, x, target, m, **opts), absolute)
         rows.append(spearman(original, randomised))
         log.debug("randomised %s: mean rank correlation %.3f", name, float(rows[-1].mean()))
-    return RandomisationResult(method=m.value, layers=cascade, correlation=torch.stack(rows),
+    return RandomisationResult(method=m, layers=cascade, correlation=torch.stack(rows),
                                absolute=absolute)
 
 
@@ -498,7 +511,7 @@ def max_sensitivity(model: nn.Module, x: Tensor, target: Tensor | int | None = N
 
     sens = sensitivity_max(explain, x, perturb_func=perturb, perturb_radius=radius,
                            n_perturb_samples=samples, target=target)
-    return SensitivityResult(method=m.value, sensitivity=sens.detach(), radius=radius,
+    return SensitivityResult(method=m, sensitivity=sens.detach(), radius=radius,
                              samples=samples)
 
 
@@ -560,7 +573,7 @@ def attribution_change(model: nn.Module, x: Tensor, x_adv: Tensor,
     clean = pixel_map(attribute(model, x, target, m, **opts), absolute)
     adv = pixel_map(attribute(model, x_adv.to(x.device), target, m, **opts), absolute)
     kk = _resolve_k(k, clean.shape[1])
-    return AttributionChangeResult(method=m.value, topk_intersection=topk_intersection(clean, adv, kk),
+    return AttributionChangeResult(method=m, topk_intersection=topk_intersection(clean, adv, kk),
                                    rank_correlation=spearman(clean, adv), k=kk)
 
 
@@ -677,3 +690,216 @@ def trigger_localisation(attributions: Tensor, trigger_mask: Tensor) -> TriggerL
     if area == 0:
         raise ValueError("trigger_mask is empty")
     return TriggerLocalisationResult(mass_in_trigger=share, trigger_area=area)
+
+
+# --- the registry: one entry per metric a suite can name ---------------------------------------
+
+
+@dataclass(frozen=True)
+class MetricInputs:
+    """What a registered metric is computed from: ``model``, samples ``x`` (``N x C x H x W`` in
+    [0, 1]) with labels ``y`` (int64 ``N``), one ``method``'s ``attributions`` of them (same
+    shape as ``x``) and the ``options`` they were made with; ``seed`` for every random draw.
+    Optional: ``ig_steps`` (IG's steps for completeness), ``x_adv`` (adversarial examples of
+    ``x``), ``trigger`` (a backdoor trigger, ``x -> triggered x``) and its ``trigger_target``."""
+
+    model: nn.Module
+    x: Tensor
+    y: Tensor
+    method: str
+    attributions: Tensor
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    ig_steps: int = 32
+    x_adv: Tensor | None = None
+    trigger: Callable[[Tensor], Tensor] | None = None
+    trigger_target: int | None = None
+
+
+@dataclass(frozen=True)
+class MetricScore:
+    """One stored number of a metric: its ``key`` (the store's metric name, e.g.
+    ``deletion_auc``), the mean ``value`` over the samples, and the full result as ``details``."""
+
+    key: str
+    value: float
+    details: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ScoreInfo:
+    """What one stored number of a metric means: its declared range ``low`` .. ``high``
+    (inclusive; ``math.inf`` for unbounded) and ``range_text`` saying it in words, which way
+    is ``better`` (``"higher"`` or ``"lower"``), the column ``label`` of the report tables and
+    the ``short`` one of the leaderboard, and its ``meaning`` with the reference."""
+
+    low: float
+    high: float
+    better: str
+    label: str
+    short: str
+    range_text: str
+    meaning: str
+
+    def __post_init__(self) -> None:
+        if not self.low <= self.high:
+            raise ValueError(f"a score range needs low <= high, got [{self.low}, {self.high}]")
+        if self.better not in ("higher", "lower"):
+            raise ValueError(f"better must be 'higher' or 'lower', got {self.better!r}")
+
+
+@dataclass(frozen=True)
+class ExplanationMetric:
+    """A registered explanation metric.
+
+    Attributes:
+        name: the suite's name (``[explain] metrics``).
+        compute: ``MetricInputs -> list[MetricScore]`` (empty when nothing applies, e.g. no
+            sample outside the backdoor target).
+        scores: per stored key, its :class:`ScoreInfo` (range, direction, labels); the
+            contract tests hold every score to its declared range.
+        methods: the attribution methods it applies to (None: all).
+        needs: the optional :class:`MetricInputs` fields it needs (``"x_adv"``, ``"trigger"``);
+            without them it does not apply.
+    """
+
+    name: str
+    compute: Callable[[MetricInputs], list[MetricScore]]
+    scores: dict[str, ScoreInfo]
+    methods: tuple[str, ...] | None = None
+    needs: tuple[str, ...] = ()
+
+    @property
+    def ranges(self) -> dict[str, tuple[float, float]]:
+        """Per stored key, the declared ``(low, high)``."""
+        return {k: (s.low, s.high) for k, s in self.scores.items()}
+
+    def applies(self, inputs: MetricInputs) -> bool:
+        """True when ``inputs`` has what the metric needs (its method, the optional fields)."""
+        if self.methods is not None and inputs.method not in self.methods:
+            return False
+        return all(getattr(inputs, n) is not None for n in self.needs)
+
+    def __call__(self, inputs: MetricInputs) -> list[MetricScore]:
+        """The metric's scores on ``inputs``; ``ValueError`` when it does not apply."""
+        if not self.applies(inputs):
+            raise ValueError(f"explanation metric {self.name!r} does not apply: it needs "
+                             f"method in {self.methods} and {list(self.needs) or 'nothing'} "
+                             f"set, got method {inputs.method!r}")
+        return self.compute(inputs)
+
+
+# Listed in registration order: the order of the report's columns.
+METRICS: Registry[ExplanationMetric] = Registry("explanation metric", order=lambda _: 0)
+
+
+def register_metric(name: str, *, scores: dict[str, ScoreInfo],
+                    methods: tuple[str, ...] | None = None, needs: tuple[str, ...] = ()
+                    ) -> Callable:
+    """Register ``fn(inputs: MetricInputs) -> list[MetricScore]`` as metric ``name``, whose
+    stored numbers are ``scores``.
+
+    Usage::
+
+        @register_metric("my_metric", scores={"my_score": ScoreInfo(0.0, 1.0, "higher", ...)})
+        def _my_metric(inputs: MetricInputs) -> list[MetricScore]: ...
+    """
+    for key, info in scores.items():
+        if not isinstance(info, ScoreInfo):
+            raise TypeError(f"metric {name!r}: score {key!r} needs a ScoreInfo, got "
+                            f"{type(info).__name__}")
+
+    def deco(fn: Callable[[MetricInputs], list[MetricScore]]):
+        METRICS.add(name, ExplanationMetric(name, fn, dict(scores),
+                                            None if methods is None else tuple(methods),
+                                            tuple(needs)))
+        return fn
+
+    return deco
+
+
+def score_infos() -> dict[str, ScoreInfo]:
+    """Every stored key of every registered metric, in registry order, with its
+    :class:`ScoreInfo` (what the report tables and the leaderboard label and sort by)."""
+    return {k: info for m in METRICS.values() for k, info in m.scores.items()}
+
+
+def _options_without_generator(options: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in options.items() if k != "generator"}
+
+
+@register_metric("deletion_insertion", scores={
+    "deletion_auc": ScoreInfo(
+        0.0, 1.0, "lower", "deletion AUC", "del", "[0, 1]",
+        "class probability as the most-attributed pixels are removed first, area under the "
+        "curve (Petsiuk et al. 2018); a faithful map makes it fall fast"),
+    "insertion_auc": ScoreInfo(
+        0.0, 1.0, "higher", "insertion AUC", "ins", "[0, 1]",
+        "class probability as the most-attributed pixels are inserted first into a blurred "
+        "input, area under the curve (Petsiuk et al. 2018)")})
+def _deletion_insertion_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = deletion_insertion(inp.model, inp.x, inp.attributions, inp.y, generator=inp.seed).to_dict()
+    scalars = {k: v for k, v in d.items() if not k.endswith("curve")}
+    return [MetricScore(key, d[key], scalars | {
+        "curve": d[key.replace("_auc", "_curve")],
+        "random_curve": d["random_" + key.replace("_auc", "_curve")],
+        "fractions": d["fractions"]}) for key in ("deletion_auc", "insertion_auc")]
+
+
+@register_metric("randomisation", scores={"randomisation_correlation": ScoreInfo(
+    -1.0, 1.0, "lower", "randomisation corr.", "rand-corr", "[-1, 1]",
+    "Spearman correlation between the map and the map of the model with every layer "
+    "randomised (Adebayo et al. 2018); a map that depends on the weights decorrelates")})
+def _randomisation_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = model_randomisation(inp.model, inp.x, inp.y, inp.method, generator=inp.seed,
+                            **_options_without_generator(inp.options)).to_dict()
+    return [MetricScore("randomisation_correlation", d["final_correlation"], d)]
+
+
+@register_metric("completeness", methods=("integrated_gradients",), scores={
+    "completeness_error": ScoreInfo(
+        0.0, math.inf, "lower", "IG completeness error", "ig-err", "[0, inf), 0 = exact",
+        "|sum of IG - (f(x) - f(baseline))| / |f(x) - f(baseline)| (Sundararajan et al. "
+        "2017); 1 with a zero input gradient")})
+def _completeness_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = completeness(inp.model, inp.x, inp.y, n_steps=inp.ig_steps).to_dict()
+    return [MetricScore("completeness_error", d["mean_relative_error"], d)]
+
+
+@register_metric("attribution_change", needs=("x_adv",), scores={
+    "adversarial_rank_correlation": ScoreInfo(
+        -1.0, 1.0, "higher", "clean-vs-adversarial corr.", "adv-corr", "[-1, 1]",
+        "Spearman correlation between the maps of a clean input and its PGD example "
+        "(Ghorbani et al. 2019); low means the explanation is fragile")})
+def _attribution_change_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = attribution_change(inp.model, inp.x, inp.x_adv, inp.y, inp.method,
+                           **inp.options).to_dict()
+    return [MetricScore("adversarial_rank_correlation", d["mean_rank_correlation"], d)]
+
+
+@register_metric("trigger_localisation", needs=("trigger", "trigger_target"), scores={
+    "trigger_lift": ScoreInfo(
+        0.0, math.inf, "higher", "trigger lift", "trig-lift", "[0, 1/trigger area], 1 = chance",
+        "attribution mass inside the backdoor trigger over the trigger's share of the "
+        "pixels, on triggered inputs; a map that finds the trigger is far above 1")})
+def _trigger_localisation_scores(inp: MetricInputs) -> list[MetricScore]:
+    keep = inp.y != inp.trigger_target
+    if not bool(keep.any()):
+        return []
+    xs = inp.x[keep]
+    x_trig = inp.trigger(xs)
+    with torch.no_grad():  # the pixels the trigger changes, whatever it is (patch, blend, warp)
+        mask = (x_trig - xs).abs() > 1e-6
+    target = torch.full_like(inp.y[keep], inp.trigger_target)
+    a_trig = attribute(inp.model, x_trig, target, inp.method, **inp.options)
+    d = trigger_localisation(a_trig, mask).to_dict()
+    return [MetricScore("trigger_lift", d["lift"], d)]
+
+
+@register_metric("max_sensitivity", scores={"max_sensitivity": ScoreInfo(
+    0.0, math.inf, "lower", "max sensitivity", "sens", "[0, inf)",
+    "largest change of the map under small input perturbations (Yeh et al. 2019)")})
+def _max_sensitivity_scores(inp: MetricInputs) -> list[MetricScore]:
+    d = max_sensitivity(inp.model, inp.x, inp.y, inp.method, generator=inp.seed,
+                        **_options_without_generator(inp.options)).to_dict()
+    return [MetricScore("max_sensitivity", d["mean_sensitivity"], d)]

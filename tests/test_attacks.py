@@ -1,7 +1,7 @@
-"""Contract and correctness tests for every evasion attack.
+"""Correctness tests of the evasion attacks.
 
-The contract tests are generated from the attack registry: an attack registered without a
-factory here fails ``test_every_registered_attack_is_tested``.
+The contract every attack keeps (ball, box, best iterate, costs, same seed same result) is
+generated from the attack registry in ``test_registries.py``, whose factories these tests reuse.
 """
 
 from __future__ import annotations
@@ -10,12 +10,11 @@ import warnings
 
 import pytest
 import torch
+from test_registries import ATTACK_FACTORIES as FACTORIES  # the registry's contract factories
 from torch import nn
 
 from unmask.attacks import (
     APGD,
-    APGDT,
-    ATTACKS,
     BPDA,
     EOT,
     FGSM,
@@ -69,72 +68,6 @@ class InputNoise(nn.Module):
 
 def _surrogate(model):
     return model
-
-
-# Every registered attack name -> factory(threat, model) building a configured instance.
-FACTORIES = {
-    "fgsm": lambda t, m: FGSM(t),
-    "pgd": lambda t, m: PGD(t, steps=10),
-    "apgd": lambda t, m: APGD(t, steps=10),
-    "apgd-t": lambda t, m: APGDT(t, steps=10, n_targets=3),
-    "square": lambda t, m: Square(t, queries=60),
-    "eot": lambda t, m: EOT(PGD(t, steps=5), transform=Compose([RandomAffine(10), Brightness(0.05)]),
-                            samples=3, eval_draws=4),
-    "bpda": lambda t, m: BPDA(PGD(t, steps=5), approximations=["0"]),
-    "transfer": lambda t, m: Transfer(PGD(t, steps=5), surrogate=m),
-    "branch-pgd": lambda t, m: BranchPGD(t, branch="0", branches=["0"], steps=5),
-}
-
-
-def test_every_registered_attack_is_tested():
-    registered = {n for n in ATTACKS.names() if not n.startswith("_")}
-    missing = registered - set(FACTORIES)
-    assert not missing, f"attacks without contract tests: {missing}"
-
-
-@pytest.fixture(scope="module")
-def digits_model(digits_mlp):
-    # An identity first module gives BPDA a module to approximate in every contract test.
-    return nn.Sequential(nn.Identity(), digits_mlp).eval()
-
-
-@pytest.fixture(scope="module")
-def digits_batch(digits_test):
-    x, y = digits_test
-    return x[:48], y[:48]
-
-
-THREATS = [Threat("linf", 0.1), Threat("l2", 0.8)]
-
-
-@pytest.mark.parametrize("name", sorted(FACTORIES))
-@pytest.mark.parametrize("threat", THREATS, ids=str)
-def test_contract_ball_box_best_iterate_determinism(name, threat, digits_model, digits_batch):
-    x, y = digits_batch
-    attack = FACTORIES[name](threat, digits_model)
-    r1 = attack(digits_model, x, y, generator=_gen(1))
-    r2 = attack(digits_model, x, y, generator=_gen(1))
-    # Inside the threat ball and [0, 1], always.
-    assert r1.x_adv.shape == x.shape
-    assert bool(threat.contains(r1.x_adv, x, atol=1e-5).all())
-    assert float(r1.x_adv.min()) >= 0 and float(r1.x_adv.max()) <= 1
-    # Same seed, same result.
-    torch.testing.assert_close(r1.x_adv, r2.x_adv, rtol=0, atol=0)
-    assert torch.equal(r1.success, r2.success)
-    # The returned iterate is the best one: success means the model is fooled by x_adv
-    # (for EOT: in expectation over fresh draws).
-    with torch.no_grad():
-        fooled = digits_model(r1.x_adv).argmax(1) != y
-    if r1.expected_success is None:
-        assert torch.equal(fooled, r1.success)
-        assert torch.equal(r1.success, r1.margin < 0)
-    # Costs are per sample and non-negative; a misclassified clean sample costs one forward.
-    assert r1.forwards.shape == y.shape and bool((r1.forwards >= 1).all())
-    clean_wrong = digits_model(x).argmax(1) != y
-    if clean_wrong.any() and name not in ("eot",):
-        assert bool((r1.forwards[clean_wrong] == 1).all())
-        assert bool((r1.backwards[clean_wrong] == 0).all())
-    assert r1.config["eps"] == threat.eps and r1.name
 
 
 @pytest.mark.parametrize("name", sorted(FACTORIES))

@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
+from unmask.bench import cli_attack  # noqa: F401  (loaded before a test hides unmask.attacks)
 from unmask.explain import attribution as attr_mod
 from unmask.explain.attribution import (
-    Method,
+    METHODS,
     attribute,
     blur,
     input_x_gradient,
@@ -33,7 +34,7 @@ from unmask.explain.metrics import (
     trigger_localisation,
 )
 
-ALL_METHODS = [m.value for m in Method]
+ALL_METHODS = METHODS.names()
 
 
 def spread(x, y, n):

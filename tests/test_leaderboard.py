@@ -647,7 +647,8 @@ def _where(col: str, value, row: dict) -> tuple[str, str, str] | None:
     when the old table showed nothing for this value. Places: main (the row of the main or
     the not-ranked table, in a named column), header, evidence (the row's page),
     explanations, backdoor."""
-    from unmask.bench.report.leaderboard import _EXPLAIN_COLUMNS, _METHOD_SHORT
+    from unmask.bench.report.frames import _EXPLAIN_COLUMNS
+    from unmask.explain import METHODS
 
     def f3(v):
         return f"{float(v):.3f}"
@@ -693,7 +694,7 @@ def _where(col: str, value, row: dict) -> tuple[str, str, str] | None:
     if col.startswith("after "):
         return ("cascade", col[len("after "):], f3(value))
     short_metric = {v: k for k, v in _EXPLAIN_COLUMNS.items()}
-    short_method = {v: k for k, v in _METHOD_SHORT.items()}
+    short_method = {m.short: m.name for m in METHODS.values()}
     method, _, metric = col.partition(" ")
     if method in short_method and metric in short_metric:
         return ("explanations", f"{short_method[method]}|{short_metric[metric]}", f3(value))

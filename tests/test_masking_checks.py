@@ -241,13 +241,13 @@ def test_negative_control_has_survivors(negative_results):
 
 
 @pytest.mark.parametrize("name", list(CHECKS))
-def test_of_the_tests_a_check_forced_to_pass_fails_its_positive_control(name, mnist_cnn, batch,
-                                                                      monkeypatch):
+def test_of_the_tests_a_check_forced_to_pass_fails_its_positive_control(name, mnist_cnn, batch):
     """Patch the check to always pass: its positive-control test must now fail."""
     forced = dataclasses.replace(CHECKS[name], fn=lambda ctx: Outcome(0.0, True))
-    monkeypatch.setitem(CHECKS, name, forced)
-    with pytest.raises(AssertionError, match="did not fire"):
-        assert_fires(name, mnist_cnn, batch)
+    with CHECKS.isolated():
+        CHECKS.add(name, forced, replace=True)
+        with pytest.raises(AssertionError, match="did not fire"):
+            assert_fires(name, mnist_cnn, batch)
 
 
 def test_costs_are_measured_in_passes(mnist_cnn, batch):

@@ -3,22 +3,39 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
 import time
 
 import torch
 
-from ...attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, attack_in_precision
+from ...attacks import ATTACKS, PRESETS, Ensemble, attack_in_precision
 from .. import data
-from ..core import Threat
+from ..core import Norm, Precision, Threat
 from ..suite.runner import evaluate_cell, merge_cell, probe_model
+from ..zoo.archs import ARCHS
 from ..zoo.registry import fingerprint
 from ..zoo.resolve import ModelSourceError
 from ..zoo.resolve import load_model as _load
 from .base import CLIError, command, table
 
-ATTACK_CHOICES = ("fgsm", "pgd", "apgd", "apgd-t", "square", "quick", "standard")
+
+def standalone_attacks() -> list[str]:
+    """The registered attacks built from a threat alone (``Cls(threat, **defaults)``); the
+    wrappers (EOT, BPDA, transfer) and attacks with required settings need a suite entry."""
+    out = []
+    for name, cls in ATTACKS.items():
+        params = list(inspect.signature(cls.__init__).parameters.values())[1:]
+        if params and params[0].name == "threat" and all(
+                p.default is not inspect.Parameter.empty for p in params[1:]):
+            out.append(name)
+    return out
+
+
+def attack_choices() -> list[str]:
+    """``--attack``'s choices: the standalone attacks, then the ensemble presets."""
+    return [*standalone_attacks(), *PRESETS.names()]
 
 
 MODEL_HELP = ("a zoo name (unmask zoo list), package.module:function (a builder of yours, "
@@ -33,9 +50,8 @@ def add_model_source_args(p: argparse.ArgumentParser, optional_model: bool = Fal
     p.add_argument("model", metavar="MODEL", help=MODEL_HELP,
                    nargs="?" if optional_model else None)
     p.add_argument("--arch", metavar="ARCH",
-                   help="the architecture of a checkpoint of weights: a registered one "
-                        "(small-cnn, mlp, preact-resnet18, wide-resnet-28-10), tv:NAME, or "
-                        "package.module:function")
+                   help=f"the architecture of a checkpoint of weights: a registered one "
+                        f"({', '.join(ARCHS.names())}), tv:NAME, or package.module:function")
     p.add_argument("--model-kwargs", metavar="JSON", type=_json_object, default=None,
                    help="keyword arguments of the builder or of --arch, as a JSON object")
     p.add_argument("--dataset", metavar="NAME",
@@ -60,7 +76,7 @@ def add_model_args(p: argparse.ArgumentParser, n: int = 1000, optional_model: bo
     ``n``, capped at the test split) and ``--seed`` to a sub-command's parser.
     """
     add_model_source_args(p, optional_model)
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm])
     p.add_argument("--eps", type=float, default=0.3, help="threat radius (default 0.3)")
     p.add_argument("--n", type=int, default=None,
                    help=f"test samples (default {n}, or the whole test split when smaller; "
@@ -130,10 +146,12 @@ def _attack_parser(sub: argparse._SubParsersAction) -> None:
                        description="Run an attack or an ensemble preset on a model's test "
                                    "split and print clean and robust accuracy.")
     add_model_args(p)
-    p.add_argument("--attack", default="quick", choices=ATTACK_CHOICES,
-                   help="an attack, or an ensemble preset (default quick)")
-    p.add_argument("--steps", type=int, help="iterations (PGD/APGD) or queries (Square)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--attack", default="quick", choices=attack_choices(),
+                   help=f"an attack ({', '.join(standalone_attacks())}) or an ensemble preset "
+                        f"({', '.join(PRESETS.names())}); default quick")
+    p.add_argument("--steps", type=int,
+                   help="iterations (attacks with steps) or queries (attacks with queries)")
+    p.add_argument("--precision", default="fp32", choices=[v.value for v in Precision],
                    help="search precision (autocast); verdicts stay the fp32 model's "
                         "(default fp32; see docs/performance.md)")
     p.add_argument("--batch-size", type=int, default=250, metavar="N",
@@ -154,15 +172,15 @@ def _attack(args: argparse.Namespace) -> int:
     model_fp = fingerprint(model)  # weights and structure, before any forward
     g = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
-    if args.attack in ("quick", "standard"):
+    if args.attack in PRESETS:
         summary = _evaluate_preset(args, model, x, y, threat)
         robust = summary["robust_accuracy"]
     else:
-        kw = {} if args.steps is None else (
-            {"queries": args.steps} if args.attack == "square" else {"steps": args.steps})
-        attack = {"fgsm": lambda: FGSM(threat), "pgd": lambda: PGD(threat, **kw),
-                  "apgd": lambda: APGD(threat, **kw), "apgd-t": lambda: APGDT(threat, **kw),
-                  "square": lambda: Square(threat, **kw)}[args.attack]()
+        cls = ATTACKS.get(args.attack)
+        params = inspect.signature(cls.__init__).parameters
+        budget = next((k for k in ("steps", "queries") if k in params), None)
+        kw = {} if args.steps is None or budget is None else {budget: args.steps}
+        attack = cls(threat, **kw)
         with torch.no_grad():
             clean = (model(x).argmax(1) == y)
         result, rejected = attack_in_precision(attack, model, x, y, precision=args.precision,

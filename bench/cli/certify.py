@@ -16,8 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ...defenses.certified import Method, certify
-from ..core import Threat
+from ...defenses.certified import BoundMethod, certify
+from ..core import Norm, Threat
 from ..core.fileio import atomic_write
 from .attack import add_model_source_args, load_model, test_data
 from .base import CLIError, command, known, table
@@ -33,9 +33,10 @@ def _certify_parser(sub: argparse._SubParsersAction) -> None:
                     "counterexample verified on the model) or unknown.")
     add_model_source_args(p)
     p.add_argument("--eps", type=float, required=True, help="radius of the threat ball")
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="default linf")
-    p.add_argument("--methods", nargs="+", default=["ibp", "crown", "milp"],
-                   help="any of ibp crown milp (default: all three)")
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm],
+                   help="default linf")
+    p.add_argument("--methods", nargs="+", default=[m.value for m in BoundMethod],
+                   help=f"any of {' '.join(m.value for m in BoundMethod)} (default: all)")
     p.add_argument("--n", type=int, default=100, help="test images (default 100)")
     p.add_argument("--time-limit", type=float, default=10.0,
                    help="MILP seconds per sample; a timeout leaves it unknown (default 10)")
@@ -47,7 +48,7 @@ def _certify(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise CLIError(f"--n must be a positive number of images, got {args.n}")
     for m in args.methods:
-        known(m, [v.value for v in Method], "method")
+        known(m, [v.value for v in BoundMethod], "method")
     try:
         threat = Threat(args.norm, args.eps)
     except ValueError as err:

@@ -18,14 +18,19 @@ import logging
 import torch
 
 from ...attacks import PGD
-from ...explain.attribution import Method, attribute, integrated_gradients, parse_method
+from ...explain.attribution import METHODS, Output, attribute, integrated_gradients, parse_method
 from ...explain.metrics import attribution_change, deletion_insertion
 from ...explain.plots import plot_attributions, plot_curves
-from ..core import Threat, make_generator
+from ..core import Norm, Threat, make_generator
 from .attack import add_model_source_args, load_model, probe, test_data
 from .base import CLIError, command, table
 
 log = logging.getLogger(__name__)
+
+
+def _alias(method: str) -> str:
+    return ", ".join(a for a, m in METHODS.aliases().items() if m == method)
+
 
 @command("explain")
 def _explain_parser(sub: argparse._SubParsersAction) -> None:
@@ -36,19 +41,21 @@ def _explain_parser(sub: argparse._SubParsersAction) -> None:
                     "against a random ranking).")
     add_model_source_args(p)
     p.add_argument("--method", action="append", metavar="METHOD",
-                   help="attribution method, repeatable: saliency, smoothgrad (sg), "
-                        "integrated_gradients (ig), input_x_gradient (ixg); default ig")
+                   help="attribution method, repeatable: "
+                        + ", ".join(f"{m} ({a})" if (a := _alias(m)) else m
+                                    for m in METHODS.names()) + "; default ig")
     p.add_argument("--n", type=int, default=8, help="test images to explain (default 8)")
     p.add_argument("--out", required=True, help="figure path (PNG)")
     p.add_argument("--curves", help="also save the deletion/insertion curves to this path")
-    p.add_argument("--output", default="logit", choices=("logit", "probability", "log_probability"),
+    p.add_argument("--output", default="logit", choices=[o.value for o in Output],
                    help="what is explained (default logit); log_probability shows what a "
                         "saturated loss (gradient masking) leaves of the maps")
     p.add_argument("--n-steps", type=int, default=32, help="IG integration steps (default 32)")
     p.add_argument("--samples", type=int, default=25, help="SmoothGrad samples (default 25)")
     p.add_argument("--noise-level", type=float, default=0.15,
                    help="SmoothGrad noise std as a share of the input range (default 0.15)")
-    p.add_argument("--norm", default="linf", choices=("linf", "l2"), help="PGD threat norm")
+    p.add_argument("--norm", default="linf", choices=[n.value for n in Norm],
+                   help="PGD threat norm")
     p.add_argument("--eps", type=float,
                    help="PGD eps (default 0.3 linf / 2.0 l2 on MNIST-like data, 8/255 / 0.5 else)")
     p.add_argument("--attack-steps", type=int, default=20, help="PGD steps (default 20)")
@@ -85,9 +92,9 @@ def _explain(args: argparse.Namespace) -> int:
     probe(model, x, y, args.model)
 
     def options(method):
-        if method is Method.INTEGRATED_GRADIENTS:
+        if method == "integrated_gradients":
             return {"n_steps": args.n_steps, "output": args.output}
-        if method is Method.SMOOTHGRAD:
+        if method == "smoothgrad":
             return {"samples": args.samples, "noise_level": args.noise_level,
                     "generator": args.seed, "output": args.output}
         return {"output": args.output}
@@ -104,17 +111,17 @@ def _explain(args: argparse.Namespace) -> int:
 
     maps, adv_maps, curves, rows, ig = {}, {}, {}, [], None
     for m in methods:
-        if m is Method.INTEGRATED_GRADIENTS:
+        if m == "integrated_gradients":
             ig = integrated_gradients(model, x, y, **options(m))
-            maps[m.value] = ig.attributions
+            maps[m] = ig.attributions
         else:
-            maps[m.value] = attribute(model, x, y, m, **options(m))
-        res = deletion_insertion(model, x, maps[m.value], y, generator=args.seed)
-        curves[m.value] = res
-        row = [m.value, f"{res.deletion_auc.mean():.3f}", f"{res.random_deletion_auc.mean():.3f}",
+            maps[m] = attribute(model, x, y, m, **options(m))
+        res = deletion_insertion(model, x, maps[m], y, generator=args.seed)
+        curves[m] = res
+        row = [m, f"{res.deletion_auc.mean():.3f}", f"{res.random_deletion_auc.mean():.3f}",
                f"{res.insertion_auc.mean():.3f}", f"{res.random_insertion_auc.mean():.3f}"]
         if x_adv is not None:
-            adv_maps[m.value] = attribute(model, x_adv, y, m, **options(m))
+            adv_maps[m] = attribute(model, x_adv, y, m, **options(m))
             change = attribution_change(model, x, x_adv, y, m, **options(m))
             row += [f"{change.topk_intersection.mean():.3f}",
                     f"{change.rank_correlation.mean():.3f}"]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,16 +26,40 @@ from .fileio import atomic_write
 from .registry import Registry
 from .seeding import make_generator
 
-__all__ = ["RECIPES", "register_recipe", "fit", "standard", "accuracy", "predict",
+__all__ = ["RECIPES", "Recipe", "register_recipe", "fit", "standard", "accuracy", "predict",
            "seeded_init"]
 
 log = logging.getLogger(__name__)
 
-Recipe = Callable[..., nn.Module]
 LossFn = Callable[[nn.Module, Tensor, Tensor, torch.Generator], Tensor]
 
+
+@dataclass(frozen=True)
+class Recipe:
+    """A registered training recipe: calling it calls ``fn``; ``label`` names it in the
+    report's defense column (``"PGD-AT"``)."""
+
+    name: str
+    fn: Callable[..., Any]
+    label: str
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
 RECIPES: Registry[Recipe] = Registry("training recipe")
-register_recipe = RECIPES.register
+
+
+def register_recipe(name: str, *, label: str | None = None, **kwargs: Any) -> Callable:
+    """Register ``fn(model, x, y, *, epochs, ...)`` as training recipe ``name`` (``label``:
+    its name in the report, default ``name``). Usage: ``@register_recipe("my-at", label="My
+    AT")`` above the function."""
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        RECIPES.add(name, Recipe(name, fn, label or name), **kwargs)
+        return fn
+
+    return deco
 
 
 class seeded_init:  # noqa: N801 - used like a function in a with-statement
@@ -154,7 +180,7 @@ def cross_entropy_loss(model: nn.Module, xb: Tensor, yb: Tensor, generator) -> T
     return F.cross_entropy(model(xb), yb)
 
 
-@register_recipe("standard")
+@register_recipe("standard", label="standard training")
 def standard(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
              lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
              **options) -> nn.Module:

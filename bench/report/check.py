@@ -56,7 +56,7 @@ from ..suite.store import WORST_CASE, Store, wilson
 from . import frames
 
 __all__ = ["BASELINE_SCHEMA", "baseline_from_store", "helper_baseline", "write_baseline",
-           "read_baseline", "compare", "CheckResult", "Difference", "newcombe", "mcnemar",
+           "read_baseline", "compare", "RegressionResult", "Difference", "newcombe", "mcnemar",
            "format_result", "TOLERANCE", "ALPHA"]
 
 BASELINE_SCHEMA = 3
@@ -239,7 +239,7 @@ class Difference:
 
 
 @dataclass
-class CheckResult:
+class RegressionResult:
     """The outcome of :func:`compare`: every compared number, what is missing and new."""
 
     differences: list[Difference] = field(default_factory=list)
@@ -317,8 +317,8 @@ def _changes(a: Any, b: Any, path: str = "") -> list[str]:
     return []
 
 
-def _changed(result: CheckResult, b: dict[str, Any], threat: str, quantity: str, old: Any,
-             new: Any, what: str, allow_changed: bool) -> None:
+def _changed(result: RegressionResult, b: dict[str, Any], threat: str, quantity: str,
+             old: Any, new: Any, what: str, allow_changed: bool) -> None:
     result.differences.append(Difference(
         b["model"], threat, b["attack"], quantity, old, new, failed=not allow_changed,
         note=what + (" (allowed)" if allow_changed else "; --allow-changed to compare anyway")))
@@ -326,7 +326,7 @@ def _changed(result: CheckResult, b: dict[str, Any], threat: str, quantity: str,
 
 def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bool = False,
             all_attacks: bool = False, tolerance: float = TOLERANCE,
-            allow_changed: bool = False) -> CheckResult:
+            allow_changed: bool = False) -> RegressionResult:
     """Compare ``current`` with ``baseline`` (both in baseline form, see
     :func:`baseline_from_store` and :func:`helper_baseline`): paired per sample where both
     record the outcomes of the same samples.
@@ -342,7 +342,7 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
     if not 0.0 <= float(tolerance) <= 1.0:
         raise ValueError(f"tolerance must be a share in [0, 1] (0.05 = 5 points), got "
                          f"{tolerance}")
-    result = CheckResult()
+    result = RegressionResult()
     schema = baseline.get("schema", 1)
     if schema < 3:
         result.notes.append(
@@ -450,7 +450,7 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
     return result
 
 
-def format_result(result: CheckResult) -> str:
+def format_result(result: RegressionResult) -> str:
     """A readable report: failures first, then every compared number."""
 
     lines = []

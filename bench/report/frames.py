@@ -29,6 +29,8 @@ from typing import Any
 import pandas as pd
 
 from ...defenses import VERDICT_MEANING, MaskingReport
+from ...explain.attribution import METHODS
+from ...explain.metrics import score_infos
 from ..core import DRAWS, SampleOutcomes
 from ..core.threat import threat_key
 from ..suite.store import WORST_CASE, Store, wilson
@@ -36,15 +38,13 @@ from ..suite.store import WORST_CASE, Store, wilson
 __all__ = ["leaderboard_frame", "sections_frame", "row_outcomes", "verdict_legend"]
 
 
-# Explanation metrics shown in the table, with short column names.
-_EXPLAIN_COLUMNS = {"deletion_auc": "del", "insertion_auc": "ins",
-                    "randomisation_correlation": "rand-corr", "completeness_error": "ig-err",
-                    "adversarial_rank_correlation": "adv-corr", "trigger_lift": "trig-lift",
-                    "max_sensitivity": "sens"}
+# Explanation metrics shown in the table, with short column names (the metric registry's).
+_EXPLAIN_COLUMNS = {key: info.short for key, info in score_infos().items()}
 
 
-_METHOD_SHORT = {"saliency": "sal", "smoothgrad": "sg", "integrated_gradients": "ig",
-                 "input_x_gradient": "ixg"}
+def _method_short(method: str) -> str:
+    """A stored method's short column label (the method registry's, else the name itself)."""
+    return METHODS.get(method).short if method in METHODS else method
 
 
 def _parse_report(row: dict[str, Any] | None):
@@ -233,7 +233,7 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
         })
         for e in explanations:
             if e["model"] == model and e["metric"] in _EXPLAIN_COLUMNS:
-                col = (f"{_METHOD_SHORT.get(e['method'], e['method'])} "
+                col = (f"{_method_short(e['method'])} "
                        f"{_EXPLAIN_COLUMNS[e['metric']]}")
                 row[col] = e["value"]
         bd = backdoor.get(model, {})

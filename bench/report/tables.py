@@ -29,8 +29,11 @@ from typing import Any
 
 import pandas as pd
 
+from ...explain.attribution import METHODS
+from ...explain.metrics import score_infos
 from .. import zoo
 from ..core.fileio import safe_name
+from ..core.training import RECIPES
 from ..suite.store import Store
 
 __all__ = ["Cell", "Table", "MetricInfo", "EXPLAIN_METRICS", "BACKDOOR_METRICS", "OVERLAP_MARK",
@@ -92,38 +95,17 @@ class MetricInfo:
         return f"{self.label} {'↑' if self.better == 'higher' else '↓'}"
 
 
+# The explanation metrics' stored numbers in display order, from the metric registry.
 EXPLAIN_METRICS: dict[str, MetricInfo] = {
-    "deletion_auc": MetricInfo(
-        "deletion AUC", "lower", "[0, 1]",
-        "class probability as the most-attributed pixels are removed first, area under the "
-        "curve (Petsiuk et al. 2018); a faithful map makes it fall fast"),
-    "insertion_auc": MetricInfo(
-        "insertion AUC", "higher", "[0, 1]",
-        "class probability as the most-attributed pixels are inserted first into a blurred "
-        "input, area under the curve (Petsiuk et al. 2018)"),
-    "randomisation_correlation": MetricInfo(
-        "randomisation corr.", "lower", "[-1, 1]",
-        "Spearman correlation between the map and the map of the model with every layer "
-        "randomised (Adebayo et al. 2018); a map that depends on the weights decorrelates"),
-    "completeness_error": MetricInfo(
-        "IG completeness error", "lower", "[0, inf), 0 = exact",
-        "|sum of IG - (f(x) - f(baseline))| / |f(x) - f(baseline)| (Sundararajan et al. "
-        "2017); 1 with a zero input gradient"),
-    "adversarial_rank_correlation": MetricInfo(
-        "clean-vs-adversarial corr.", "higher", "[-1, 1]",
-        "Spearman correlation between the maps of a clean input and its PGD example "
-        "(Ghorbani et al. 2019); low means the explanation is fragile"),
-    "trigger_lift": MetricInfo(
-        "trigger lift", "higher", "[0, 1/trigger area], 1 = chance",
-        "attribution mass inside the backdoor trigger over the trigger's share of the "
-        "pixels, on triggered inputs; a map that finds the trigger is far above 1"),
-    "max_sensitivity": MetricInfo(
-        "max sensitivity", "lower", "[0, inf)",
-        "largest change of the map under small input perturbations (Yeh et al. 2019)"),
-}
-_METHOD_NAMES = {"saliency": "saliency", "smoothgrad": "SmoothGrad",
-                 "integrated_gradients": "Integrated Gradients",
-                 "input_x_gradient": "input x gradient"}
+    key: MetricInfo(info.label, info.better, info.range_text, info.meaning)
+    for key, info in score_infos().items()}
+
+
+def _method_title(method: str) -> str:
+    """A stored method's display title (the method registry's; a stored name no longer
+    registered shows as itself)."""
+    return METHODS.get(method).title if method in METHODS else method
+
 
 # Backdoor metrics in display order; for the model's owner a lower success rate is better,
 # for a detector a higher AUROC.
@@ -201,10 +183,6 @@ def evidence_name(model: str, threat: str) -> str:
 
 # --- defenses ---------------------------------------------------------------------------------
 
-_RECIPE_LABELS = {"standard": "standard training", "pgd-at": "PGD-AT", "fast-at": "fast FGSM-AT",
-                  "trades": "TRADES", "grad-reg": "input-gradient penalty",
-                  "ibp": "IBP certified training", "backdoor": "backdoor"}
-
 
 def _defense_of_entry(entry) -> tuple[str, str]:
     opts = dict(entry.recipe_options)
@@ -223,7 +201,7 @@ def _defense_of_entry(entry) -> tuple[str, str]:
         if "masking-control" in entry.tags:
             short = f"control: {short}"
         return short, desc
-    label = _RECIPE_LABELS.get(entry.recipe, entry.recipe)
+    label = RECIPES.get(entry.recipe).label if entry.recipe in RECIPES else entry.recipe
     if entry.recipe == "backdoor":
         trigger = opts.get("trigger", "")
         rate = opts.get("poison_rate")
@@ -563,7 +541,7 @@ def explanations_table(frame: pd.DataFrame, *, evidence: dict[str, str] | None =
               legend=explanation_legend(shown))
     for r in frame.to_dict("records"):
         t.rows.append([Cell(r["model"], href=(evidence or {}).get(r["model"])),
-                       Cell(_METHOD_NAMES.get(r["method"], r["method"]))]
+                       Cell(_method_title(r["method"]))]
                       + [Cell(_num(r[m]), sort=None if _missing(r[m]) else float(r[m]))
                          for m in metrics] + [Cell(str(r["n"]), sort=int(r["n"]))])
         t.classes.append("")

@@ -79,7 +79,7 @@ class RobustAccuracy:
         outcomes: per sample who broke it (None = robust), in sample order.
         clean_correct: per sample 1 when classified correctly unattacked.
         comparison: the paired comparison with ``baseline`` (a
-            :class:`~unmask.bench.report.check.CheckResult`), when one was given and existed.
+            :class:`~unmask.bench.report.check.RegressionResult`), when one was given and existed.
         baseline_written: the baseline file written by this call, if any.
     """
 

@@ -21,12 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ...attacks import PGD
 from .. import data, zoo
 from ..core.training import accuracy
 
 __all__ = ["Unavailable", "feature", "diagnose", "masking_row", "note_surrogate",
-           "diagnose_masking", "explain_model", "backdoor_metrics", "trigger_mask",
+           "diagnose_masking", "explain_model", "backdoor_metrics",
            "certify_model", "report_outcomes"]
 
 log = logging.getLogger(__name__)
@@ -103,13 +102,6 @@ def diagnose_masking(model: nn.Module, x: Tensor, y: Tensor, threat, *, follow_u
 # --- explanations -----------------------------------------------------------------------------
 
 
-def trigger_mask(trigger, x: Tensor) -> Tensor:
-    """The pixels a backdoor trigger changes on ``x`` (``N x C x H x W`` bool), whatever the
-    trigger: a patch, a blend or a warp."""
-    with torch.no_grad():
-        return (trigger(x) - x).abs() > 1e-6
-
-
 def _method_options(method: str, ig_steps: int, seed: int) -> dict[str, Any]:
     if method == "integrated_gradients":
         return {"n_steps": ig_steps}
@@ -121,7 +113,7 @@ def _method_options(method: str, ig_steps: int, seed: int) -> dict[str, Any]:
 def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, ig_steps: int,
                   maps: int, seed: int, threat=None, backdoor=None
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[tuple[str, str]]]:
-    """Attributions of each method and their metrics on ``x``.
+    """Attributions of each method and their metrics (``unmask.explain.METRICS``) on ``x``.
 
     Returns ``(metric rows, map rows, problems)``: rows ``{method, metric, value, n,
     details}``; map rows ``{method, inputs, maps}`` with the first ``maps`` pixel maps;
@@ -129,15 +121,12 @@ def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, i
     apply, e.g. completeness of saliency, is skipped silently).
     """
     attribute = feature("unmask.explain", "attribute")
-    ex = importlib.import_module("unmask.explain")
+    registry = feature("unmask.explain.metrics", "METRICS")
+    inputs_cls = feature("unmask.explain.metrics", "MetricInputs")
     rows: list[dict[str, Any]] = []
     map_rows: list[dict[str, Any]] = []
     problems: list[tuple[str, str]] = []
     n = int(x.shape[0])
-
-    def add(method: str, metric: str, value: Any, details: dict[str, Any]) -> None:
-        rows.append({"method": method, "metric": metric, "value": value, "n": n,
-                     "details": details})
 
     x_adv = None
     for method in methods:
@@ -155,63 +144,26 @@ def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, i
                              .round(decimals=5).tolist()})
         for metric in metrics:
             try:
-                if metric == "deletion_insertion":
-                    d = ex.deletion_insertion(model, x, attr, y, generator=seed).to_dict()
-                    for key in ("deletion_auc", "insertion_auc"):
-                        add(method, key, d[key], {k: v for k, v in d.items()
-                                                  if not k.endswith("curve")} | {
-                            "curve": d[key.replace("_auc", "_curve")],
-                            "random_curve": d["random_" + key.replace("_auc", "_curve")],
-                            "fractions": d["fractions"]})
-                elif metric == "randomisation":
-                    d = ex.model_randomisation(model, x, y, method, generator=seed,
-                                               **opts_without_generator(opts)).to_dict()
-                    add(method, "randomisation_correlation", d["final_correlation"], d)
-                elif metric == "max_sensitivity":
-                    d = ex.max_sensitivity(model, x, y, method, generator=seed,
-                                           **opts_without_generator(opts)).to_dict()
-                    add(method, "max_sensitivity", d["mean_sensitivity"], d)
-                elif metric == "completeness":
-                    if method != "integrated_gradients":
-                        continue
-                    d = ex.completeness(model, x, y, n_steps=ig_steps).to_dict()
-                    add(method, "completeness_error", d["mean_relative_error"], d)
-                elif metric == "attribution_change":
-                    if threat is None:
-                        continue
-                    if x_adv is None:
+                entry = registry.get(metric)
+                if "x_adv" in entry.needs and x_adv is None and threat is not None:
+                    from ...attacks import PGD
 
-                        x_adv = PGD(threat, steps=20)(model, x, y, generator=seed).x_adv
-                    d = ex.attribution_change(model, x, x_adv, y, method, **opts).to_dict()
-                    add(method, "adversarial_rank_correlation", d["mean_rank_correlation"], d)
-                elif metric == "trigger_localisation":
-                    if backdoor is None:
-                        continue
-                    keep = y != backdoor.target
-                    if not bool(keep.any()):
-                        continue
-                    xs = x[keep]
-                    x_trig = backdoor.trigger(xs)
-                    target = torch.full_like(y[keep], backdoor.target)
-                    a_trig = attribute(model, x_trig, target, method, **opts)
-                    d = ex.trigger_localisation(a_trig, trigger_mask(backdoor.trigger, xs)
-                                                ).to_dict()
-                    add(method, "trigger_lift", d["lift"], d)
-                else:  # pragma: no cover - the suite validates metric names
-                    problems.append((f"{method}/{metric}", "unknown metric"))
+                    x_adv = PGD(threat, steps=20)(model, x, y, generator=seed).x_adv
+                inputs = inputs_cls(model, x, y, method, attr, opts, seed=seed,
+                                    ig_steps=ig_steps, x_adv=x_adv,
+                                    trigger=None if backdoor is None else backdoor.trigger,
+                                    trigger_target=None if backdoor is None else backdoor.target)
+                if not entry.applies(inputs):
+                    continue
+                for score in entry(inputs):
+                    rows.append({"method": method, "metric": score.key, "value": score.value,
+                                 "n": n, "details": score.details})
             except Unavailable as err:
                 problems.append((f"{method}/{metric}", str(err)))
             except Exception as err:  # a sibling's bug must not end the run
                 log.warning("explanation metric %s of %s failed: %s", metric, method, err)
                 problems.append((f"{method}/{metric}", f"{type(err).__name__}: {err}"))
     return rows, map_rows, problems
-
-
-def opts_without_generator(opts: dict[str, Any]) -> dict[str, Any]:
-    """``opts`` without its ``generator`` key: the metric gets the run's seed as ``generator``
-    instead.
-    """
-    return {k: v for k, v in opts.items() if k != "generator"}
 
 
 # --- backdoor ---------------------------------------------------------------------------------

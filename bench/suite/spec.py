@@ -78,6 +78,10 @@ from pathlib import Path
 from typing import Any
 
 from ...attacks import ATTACKS, Ensemble
+from ...attacks.ensemble import PRESETS
+from ...defenses.certified import BoundMethod
+from ...explain.attribution import METHODS as EXPLAIN_METHODS
+from ...explain.metrics import METRICS as EXPLAIN_METRICS
 from .. import data as data_mod
 from .. import zoo
 from ..core import DRAWS, Norm, Precision, Threat, select_device
@@ -94,11 +98,7 @@ __all__ = ["Suite", "ModelSpec", "ThreatSpec", "AttackSpec", "MaskingSpec", "Exp
            "default_suite_path", "resolve_user_model", "EXPLAIN_METRICS", "is_user_model",
            "build_attack", "default_surrogate", "WRAPPERS", "CurveSpec", "CURVE_MODELS"]
 
-EXPLAIN_METRICS = ("deletion_insertion", "randomisation", "max_sensitivity", "completeness",
-                   "attribution_change", "trigger_localisation")
-CERTIFY_METHODS = ("ibp", "crown", "milp")
-EXPLAIN_METHODS = ("saliency", "smoothgrad", "integrated_gradients", "input_x_gradient")
-PRESETS = ("quick", "standard")
+CERTIFY_METHODS = tuple(m.value for m in BoundMethod)
 
 
 class SuiteError(ValueError):
@@ -628,7 +628,7 @@ def _attacks(t: _Table, list_key: str = "list") -> AttackSpec:
                 raise SuiteError(key, str(err), t.source) from None
             specs.append(dict(spec))
         return AttackSpec(preset=None, attacks=tuple(specs), draws=draws, precision=precision)
-    preset = t.text("preset", "standard", choices=PRESETS)
+    preset = t.text("preset", "standard", choices=PRESETS.names())
     return AttackSpec(preset=preset, draws=draws, precision=precision)
 
 
@@ -711,8 +711,9 @@ def default_surrogate(dataset: str) -> str | None:
 
 def _explain(t: _Table) -> ExplainSpec:
     spec = ExplainSpec(enabled=t.flag("enabled", bool(t.data)),
-                       methods=t.str_list("methods", ("saliency",), EXPLAIN_METHODS),
-                       metrics=t.str_list("metrics", ("deletion_insertion",), EXPLAIN_METRICS),
+                       methods=t.str_list("methods", ("saliency",), EXPLAIN_METHODS.names()),
+                       metrics=t.str_list("metrics", ("deletion_insertion",),
+                                          EXPLAIN_METRICS.names()),
                        n=t.integer("n", 32, minimum=1), ig_steps=t.integer("ig_steps", 32, minimum=1),
                        maps=t.integer("maps", 4, minimum=0))
     if spec.enabled and not spec.methods:
@@ -788,12 +789,12 @@ def _quick(t: _Table) -> QuickSpec:
         eps = tuple(_number(e, f"{t.key('eps')}[{i}]", t.source) for i, e in enumerate(raw))
     bs = t.integer("batch_size", None, minimum=1)
     return QuickSpec(n=t.integer("n", 100, minimum=1), batch_size=bs,
-                     preset=t.text("preset", "quick", choices=PRESETS), eps=eps,
+                     preset=t.text("preset", "quick", choices=PRESETS.names()), eps=eps,
                      masking_fast=t.flag("masking_fast", True),
                      masking_n=t.integer("masking_n", 100, minimum=1),
                      explain_n=t.integer("explain_n", 8, minimum=1),
                      explain_metrics=t.str_list("explain_metrics", ("deletion_insertion",),
-                                                EXPLAIN_METRICS),
+                                                EXPLAIN_METRICS.names()),
                      models=t.str_list("models", ()))
 
 

@@ -33,7 +33,7 @@ __all__ = ["backdoor_recipe"]
 log = logging.getLogger(__name__)
 
 
-@register_recipe("backdoor")
+@register_recipe("backdoor", label="backdoor")
 def backdoor_recipe(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
                     lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
                     trigger: str = "badnets", trigger_options: dict | None = None,

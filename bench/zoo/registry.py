@@ -104,7 +104,8 @@ class ModelEntry:
         cfg["tags"] = [*self.tags]
         cfg["builder_source"] = _source_digest(self.builder)
         # A change of the data (split, order) must retrain cached models too.
-        cfg["dataset_version"] = data_mod.DATASET_VERSIONS.get(self.dataset, "1")
+        cfg["dataset_version"] = (data_mod.DATASETS.get(self.dataset).version
+                                  if self.dataset in data_mod.DATASETS else "1")
         return cfg
 
     def fingerprint(self) -> str:

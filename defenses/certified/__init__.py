@@ -29,11 +29,12 @@ from .milp import TOL as MILP_TOL
 from .milp import MilpOutcome, milp_margin
 from .network import Chain, NotSupportedError, to_chain
 
-__all__ = ["Method", "Status", "CertifyResult", "SoundnessError", "NotSupportedError", "certify",
-           "margin_lower_bound", "assert_sound", "to_chain", "Chain", "milp_margin", "MilpOutcome"]
+__all__ = ["BoundMethod", "Status", "CertifyResult", "SoundnessError", "NotSupportedError",
+           "certify", "margin_lower_bound", "assert_sound", "to_chain", "Chain", "milp_margin",
+           "MilpOutcome"]
 
 
-class Method(StrEnum):
+class BoundMethod(StrEnum):
     """A bound method: ``ibp`` < ``crown`` < ``milp`` in tightness and cost."""
 
     IBP = "ibp"
@@ -107,8 +108,8 @@ def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
 
     ``crown`` returns the elementwise maximum of CROWN's and IBP's bounds (both sound), so it
     is never looser than ``ibp``."""
-    m = parse_enum(Method, method, "method")
-    if m is Method.MILP:
+    m = parse_enum(BoundMethod, method, "method")
+    if m is BoundMethod.MILP:
         raise ValueError("margin_lower_bound takes method 'ibp' or 'crown'; use certify for 'milp'")
     with model_mode(model, train=False):
         chain = to_chain(model, tuple(x.shape[1:]))
@@ -118,7 +119,7 @@ def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *
         lo, hi = ibp_bounds(chain, inputs)[-1]
         # C z >= C+ l + C- u
         ibp = (spec.clamp(min=0) * lo.unsqueeze(1) + spec.clamp(max=0) * hi.unsqueeze(1)).sum(-1)
-        if m is Method.IBP:
+        if m is BoundMethod.IBP:
             return ibp
         # Both bounds are proven, so their maximum is: on IBP-trained networks CROWN's linear
         # relaxation of the last layers can be looser than IBP's intervals (Zhang et al. 2020).
@@ -134,18 +135,18 @@ def certify(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, method: s
     with a MILP counterexample misclassified by the model in fp32, is "broken".
     Raises :class:`NotSupportedError` for unsupported layers.
     """
-    m = parse_enum(Method, method, "method")
+    m = parse_enum(BoundMethod, method, "method")
     if not isinstance(threat, Threat):
         raise TypeError(f"threat must be a Threat, got {type(threat).__name__}")
     if time_limit <= 0:
         raise ValueError(f"time_limit must be > 0 seconds, got {time_limit}")
     x, y = check_inputs(x, y)
-    if m is Method.MILP and threat.norm.value != "linf":
+    if m is BoundMethod.MILP and threat.norm.value != "linf":
         raise ValueError("method 'milp' supports the linf threat only (an L2 ball is not linear)")
     start = time.perf_counter()
     with model_mode(model, train=False), torch.no_grad():
         clean_wrong = model(x).argmax(1) != y
-        if m is Method.MILP:
+        if m is BoundMethod.MILP:
             chain = to_chain(model, tuple(x.shape[1:]))
             inputs = InputSet(x, "linf", threat.eps)
             k = chain.forward(x[:1]).shape[1]

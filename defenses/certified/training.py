@@ -44,7 +44,7 @@ def ibp_loss(model: nn.Module, x: Tensor, y: Tensor, eps: float, kappa: float) -
     return kappa * clean + (1 - kappa) * F.cross_entropy(worst, y)
 
 
-@register_recipe("ibp")
+@register_recipe("ibp", label="IBP certified training")
 def ibp_training(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batch_size: int = 128,
                  lr: float = 1e-3, generator=0, progress: bool = True, checkpoint_dir=None,
                  norm: str = "linf", eps: float = 0.3, train_eps_factor: float = 1.1,

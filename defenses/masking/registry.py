@@ -1,6 +1,7 @@
-"""The check registry: every masking check is a function of a :class:`Context`, registered
-with :func:`check` together with what it detects, its rule and thresholds, the evidence it
-records, the verdict a failure implies and what it costs.
+"""The check registry (:data:`CHECKS`, a :class:`~unmask.bench.registry.Registry`): every
+masking check is a function of a :class:`Context`, registered with :func:`check` together with
+what it detects, its rule and thresholds, the evidence it records, the verdict a failure
+implies and what it costs.
 
 A check returns an :class:`Outcome` (value, pass/fail, evidence); the registry turns it into a
 :class:`~.report.CheckResult` with the declared metadata and the forward/backward passes the
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 
 from ...attacks import PGD
 from ...bench.core import Threat, check_inputs, check_logits, make_generator, margin, model_mode
+from ...bench.core.registry import Registry
 from .report import CheckResult, MaskingKind, Verdict
 
 __all__ = ["Budget", "Context", "Outcome", "Check", "CHECKS", "FAMILIES", "check", "run_check",
@@ -114,7 +116,8 @@ class Check:
                            else dict(cost))
 
 
-CHECKS: dict[str, Check] = {}
+# The report's order: by family (cheap mechanism checks first), then registration.
+CHECKS: Registry[Check] = Registry("masking check", order=lambda c: FAMILIES.index(c.family))
 
 
 def check(name: str, *, family: str, kind: MaskingKind, severity: Verdict, source: str,
@@ -125,14 +128,8 @@ def check(name: str, *, family: str, kind: MaskingKind, severity: Verdict, sourc
         raise ValueError(f"unknown check family {family!r}; expected one of {FAMILIES}")
 
     def register(fn: Callable[[Context], Outcome]) -> Callable[[Context], Outcome]:
-        if name in CHECKS:
-            raise ValueError(f"a masking check named {name!r} is already registered")
-        CHECKS[name] = Check(name, family, kind, severity, source, rule, tuple(thresholds),
-                             tuple(evidence), cost, fn, needs_correct, fn.__module__)
-        # The report's order: by family (cheap mechanism checks first), then registration.
-        ordered = sorted(CHECKS.values(), key=lambda c: FAMILIES.index(c.family))
-        CHECKS.clear()
-        CHECKS.update((c.name, c) for c in ordered)
+        CHECKS.add(name, Check(name, family, kind, severity, source, rule, tuple(thresholds),
+                               tuple(evidence), cost, fn, needs_correct, fn.__module__))
         return fn
 
     return register
@@ -280,11 +277,11 @@ class Context:
 
 def run_checks(ctx: Context, names: Iterable[str] | None = None) -> list[CheckResult]:
     """Run the registered checks (all, or ``names`` in registry order) on ``ctx``."""
-    wanted = list(CHECKS) if names is None else list(names)
+    wanted = CHECKS.names() if names is None else list(names)
     unknown = [n for n in wanted if n not in CHECKS]
     if unknown:
-        raise ValueError(f"unknown masking check(s) {unknown}; registered: {list(CHECKS)}")
-    return [CHECKS[n].run(ctx) for n in CHECKS if n in wanted]
+        raise ValueError(f"unknown masking check(s) {unknown}; registered: {CHECKS.names()}")
+    return [CHECKS.get(n).run(ctx) for n in CHECKS.names() if n in wanted]
 
 
 def run_check(name: str, model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
@@ -292,7 +289,7 @@ def run_check(name: str, model: nn.Module, x: Tensor, y: Tensor, threat: Threat,
               surrogate: nn.Module | None = None) -> CheckResult:
     """Run one registered check alone (it computes only the shared work it needs)."""
     if name not in CHECKS:
-        raise ValueError(f"unknown masking check {name!r}; registered: {list(CHECKS)}")
+        raise ValueError(f"unknown masking check {name!r}; registered: {CHECKS.names()}")
     ctx = Context(model, x, y, threat, budget=Budget.for_mode(fast), generator=generator,
                   surrogate=surrogate)
-    return CHECKS[name].run(ctx)
+    return CHECKS.get(name).run(ctx)
