@@ -44,6 +44,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..defenses import masking
 from .core import SampleOutcomes, Threat, make_generator
 from .store import wilson
 
@@ -235,11 +236,10 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
                                     for r in samples))
     report = None
     if diagnose:
-        from . import integrations
         from .leaderboard import row_outcomes
 
-        report = integrations.diagnose(model, x, y, threat, follow_up=False, fast=True,
-                                       generator=make_generator(seed))
+        report = masking.diagnose(model, x, y, threat, follow_up=False, fast=True,
+                                  generator=make_generator(seed))
         outcomes, _ = row_outcomes(samples, report)
     robust = sum(b is None for b in outcomes.broken_by)
     lo, hi = wilson(robust, total)
