@@ -368,23 +368,21 @@ def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cach
     assert "old" not in text and table in text and text.endswith("rest\n")
 
 
-def test_certify_model_adapter_reports_unavailable_milp_and_l2(monkeypatch):
-    import importlib.util
+def test_certify_methods_reports_unavailable_milp_and_l2(monkeypatch):
+    import sys
 
-    from unmask.bench import integrations
+    from unmask.bench.runner import certify_methods
 
     model = _mlp(0)
     x, y = _data((1, 2, 3))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "highspy" else real(name, *a))
-    rows = integrations.certify_model(model, x, y, Threat("linf", 0.05),
-                                      methods=("crown", "milp"), time_limit=1.0)
-    assert [r["status"] for r in rows] == ["ok", "unavailable"]
-    assert "highspy" in rows[1]["reason"] and rows[1]["result"] is None
-    assert rows[0]["result"].n == x.shape[0]
-    monkeypatch.setattr(importlib.util, "find_spec", real)
-    rows = integrations.certify_model(model, x, y, Threat("l2", 0.05), methods=("ibp", "milp"),
-                                      time_limit=1.0)
-    assert [r["status"] for r in rows] == ["ok", "not supported"]
-    assert "linf" in rows[1]["reason"]
+    monkeypatch.setitem(sys.modules, "highspy", None)  # `import highspy` raises ImportError
+    rows = certify_methods(model, x, y, Threat("linf", 0.05), methods=("crown", "milp"),
+                           time_limit=1.0)
+    assert [r.status for r in rows] == ["ok", "unavailable"]
+    assert "highspy" in rows[1].reason and rows[1].result is None
+    assert rows[0].result.n == x.shape[0]
+    monkeypatch.undo()
+    rows = certify_methods(model, x, y, Threat("l2", 0.05), methods=("ibp", "milp"),
+                           time_limit=1.0)
+    assert [r.status for r in rows] == ["ok", "not supported"]
+    assert "linf" in rows[1].reason

@@ -10,7 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
+from suite_helpers import (
+    BROKEN_MODULE,
+    cell_table,
+    sample_table,
+    stored_masking_report,
+    tiny_suite,
+)
 
 from unmask.bench.runner import batch_seed, run_suite
 from unmask.bench.store import Store
@@ -558,24 +564,25 @@ def _transfer_check(store, run_id, model):
     with Store(store, readonly=True) as st:
         row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
     report = lb._parse_report(row)
+    assert stored_masking_report(row) == report  # with its schema versions
     return next(c for c in report.checks if "transfer" in c.name)
 
 
 def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
                                                                     user_models, monkeypatch):
-    from unmask.bench import integrations
+    from unmask.bench import runner
     from unmask.bench.suite import default_surrogate
 
     assert default_surrogate("digits") == "digits-mlp"
     assert default_surrogate("mnist5k") == "mnist-cnn"
     seen = {}
-    real = integrations.diagnose
+    real = runner.diagnose
 
     def spy(model, *args, surrogate=None, **kwargs):
         seen[id(model)] = surrogate
         return real(model, *args, surrogate=surrogate, **kwargs)
 
-    monkeypatch.setattr(integrations, "diagnose", spy)
+    monkeypatch.setattr(runner, "diagnose", spy)
     models = '"digits-mlp", { name = "brokenmod:good", label = "wrapped" }'
     path = tiny_suite(tmp_path / "s.toml", models=models, masking=True)
     path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
@@ -607,13 +614,13 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
     """The merged number is computed from the stored per-sample outcomes at read time: a run
     interrupted before its second diagnosis shows that row unranked (the diagnosis did not
     finish) and, resumed, gives the uninterrupted run's table."""
-    from unmask.bench import integrations
     from unmask.bench import leaderboard as lb
+    from unmask.bench import runner
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
     store = tmp_path / "r.sqlite"
     full = run_suite(suite, store=store, progress=False)
-    real = integrations.diagnose
+    real = runner.diagnose
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -622,7 +629,7 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(integrations, "diagnose", interrupted)
+    monkeypatch.setattr(runner, "diagnose", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, store=store, progress=False)
     monkeypatch.undo()
