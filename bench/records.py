@@ -22,7 +22,7 @@ from typing import Any
 from ..attacks.ensemble import AttackCost, EnsembleResult
 from ..defenses import BackdoorReport
 from ..defenses.certified import CertifyResult
-from ..defenses.masking import MaskingReport
+from ..defenses.masking import CheckResult, MaskingReport
 from .core import check_schema
 
 __all__ = ["BatchOutcome", "BatchFailure", "ExplanationRecord", "AttributionMaps",
@@ -265,8 +265,9 @@ class CertifyOutcome:
                    result=None if res is None else CertifyResult.from_dict(res))
 
 
-# Every result type a suite run stores (its own records and the feature packages' results);
+# Every result type a suite run stores (its own records and the feature packages' results,
+# nested ones included: a MaskingReport's CheckResults);
 # tests/test_records.py runs the to_dict/from_dict contract over this tuple.
-STORED_RESULTS: tuple[type, ...] = (BatchOutcome, BatchFailure, MaskingReport, ExplanationRecord,
-                                    AttributionMaps, BackdoorMetrics, CertifyOutcome,
-                                    CertifyResult)
+STORED_RESULTS: tuple[type, ...] = (BatchOutcome, BatchFailure, MaskingReport, CheckResult,
+                                    ExplanationRecord, AttributionMaps, BackdoorMetrics,
+                                    CertifyOutcome, CertifyResult)
