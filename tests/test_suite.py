@@ -3,6 +3,7 @@ after an interruption, torchrun with 2 Gloo processes) that give the same table.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -461,17 +462,19 @@ def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
 def test_non_finite_margins_make_the_cell_an_error():
     import torch
 
+    from unmask.bench.records import BatchOutcome
     from unmask.bench.runner import merge_cell
 
-    part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
-            "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
-            "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
-                              "seconds": 0.0}}, "stochastic": False, "draws": None,
-            "seconds": 0.0}
+    part = BatchOutcome.from_dict({
+        "b": 0, "robust": [True, False], "clean_correct": [True, True],
+        "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
+        "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
+                          "seconds": 0.0}}, "stochastic": False, "draws": None,
+        "seconds": 0.0})
     with pytest.raises(ValueError, match="non-finite logits .* for 1 of 2 samples"):
         merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf", eps=0.1,
                    sha256=None, source="user")
-    part["margin"] = [0.5, -0.1]
+    part = dataclasses.replace(part, margin=(0.5, -0.1))
     cells, _ = merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf",
                           eps=0.1, sha256=None, source="user")
     assert cells[-1]["robust_accuracy"] == 0.5
