@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import textwrap
 from pathlib import Path
+
+from unmask.defenses.masking import CheckResult, MaskingReport
 
 TINY = """
 name = "tiny"
@@ -130,3 +133,15 @@ def noisy(std=0.3):
 
     return RandomNoise(zoo.load("digits-mlp", device="cpu", progress=False), std=std, seed=0)
 '''
+
+
+def stored_masking_report(row) -> MaskingReport:
+    """A stored ``masking`` row's report, checked for its schema versions (the suite
+    tests call this on what their masking runs stored)."""
+    report = json.loads(row["report"])
+    assert report["schema_version"] == MaskingReport.SCHEMA_VERSION
+    assert {c["schema_version"] for c in report["checks"]} == {CheckResult.SCHEMA_VERSION}
+    parsed = MaskingReport.from_dict(report)
+    assert parsed.verdict.value == row["verdict"] and parsed.n == row["n"]
+    assert parsed.outcomes is not None and parsed.outcomes.n == row["n"]
+    return parsed

@@ -270,6 +270,7 @@ def pd_isna(v) -> bool:
 
 def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypatch):
     import unmask.defenses.certified as certified
+    from unmask.bench.suite import runner
     from unmask.bench.suite.runner import CertifiedSoundnessError, run_suite
     from unmask.bench.suite.spec import load_suite
     from unmask.bench.suite.store import Store
@@ -281,7 +282,7 @@ def test_suite_soundness_stop_names_the_sample(tmp_path, certify_suite, monkeypa
         return certified.CertifyResult(res.method, threat, [1.0] * res.n,
                                        ["certified"] * res.n, res.seconds, [None] * res.n)
 
-    monkeypatch.setattr(certified, "certify", lying)
+    monkeypatch.setattr(runner, "certify", lying)  # the runner calls certify directly
     suite = load_suite(certify_suite('"digits-mlp"'))
     with pytest.raises(CertifiedSoundnessError) as err:
         run_suite(suite, store=tmp_path / "r.sqlite", progress=False)
@@ -368,23 +369,21 @@ def test_certify_table_row_orders_the_bounds_and_writes_between_markers(zoo_cach
     assert "old" not in text and table in text and text.endswith("rest\n")
 
 
-def test_certify_model_adapter_reports_unavailable_milp_and_l2(monkeypatch):
-    import importlib.util
+def test_certify_methods_reports_unavailable_milp_and_l2(monkeypatch):
+    import sys
 
-    from unmask.bench.suite import integrations
+    from unmask.bench.suite.runner import certify_methods
 
     model = _mlp(0)
     x, y = _data((1, 2, 3))
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "highspy" else real(name, *a))
-    rows = integrations.certify_model(model, x, y, Threat("linf", 0.05),
-                                      methods=("crown", "milp"), time_limit=1.0)
-    assert [r["status"] for r in rows] == ["ok", "unavailable"]
-    assert "highspy" in rows[1]["reason"] and rows[1]["result"] is None
-    assert rows[0]["result"].n == x.shape[0]
-    monkeypatch.setattr(importlib.util, "find_spec", real)
-    rows = integrations.certify_model(model, x, y, Threat("l2", 0.05), methods=("ibp", "milp"),
-                                      time_limit=1.0)
-    assert [r["status"] for r in rows] == ["ok", "not supported"]
-    assert "linf" in rows[1]["reason"]
+    monkeypatch.setitem(sys.modules, "highspy", None)  # `import highspy` raises ImportError
+    rows = certify_methods(model, x, y, Threat("linf", 0.05), methods=("crown", "milp"),
+                           time_limit=1.0)
+    assert [r.status for r in rows] == ["ok", "unavailable"]
+    assert "highspy" in rows[1].reason and rows[1].result is None
+    assert rows[0].result.n == x.shape[0]
+    monkeypatch.undo()
+    rows = certify_methods(model, x, y, Threat("l2", 0.05), methods=("ibp", "milp"),
+                           time_limit=1.0)
+    assert [r.status for r in rows] == ["ok", "not supported"]
+    assert "linf" in rows[1].reason

@@ -412,14 +412,14 @@ def test_one_robust_number_is_the_worst_case_over_every_attack(tmp_path, monkeyp
 
 
 def test_a_failing_diagnosis_is_an_error_and_never_ranked(tmp_path, monkeypatch, zoo_cache):
-    from unmask.bench.suite import integrations
+    from unmask.bench.suite import runner
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom in the diagnosis")
 
     store = tmp_path / "r.sqlite"
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
-    monkeypatch.setattr(integrations, "diagnose", boom)
+    monkeypatch.setattr(runner, "diagnose", boom)
     summary = run_suite(suite, store=store, progress=False)
     assert summary.status == "finished"  # the attack cells are stored; the run went on
     with Store(store, readonly=True) as st:

@@ -3,6 +3,7 @@ after an interruption, torchrun with 2 Gloo processes) that give the same table.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +11,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from suite_helpers import BROKEN_MODULE, cell_table, sample_table, tiny_suite
+from suite_helpers import (
+    BROKEN_MODULE,
+    cell_table,
+    sample_table,
+    stored_masking_report,
+    tiny_suite,
+)
 
 from unmask.bench.suite.runner import batch_seed, run_suite
 from unmask.bench.suite.spec import SuiteError, load_suite, parse_suite
@@ -455,17 +462,19 @@ def test_cli_resume_skip(tmp_path, zoo_cache, user_models, capsys):
 def test_non_finite_margins_make_the_cell_an_error():
     import torch
 
+    from unmask.bench.suite.records import BatchOutcome
     from unmask.bench.suite.runner import merge_cell
 
-    part = {"b": 0, "robust": [True, False], "clean_correct": [True, True],
-            "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
-            "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
-                              "seconds": 0.0}}, "stochastic": False, "draws": None,
-            "seconds": 0.0}
+    part = BatchOutcome.from_dict({
+        "b": 0, "robust": [True, False], "clean_correct": [True, True],
+        "broken_by": [None, "pgd"], "margin": [0.5, float("nan")],
+        "costs": {"pgd": {"attacked": 2, "broken": 1, "forwards": 2, "backwards": 2,
+                          "seconds": 0.0}}, "stochastic": False, "draws": None,
+        "seconds": 0.0})
     with pytest.raises(ValueError, match="non-finite logits .* for 1 of 2 samples"):
         merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf", eps=0.1,
                    sha256=None, source="user")
-    part["margin"] = [0.5, -0.1]
+    part = dataclasses.replace(part, margin=(0.5, -0.1))
     cells, _ = merge_cell([part], ["pgd"], torch.tensor([0, 1]), model="m", norm="linf",
                           eps=0.1, sha256=None, source="user")
     assert cells[-1]["robust_accuracy"] == 0.5
@@ -558,24 +567,25 @@ def _transfer_check(store, run_id, model):
     with Store(store, readonly=True) as st:
         row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
     report = lb._parse_report(row)
+    assert stored_masking_report(row) == report  # with its schema versions
     return next(c for c in report.checks if "transfer" in c.name)
 
 
 def test_the_transfer_check_runs_in_suites_with_a_named_surrogate(tmp_path, zoo_cache,
                                                                     user_models, monkeypatch):
-    from unmask.bench.suite import integrations
+    from unmask.bench.suite import runner
     from unmask.bench.suite.spec import default_surrogate
 
     assert default_surrogate("digits") == "digits-mlp"
     assert default_surrogate("mnist5k") == "mnist-cnn"
     seen = {}
-    real = integrations.diagnose
+    real = runner.diagnose
 
     def spy(model, *args, surrogate=None, **kwargs):
         seen[id(model)] = surrogate
         return real(model, *args, surrogate=surrogate, **kwargs)
 
-    monkeypatch.setattr(integrations, "diagnose", spy)
+    monkeypatch.setattr(runner, "diagnose", spy)
     models = '"digits-mlp", { name = "brokenmod:good", label = "wrapped" }'
     path = tiny_suite(tmp_path / "s.toml", models=models, masking=True)
     path.write_text(path.read_text().replace("eps = [0.05, 0.1]", "eps = [0.1]"))
@@ -608,12 +618,12 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
     interrupted before its second diagnosis shows that row unranked (the diagnosis did not
     finish) and, resumed, gives the uninterrupted run's table."""
     from unmask.bench.report import leaderboard as lb
-    from unmask.bench.suite import integrations
+    from unmask.bench.suite import runner
 
     suite = load_suite(tiny_suite(tmp_path / "s.toml", masking=True))
     store = tmp_path / "r.sqlite"
     full = run_suite(suite, store=store, progress=False)
-    real = integrations.diagnose
+    real = runner.diagnose
     calls = {"n": 0}
 
     def interrupted(*args, **kwargs):
@@ -622,7 +632,7 @@ def test_resume_between_attacks_and_diagnosis_gives_the_same_leaderboard(tmp_pat
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(integrations, "diagnose", interrupted)
+    monkeypatch.setattr(runner, "diagnose", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, store=store, progress=False)
     monkeypatch.undo()

@@ -218,7 +218,7 @@ def _evaluate_preset(args: argparse.Namespace, model, x, y, threat) -> dict:
                                 source="cli")
     worst = cells[-1]
     reduced = args.precision != "fp32"
-    rejected = {k: sum(p["costs"].get(k, {}).get("rejected", 0) for p in parts)
+    rejected = {k: sum(c.rejected for c in (p.cost(k) for p in parts) if c is not None)
                 for k in ensemble.labels}
     rows = [(c["attack"], c["attacked"], c["broken"], c["forwards"], c["backwards"],
              f"{c['wall_seconds']:.1f}") + ((rejected[c["attack"]],) if reduced else ())

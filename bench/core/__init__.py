@@ -18,7 +18,7 @@ Conventions (see ``shared/DESIGN.md``): a model takes float inputs ``N x C x H x
 
 from .enums import StrEnum, parse_enum
 from .modules import Autocast, Normalize, Precision, model_mode, select_device
-from .results import DRAWS, AttackResult, SampleOutcomes, margin, robust_by_majority
+from .results import DRAWS, AttackResult, SampleOutcomes, check_schema, margin, robust_by_majority
 from .seeding import make_generator, normal, uniform
 from .threat import LargeEpsWarning, Norm, Threat, threat_key
 from .validation import (
@@ -64,4 +64,5 @@ __all__ = [
     "DRAWS",
     "robust_by_majority",
     "SampleOutcomes",
+    "check_schema",
 ]

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ['AttackResult', 'margin', 'DRAWS', 'robust_by_majority', 'SampleOutcomes']
+__all__ = ['AttackResult', 'margin', 'DRAWS', 'robust_by_majority', 'SampleOutcomes', "check_schema"]
 
 
 @dataclass
@@ -169,3 +169,19 @@ class SampleOutcomes:
         """Rebuild the outcomes from :meth:`to_dict`'s output."""
         return cls(tuple(d["broken_by"]), None if d.get("fooled_rate") is None
                    else tuple(d["fooled_rate"]))
+
+
+def check_schema(d: Any, current: int, kind: str) -> int:
+    """The ``schema_version`` of a stored result dict ``d`` of type ``kind``, checked against the
+    version this unmask writes (``current``). A dict without one was written before versions
+    were recorded and reads as version 1; a newer version raises ``ValueError`` (its fields may
+    mean something this unmask does not know), as does a ``d`` that is not a dict."""
+    if not isinstance(d, dict):
+        raise TypeError(f"a stored {kind} must be a dict, got {type(d).__name__}")
+    version = d.get("schema_version", 1)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"a stored {kind} has schema_version {version!r}; expected an int >= 1")
+    if version > current:
+        raise ValueError(f"this stored {kind} has schema_version {version}, newer than the "
+                         f"{current} this unmask reads: upgrade unmask to read it")
+    return version

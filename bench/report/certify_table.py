@@ -94,7 +94,7 @@ def certify_row(model_name: str, eps: float, *, n: int = 100, milp_n: int | None
     parts = evaluate_cell(suite.build_attacks("linf", eps), model, x, y, seed=suite.seed,
                           batch_size=suite.batch_size, raise_errors=True)
     attack_s = (time.perf_counter() - start) / n
-    robust = [bool(r) for p in sorted(parts, key=lambda p: p["b"]) for r in p["robust"]]
+    robust = [bool(r) for p in sorted(parts, key=lambda p: p.b) for r in p.robust]
     broken = [not r for r in robust]
     out: dict[str, Any] = {}
     note = ""

@@ -45,9 +45,9 @@ import torch
 from torch import Tensor, nn
 
 from ...attacks import Ensemble
+from ...defenses import masking
 from .. import data as data_mod
 from ..core import SampleOutcomes, Threat, make_generator
-from ..suite import integrations
 from ..suite.runner import evaluate_cell, merge_cell
 from ..suite.store import wilson
 from ..zoo.registry import fingerprint, versions
@@ -238,8 +238,8 @@ def assert_robust_accuracy(model: nn.Module, data: Any, threat: Threat,
     report = None
     if diagnose:
 
-        report = integrations.diagnose(model, x, y, threat, follow_up=False, fast=True,
-                                       generator=make_generator(seed))
+        report = masking.diagnose(model, x, y, threat, follow_up=False, fast=True,
+                                  generator=make_generator(seed))
         outcomes, _ = row_outcomes(samples, report)
     robust = sum(b is None for b in outcomes.broken_by)
     lo, hi = wilson(robust, total)

@@ -46,6 +46,8 @@ import contextlib
 import dataclasses
 import datetime
 import hashlib
+import importlib
+import json
 import logging
 import math
 import os
@@ -54,7 +56,7 @@ import subprocess
 import time
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from ...attacks import PGD, Ensemble
+from ...attacks.backdoor import Backdoor
+from ...defenses import evaluate_backdoor
+from ...defenses.certified import NotSupportedError, SoundnessError, assert_sound, certify
+from ...defenses.masking import MaskingReport, diagnose
+from ...explain import attribute
+from ...explain.metrics import METRICS, MetricInputs
 from .. import data, zoo
 from ..core import (
     ProbabilityOutputWarning,
@@ -72,9 +81,18 @@ from ..core import (
     model_mode,
     select_device,
 )
+from ..core.training import accuracy
 from ..zoo.registry import fingerprint, versions
 from ..zoo.resolve import ModelSourceError
-from . import curves, integrations
+from . import curves
+from .records import (
+    AttributionMaps,
+    BackdoorMetrics,
+    BatchFailure,
+    BatchOutcome,
+    CertifyOutcome,
+    ExplanationRecord,
+)
 from .spec import (
     SURROGATE_AUTO,
     SURROGATE_NONE,
@@ -87,9 +105,17 @@ from .spec import (
 from .store import WORST_CASE, Store, StoreError, default_path, wilson
 
 __all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell",
-           "git_commit", "CertifiedSoundnessError"]
+           "git_commit", "CertifiedSoundnessError", "SectionUnavailable", "explain_model",
+           "backdoor_of", "backdoor_metrics", "certify_methods", "note_surrogate",
+           "masking_row", "stored_outcomes"]
 
 log = logging.getLogger(__name__)
+
+
+class SectionUnavailable(Exception):
+    """A section the suite asks for cannot run here, for a typed reason (an optional zoo entry
+    or user model that is not there, a backdoor section for a model without a backdoor); the
+    message says why and the runner records the section as ``unavailable``."""
 
 
 class CertifiedSoundnessError(RuntimeError):
@@ -198,29 +224,21 @@ def _batches(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def _run_batch(ensemble, model: nn.Module, x: Tensor, y: Tensor, seed: int, b: int,
-               progress: bool) -> dict[str, Any]:
+def _run_batch(ensemble: Ensemble, model: nn.Module, x: Tensor, y: Tensor, seed: int, b: int,
+               progress: bool) -> BatchOutcome:
     ensemble.progress = progress
     start = time.perf_counter()
     res = ensemble(model, x, y, generator=make_generator(batch_seed(seed, b)))
-    seconds = time.perf_counter() - start
-    draws = None
-    if res.robust_accuracy_draws is not None:
-        draws = (res.robust_accuracy_draws.double() * res.n).tolist()
-    return {"b": b, "robust": res.robust.cpu().tolist(),
-            "clean_correct": res.clean_correct.cpu().tolist(), "broken_by": res.broken_by,
-            "margin": res.margin.detach().cpu().double().tolist(),
-            "costs": {k: v.to_dict() for k, v in res.costs.items()},
-            "stochastic": res.stochastic, "draws": draws, "seconds": seconds}
+    return BatchOutcome.of(b, res, time.perf_counter() - start)
 
 
-def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int,
+def evaluate_cell(ensemble: Ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int,
                   batch_size: int, rank: int = 0, world: int = 1,
                   progress: bool = False, desc: str = "",
-                  raise_errors: bool = False) -> list[dict[str, Any]]:
-    """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcome dicts.
+                  raise_errors: bool = False) -> list[BatchOutcome | BatchFailure]:
+    """Run ``ensemble`` on this rank's share of the fixed batches; per-batch outcomes.
 
-    An exception in a batch ends this rank's share with one ``{"error": message}`` entry
+    An exception in a batch ends this rank's share with one :class:`BatchFailure` entry
     (every rank still reaches the gather, so a failing model cannot hang a torchrun); with
     ``raise_errors`` it propagates (one model in one process: the pytest helper and
     ``unmask attack``, which evaluate through this function so their numbers are the suite's)."""
@@ -237,7 +255,7 @@ def evaluate_cell(ensemble, model: nn.Module, x: Tensor, y: Tensor, *, seed: int
             if raise_errors:
                 bar.close()
                 raise
-            out.append({"b": b, "error": _message(err)})
+            out.append(BatchFailure(b, _message(err)))
             break
     bar.close()
     return out
@@ -247,15 +265,15 @@ def _message(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}"
 
 
-def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, model: str,
+def merge_cell(parts: list[BatchOutcome], labels: list[str], y: Tensor, *, model: str,
                norm: str, eps: float, sha256: str | None, source: str
                ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per-batch outcomes (any order, any rank) -> cell rows and sample rows."""
-    parts = sorted(parts, key=lambda p: p["b"])
-    robust = [r for p in parts for r in p["robust"]]
-    clean = [c for p in parts for c in p["clean_correct"]]
-    broken_by = [b for p in parts for b in p["broken_by"]]
-    margins = [m for p in parts for m in p["margin"]]
+    parts = sorted(parts, key=lambda p: p.b)
+    robust = [r for p in parts for r in p.robust]
+    clean = [c for p in parts for c in p.clean_correct]
+    broken_by = [b for p in parts for b in p.broken_by]
+    margins = [m for p in parts for m in p.margin]
     n = len(robust)
     if n != int(y.shape[0]):
         raise RuntimeError(f"gathered {n} samples, expected {int(y.shape[0])}")
@@ -263,7 +281,7 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
     if bad:  # NaN is no robustness: the cell is an error, not a number
         raise ValueError(f"model {model!r} returned non-finite logits (NaN or Inf) during the "
                          f"attacks: no finite margin for {bad} of {n} samples")
-    stochastic = any(p["stochastic"] for p in parts)
+    stochastic = any(p.stochastic for p in parts)
     n_clean = sum(bool(c) for c in clean)
     common = {"model": model, "norm": norm, "eps": float(eps), "n": n,
               "clean_correct": n_clean, "clean_accuracy": n_clean / n,
@@ -272,7 +290,8 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
     still = n_clean
     total = {"attacked": 0, "broken": 0, "forwards": 0, "backwards": 0}
     for pos, label in enumerate(labels):
-        agg = {k: sum(p["costs"].get(label, {}).get(k, 0) for p in parts)
+        costs = [c for c in (p.cost(label) for p in parts) if c is not None]
+        agg = {k: sum(getattr(c, k) for c in costs)
                for k in ("attacked", "broken", "forwards", "backwards", "seconds")}
         still -= agg["broken"]
         for k in total:
@@ -288,8 +307,8 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
     # robust by majority over the draws, decided per sample by the ensemble), with the Wilson
     # interval over samples. The spread of the per-draw accuracy is secondary evidence.
     robust_acc, std = n_robust / n, 0.0
-    if stochastic and all(p["draws"] is not None for p in parts):
-        per_draw = [sum(vals) / n for vals in zip(*[p["draws"] for p in parts])]
+    if stochastic and all(p.draws is not None for p in parts):
+        per_draw = [sum(vals) / n for vals in zip(*[p.draws for p in parts])]
         mean = sum(per_draw) / len(per_draw)
         std = (sum((v - mean) ** 2 for v in per_draw) / len(per_draw)) ** 0.5
     lo, hi = wilson(n_robust, n)
@@ -297,13 +316,205 @@ def merge_cell(parts: list[dict[str, Any]], labels: list[str], y: Tensor, *, mod
                   "robust_accuracy": robust_acc, "ci_low": lo, "ci_high": hi,
                   "robust_accuracy_std": std, "attacked": n_clean, "broken": n_clean - n_robust,
                   "forwards": total["forwards"], "backwards": total["backwards"],
-                  "wall_seconds": sum(p["seconds"] for p in parts)})
+                  "wall_seconds": sum(p.seconds for p in parts)})
     labels_list = y.cpu().tolist()
     samples = [{"model": model, "norm": norm, "eps": float(eps), "sample": i,
                 "label": int(labels_list[i]), "clean_correct": int(bool(clean[i])),
                 "robust": int(bool(robust[i])), "broken_by": broken_by[i],
                 "margin": float(margins[i])} for i in range(n)]
     return cells, samples
+
+
+# --- the sections: typed calls into the feature packages --------------------------------------
+
+
+def note_surrogate(report: MaskingReport, name: str | None, *, used: bool, is_self: bool,
+                   why: str) -> MaskingReport:
+    """``report`` with the transfer check's evidence naming the surrogate: the one used, or
+    why none was (the model is the surrogate itself: a transfer attack from it is the
+    white-box attack the diagnosis already ran, so the check says so instead of running it
+    twice). The report passed in is left as it was."""
+    pos = next((i for i, c in enumerate(report.checks) if "transfer" in c.name), None)
+    if pos is None:
+        log.warning("the masking report has no transfer check to name the surrogate in")
+        return report
+    check = report.checks[pos]
+    skipped = check.skipped
+    if is_self:
+        skipped = (f"the model is the surrogate ({name}): a transfer attack from it is "
+                   "the white-box attack already run")
+    elif not used:
+        skipped = why or skipped
+    noted = replace(check, evidence={**(check.evidence or {}), "surrogate": name},
+                    skipped=skipped)
+    return replace(report, checks=[*report.checks[:pos], noted, *report.checks[pos + 1:]])
+
+
+def masking_row(report: MaskingReport) -> dict[str, Any]:
+    """The ``masking`` table's row of a :class:`MaskingReport`: verdict, failing checks, next
+    attack, the follow-up's robust accuracy before/after, and the report itself as JSON with
+    its ``schema_version`` (per-sample outcomes included: the leaderboard merges them into
+    the row's number)."""
+    follow = report.follow_up or {}
+    return {"verdict": report.verdict.value, "failing": [c.name for c in report.failed],
+            "next_attack": report.recommended_attack,
+            "robust_accuracy_before": follow.get("before"),
+            "robust_accuracy_after": follow.get("after"),
+            "report": json.dumps(report.to_dict(), sort_keys=True, default=str)}
+
+
+def stored_outcomes(masking: dict[str, Any] | None):
+    """The per-sample outcomes (:class:`~unmask.bench.core.SampleOutcomes`) of a stored
+    ``masking`` row, or None when there is no row or its report holds none."""
+    if masking is None:
+        return None
+    return MaskingReport.from_dict(json.loads(masking["report"])).outcomes
+
+
+def _method_options(method: str, ig_steps: int, seed: int) -> dict[str, Any]:
+    """The attribution options the suite sets per method: IG's steps, SmoothGrad's seed."""
+    if method == "integrated_gradients":
+        return {"n_steps": ig_steps}
+    if method == "smoothgrad":
+        return {"generator": seed}
+    return {}
+
+
+def _explain_metric(model: nn.Module, x: Tensor, y: Tensor, attr: Tensor, method: str,
+                    metric: str, *, ig_steps: int, seed: int, threat: Threat | None,
+                    backdoor: Backdoor | None, adversarial: dict[str, Tensor]
+                    ) -> list[ExplanationRecord]:
+    """The records of one registered metric (:data:`unmask.explain.metrics.METRICS`) of one
+    method's maps ``attr`` on ``(x, y)``; none when the metric does not apply (its
+    ``applies``: completeness of a method other than IG, the adversarial change without a
+    threat, trigger localisation without a backdoor). ``adversarial`` caches the PGD
+    examples across methods."""
+    entry = METRICS.get(metric)
+    if "x_adv" in entry.needs and "x_adv" not in adversarial and threat is not None:
+        adversarial["x_adv"] = PGD(threat, steps=20)(model, x, y, generator=seed).x_adv
+    inputs = MetricInputs(model, x, y, method, attr, _method_options(method, ig_steps, seed),
+                          seed=seed, ig_steps=ig_steps, x_adv=adversarial.get("x_adv"),
+                          trigger=None if backdoor is None else backdoor.trigger,
+                          trigger_target=None if backdoor is None else backdoor.target)
+    if not entry.applies(inputs):
+        return []
+    n = int(x.shape[0])
+    return [ExplanationRecord(method, s.key, s.value, n, s.details) for s in entry(inputs)]
+
+
+def explain_model(model: nn.Module, x: Tensor, y: Tensor, *, methods, metrics, ig_steps: int,
+                  maps: int, seed: int, threat: Threat | None = None,
+                  backdoor: Backdoor | None = None
+                  ) -> tuple[list[ExplanationRecord], list[AttributionMaps],
+                             list[tuple[str, str, str]]]:
+    """Attributions of each method (:func:`unmask.explain.attribute`) and their metrics
+    (:mod:`unmask.explain.metrics`) on ``x``.
+
+    Returns ``(records, maps, problems)``: one :class:`ExplanationRecord` per method and
+    metric value; the first ``maps`` pixel maps per method (:class:`AttributionMaps`);
+    problems ``(what, status, reason)`` for a method or metric that raised: ``unavailable``
+    for an ``ImportError`` (an optional dependency not installed), else ``error``. A metric
+    that does not apply (e.g. completeness of saliency) is skipped silently.
+    """
+    records: list[ExplanationRecord] = []
+    map_rows: list[AttributionMaps] = []
+    problems: list[tuple[str, str, str]] = []
+    adversarial: dict[str, Tensor] = {}
+    n = int(x.shape[0])
+
+    def problem(what: str, err: Exception) -> None:
+        status = "unavailable" if isinstance(err, ImportError) else "error"
+        log.warning("explanation %s failed: %s", what, err)
+        problems.append((what, status, _message(err)))
+
+    for method in methods:
+        try:
+            attr = attribute(model, x, y, method, **_method_options(method, ig_steps, seed))
+        except Exception as err:  # one method's failure must not end the section
+            problem(method, err)
+            continue
+        if maps:
+            k = min(maps, n)
+            map_rows.append(AttributionMaps(
+                method, x[:k, 0].detach().cpu().round(decimals=3).tolist(),
+                attr[:k].detach().abs().sum(1).cpu().float().round(decimals=5).tolist()))
+        for metric in metrics:
+            try:
+                records += _explain_metric(model, x, y, attr, method, metric,
+                                           ig_steps=ig_steps, seed=seed, threat=threat,
+                                           backdoor=backdoor, adversarial=adversarial)
+            except Exception as err:  # one metric's failure must not end the section
+                problem(f"{method}/{metric}", err)
+    return records, map_rows, problems
+
+
+def backdoor_of(entry) -> Backdoor:
+    """The :class:`~unmask.attacks.backdoor.Backdoor` a zoo entry was trained with;
+    :class:`SectionUnavailable` for an entry without one (not recipe ``backdoor``)."""
+    if entry is None or entry.recipe != "backdoor":
+        raise SectionUnavailable("not a backdoored zoo entry (recipe 'backdoor')")
+    return Backdoor.from_options(**dict(entry.recipe_options))
+
+
+def backdoor_metrics(model: nn.Module, entry, x: Tensor, y: Tensor, *, device,
+                     defenses: bool, seed: int) -> BackdoorMetrics:
+    """Clean accuracy, attack success rate and the clean-accuracy cost versus the entry's
+    clean reference on ``(x, y)``; with ``defenses`` also poison detection, STRIP and
+    fine-pruning (:func:`unmask.defenses.evaluate_backdoor`)."""
+    backdoor = backdoor_of(entry)
+    options = dict(entry.recipe_options)
+    reference = options.get("clean_reference")
+    ref_acc = None
+    if reference is not None and reference in zoo.list():
+        ref_model = zoo.load(reference, device=device, progress=False)
+        ref_acc = accuracy(ref_model, x, y)
+    if defenses:
+        x_train, y_train = data.load(entry.dataset, "train")
+        poison_seed = options.get("poison_seed")
+        poisoned = backdoor.poison(x_train, y_train,
+                                   generator=poison_seed if poison_seed is not None
+                                   else entry.seed)
+        report = evaluate_backdoor(model, backdoor, poisoned, x, y, reference_accuracy=ref_acc,
+                                   generator=seed)
+        return BackdoorMetrics.of_report(report, backdoor.target)
+    clean = accuracy(model, x, y)
+    return BackdoorMetrics(target=backdoor.target, clean_accuracy=clean,
+                           attack_success_rate=backdoor.attack_success_rate(model, x, y),
+                           poison_rate=backdoor.rate, reference_accuracy=ref_acc,
+                           clean_accuracy_cost=None if ref_acc is None else ref_acc - clean)
+
+
+def certify_methods(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, methods,
+                    time_limit: float) -> list[CertifyOutcome]:
+    """Certify ``(x, y)`` against ``threat`` with each of ``methods``
+    (:func:`unmask.defenses.certified.certify`): one :class:`CertifyOutcome` per method.
+
+    ``not supported``: a layer the bounds cannot handle (:class:`NotSupportedError`), or
+    MILP under an L2 threat; ``unavailable``: the MILP's solver ``highspy`` is not installed
+    (importing it raises ``ImportError``). Any other failure propagates (the runner records it)."""
+    out: list[CertifyOutcome] = []
+    for method in methods:
+        if method == "milp" and threat.norm.value != "linf":
+            out.append(CertifyOutcome(method, "not supported", "not supported: milp needs a "
+                                      "linf threat (an L2 ball is not linear)"))
+            continue
+        if method == "milp":
+            # The MILP's solver is an optional heavy dependency, imported by the MILP only for
+            # samples CROWN leaves undecided: ask for it up front, so whether the method runs
+            # never depends on the samples.
+            try:
+                importlib.import_module("highspy")
+            except ImportError:
+                out.append(CertifyOutcome(method, "unavailable", "the MILP solver highspy is "
+                                          "not installed (pip install 'unmask[certified]')"))
+                continue
+        try:
+            out.append(CertifyOutcome(method, "ok", "", certify(model, x, y, threat,
+                                                                method=method,
+                                                                time_limit=time_limit)))
+        except NotSupportedError as err:
+            out.append(CertifyOutcome(method, "not supported", str(err)))
+    return out
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -326,18 +537,18 @@ class _Loaded:
 
 
 def _load_model(spec: ModelSpec, device: torch.device, progress: bool) -> _Loaded:
-    """The model of ``spec`` or :class:`integrations.Unavailable` (optional entry missing)."""
-
+    """The model of ``spec``, or :class:`SectionUnavailable` when an optional one is not there
+    (a user model whose module does not import, a zoo entry not registered here)."""
     if spec.is_user:
         try:
             model = resolve_user_model(spec).to(device)
         except ModelSourceError as err:
             if spec.optional and isinstance(err.__cause__, ImportError):
-                raise integrations.Unavailable(str(err)) from None
+                raise SectionUnavailable(str(err)) from None
             raise
         return _Loaded(model, _state_sha256(model), "user")
     if spec.name not in zoo.list():
-        raise integrations.Unavailable(
+        raise SectionUnavailable(
             f"zoo entry {spec.name!r} is not registered in this unmask installation "
             "(its feature has not landed or its package is not importable)")
     model, card = zoo.load_with_card(spec.name, device=device, progress=progress)
@@ -499,7 +710,7 @@ class _Runner:
                 loaded.model = _channels_last(loaded.model)
             k = min(int(x.shape[0]), self.suite.batch_size)
             probe_model(loaded.model, x[:k].clone(), y[:k], key)
-        except integrations.Unavailable as err:
+        except SectionUnavailable as err:
             self._section(f"model/{key}", key, "model", "unavailable", str(err))
             return
         except Exception as err:  # one broken model never stops a run
@@ -545,9 +756,9 @@ class _Runner:
         if not self.dist.main:
             return
         all_parts = [p for rank_parts in gathered for p in rank_parts]
-        failed = sorted((p for p in all_parts if "error" in p), key=lambda p: p["b"])
+        failed = sorted((p for p in all_parts if isinstance(p, BatchFailure)), key=lambda p: p.b)
         if failed:
-            message = f"{failed[0]['error']} (in batch {failed[0]['b']})"
+            message = f"{failed[0].error} (in batch {failed[0].b})"
             log.warning("attacks on %s at %s failed: %s", spec.key, threat, message)
             self._section(unit, spec.key, "attack", "error", message, str(threat))
             return
@@ -620,7 +831,7 @@ class _Runner:
                                       for r in rows[:n]))
         m_row = next((r for r in self.store.rows("masking", self.run_id)
                       if r["model"] == key and r["norm"] == norm and r["eps"] == eps), None)
-        outcomes = integrations.report_outcomes(m_row)
+        outcomes = stored_outcomes(m_row)
         if outcomes is not None:
             k = min(outcomes.n, n)
             head = SampleOutcomes(merged.broken_by[:k]).merge(
@@ -636,12 +847,8 @@ class _Runner:
         n = min(c.n or int(x.shape[0]), int(x.shape[0]))
         start = time.perf_counter()
         try:
-            results = integrations.certify_model(loaded.model, x[:n].clone(), y[:n].clone(),
-                                                 threat, methods=c.methods,
-                                                 time_limit=c.time_limit)
-        except integrations.Unavailable as err:
-            self._section(unit, spec.key, "certify", "unavailable", str(err), str(threat))
-            return
+            results = certify_methods(loaded.model, x[:n].clone(), y[:n].clone(), threat,
+                                      methods=c.methods, time_limit=c.time_limit)
         except Exception as err:
             log.warning("certification of %s at %s failed: %s", spec.key, threat, err)
             self._section(unit, spec.key, "certify", "error", _message(err), str(threat))
@@ -650,18 +857,17 @@ class _Runner:
         common = {"model": spec.key, "norm": threat.norm.value, "eps": threat.eps, "n": n}
         rows, samples = [], []
         for r in results:
-            res = r["result"]
+            res = r.result
             if res is None:  # not supported / unavailable: the row says why
-                rows.append({**common, "method": r["method"], "status": r["status"],
-                             "reason": r["reason"], "seconds": 0.0})
-                if r["status"] == "unavailable":
-                    self.unavailable.append((spec.key, f"certify/{r['method']}", r["reason"]))
+                rows.append({**common, "method": r.method, "status": r.status,
+                             "reason": r.reason, "seconds": 0.0})
+                if r.status == "unavailable":
+                    self.unavailable.append((spec.key, f"certify/{r.method}", r.reason))
                 continue
             if broken is not None:  # the soundness stop
-                assert_sound = integrations.feature("unmask.defenses.certified", "assert_sound")
                 try:
                     assert_sound(res, [who is not None for who in broken])
-                except RuntimeError as err:
+                except SoundnessError as err:
                     who = next(w for ok, w in zip(res.certified, broken) if ok and w is not None)
                     message = (f"{spec.key} at {threat}: {err} (broken by {who}); the bounds "
                                "or the attack are wrong, so the run stops")
@@ -714,16 +920,13 @@ class _Runner:
         start = time.perf_counter()
         try:
             # Copies: a section must never be able to change the samples of the next one.
-            report = integrations.diagnose(loaded.model, x[:n].clone(), y[:n].clone(), threat,
-                                           follow_up=m.follow_up, fast=m.fast,
-                                           generator=make_generator(self.suite.seed),
-                                           surrogate=None if is_self else surrogate)
-            integrations.note_surrogate(report, name, used=surrogate is not None and not is_self,
-                                        is_self=is_self, why=why)
-            row = integrations.masking_row(report)
-        except integrations.Unavailable as err:
-            self._section(unit, spec.key, "masking", "unavailable", str(err), str(threat))
-            return
+            report = diagnose(loaded.model, x[:n].clone(), y[:n].clone(), threat,
+                              follow_up=m.follow_up, fast=m.fast,
+                              generator=make_generator(self.suite.seed),
+                              surrogate=None if is_self else surrogate)
+            report = note_surrogate(report, name, used=surrogate is not None and not is_self,
+                                    is_self=is_self, why=why)
+            row = masking_row(report)
         except Exception as err:
             log.warning("masking diagnosis of %s at %s failed: %s", spec.key, threat, err)
             self._section(unit, spec.key, "masking", "error", _message(err), str(threat))
@@ -742,30 +945,24 @@ class _Runner:
         backdoor = None
         if "trigger_localisation" in e.metrics and loaded.entry is not None \
                 and loaded.entry.recipe == "backdoor":
-            with contextlib.suppress(integrations.Unavailable):
-                backdoor = integrations.backdoor_of(loaded.entry)
+            backdoor = backdoor_of(loaded.entry)
         start = time.perf_counter()
         try:
-            rows, maps, problems = integrations.explain_model(
+            records, maps, problems = explain_model(
                 loaded.model, x[:n].clone(), y[:n].clone(), methods=e.methods,
                 metrics=e.metrics,
                 ig_steps=e.ig_steps, maps=e.maps, seed=self.suite.seed, threat=threat,
                 backdoor=backdoor)
-        except integrations.Unavailable as err:
-            self._section(unit, spec.key, "explain", "unavailable", str(err))
-            return
         except Exception as err:
             log.warning("explanations of %s failed: %s", spec.key, err)
             self._section(unit, spec.key, "explain", "error", _message(err))
             return
         seconds = time.perf_counter() - start
         with self._unit(unit, seconds, clears=(spec.key, "explain", "")) as tx:
-            tx.add_explanations([{**r, "model": spec.key} for r in rows])
+            tx.add_explanations([{**r.row(), "model": spec.key} for r in records])
             for mrow in maps:
-                tx.add_explanation_map(spec.key, mrow["method"], mrow["inputs"], mrow["maps"])
-            for what, reason in problems:
-                status = "unavailable" if "not importable" in reason or "does not exist" \
-                    in reason else "error"
+                tx.add_explanation_map(spec.key, mrow.method, mrow.inputs, mrow.maps)
+            for what, status, reason in problems:
                 tx.add_section(spec.key, "explain", status, reason, what)
                 (self.unavailable if status == "unavailable" else self.errors).append(
                     (spec.key, f"explain/{what}", reason))
@@ -774,10 +971,10 @@ class _Runner:
         unit = f"backdoor/{spec.key}"
         start = time.perf_counter()
         try:
-            metrics = integrations.backdoor_metrics(
+            metrics = backdoor_metrics(
                 loaded.model, loaded.entry, x.clone(), y.clone(), device=self.device,
                 defenses=self.suite.backdoor.defenses, seed=self.suite.seed)
-        except integrations.Unavailable as err:
+        except SectionUnavailable as err:
             self._section(unit, spec.key, "backdoor", "unavailable", str(err))
             return
         except Exception as err:
@@ -786,7 +983,7 @@ class _Runner:
             return
         with self._unit(unit, time.perf_counter() - start,
                         clears=(spec.key, "backdoor", "")) as tx:
-            tx.add_backdoor(spec.key, metrics)
+            tx.add_backdoor(spec.key, metrics.metrics())
 
 
 def _once_per_run(category: type[Warning]) -> None:

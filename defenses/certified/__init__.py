@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from ...bench.core import StrEnum, Threat, check_inputs, model_mode, parse_enum
+from ...bench.core import StrEnum, Threat, check_inputs, check_schema, model_mode, parse_enum
 from .bounds import InputSet, crown_bounds, ibp_bounds, margin_spec
 from .milp import TOL as MILP_TOL
 from .milp import MilpOutcome, milp_margin
@@ -90,16 +90,27 @@ class CertifyResult:
         """Wall-clock seconds per sample."""
         return self.seconds / max(1, self.n)
 
+    SCHEMA_VERSION = 1  # of to_dict; from_dict reads every version up to it
+
     def to_dict(self) -> dict:
-        """The result as a JSON-ready dict (a lower bound of -inf, misclassified at x, becomes
-        null).
-        """
-        return {"method": self.method, "threat": {"norm": self.threat.norm.value,
-                                                   "eps": self.threat.eps},
+        """JSON-ready; ``certified_accuracy`` is derived (from_dict ignores it)."""
+        return {"schema_version": self.SCHEMA_VERSION, "method": self.method,
+                "threat": self.threat.to_dict(),
                 # -inf (misclassified at x) as null: the dict stays valid JSON
                 "lower": [v if math.isfinite(v) else None for v in self.lower],
-                "status": self.status, "seconds": self.seconds,
-                "certified_accuracy": self.certified_accuracy}
+                "status": list(self.status), "seconds": self.seconds,
+                "certified_accuracy": self.certified_accuracy,
+                "x_adv": [None if a is None else list(a) for a in self.x_adv]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CertifyResult:
+        """The result ``to_dict`` wrote (a null lower bound reads back as -inf)."""
+        check_schema(d, cls.SCHEMA_VERSION, "certify result")
+        t = d["threat"]
+        return cls(method=d["method"], threat=Threat(t["norm"], t["eps"]),
+                   lower=[-math.inf if v is None else float(v) for v in d["lower"]],
+                   status=list(d["status"]), seconds=float(d["seconds"]),
+                   x_adv=[None if a is None else list(a) for a in d.get("x_adv", [])])
 
 
 def margin_lower_bound(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,

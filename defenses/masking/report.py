@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...bench.core import SampleOutcomes, StrEnum, Threat
+from ...bench.core import SampleOutcomes, StrEnum, Threat, check_schema
 from ...bench.core.fileio import json_safe
 from ...bench.core.text import text_table
 
@@ -61,16 +61,18 @@ class CheckResult:
     skipped: str | None = None
     cost: dict[str, int] | None = None
 
+    SCHEMA_VERSION = 1  # of to_dict; from_dict reads every version up to it
+
     def to_dict(self) -> dict[str, Any]:
-        """The check's result as a JSON-ready dict."""
-        return {"name": self.name, "value": self.value, "rule": self.rule,
+        return {"schema_version": self.SCHEMA_VERSION, "name": self.name, "value": self.value,
+                "rule": self.rule,
                 "passed": self.passed, "severity": self.severity.value, "kind": self.kind.value,
                 "source": self.source, "evidence": json_safe(self.evidence),
                 "skipped": self.skipped, "cost": self.cost}
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> CheckResult:
-        """Rebuild a result from :meth:`to_dict`'s output."""
+        check_schema(c, cls.SCHEMA_VERSION, "masking check result")
         return cls(c["name"], c["value"], c["rule"], c["passed"], Verdict(c["severity"]),
                    MaskingKind(c["kind"]), c["source"], c.get("evidence") or {},
                    c.get("skipped"), c.get("cost"))
@@ -106,9 +108,10 @@ class MaskingReport:
         return self.verdict is not Verdict.MASKED or bool(self.adaptive
                                                           and self.adaptive.get("passed"))
 
+    SCHEMA_VERSION = 1  # of to_dict (the store's ``masking.report``); from_dict reads <= it
+
     def to_dict(self) -> dict[str, Any]:
-        """The report as a JSON-ready dict (verdict, threat, checks, follow-up, outcomes, ...)."""
-        return {"verdict": self.verdict.value, "recommended_attack": self.recommended_attack,
+        return {"schema_version": self.SCHEMA_VERSION, "verdict": self.verdict.value, "recommended_attack": self.recommended_attack,
                 "threat": self.threat.to_dict(), "n": self.n, "seconds": round(self.seconds, 3),
                 "gradient_flow": self.gradient_flow, "collapse_at": self.collapse_at,
                 "checks": [c.to_dict() for c in self.checks],
@@ -118,7 +121,7 @@ class MaskingReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskingReport:
-        """Rebuild a report from :meth:`to_dict`'s output."""
+        check_schema(d, cls.SCHEMA_VERSION, "masking report")
         checks = [CheckResult.from_dict(c) for c in d.get("checks", [])]
         t = d["threat"]
         outcomes = d.get("outcomes")
