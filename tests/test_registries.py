@@ -11,7 +11,7 @@ Registries: attacks (``unmask.attacks.ATTACKS``), ensemble presets (``PRESETS``)
 triggers (``TRIGGERS``), masking checks (``unmask.defenses.masking.CHECKS``), datasets
 (``unmask.bench.data.DATASETS``), attribution methods (``unmask.explain.METHODS``), explanation
 metrics (``unmask.explain.METRICS``), zoo entries (``unmask.bench.zoo.MODELS``), training recipes
-(``unmask.bench.training.RECIPES``). The architectures are generated in ``test_archs.py``.
+(``unmask.bench.core.training.RECIPES``). The architectures are generated in ``test_archs.py``.
 """
 
 from __future__ import annotations
@@ -47,15 +47,15 @@ from unmask.attacks import (
 from unmask.attacks.backdoor_triggers import TRIGGERS, Trigger, make_trigger, register_trigger
 from unmask.attacks.base import Attack
 from unmask.bench import Threat, data, zoo
-from unmask.bench.archs import ARCHS
 from unmask.bench.cli import build_parser
-from unmask.bench.cli_attack import attack_choices
+from unmask.bench.cli.attack import attack_choices
 from unmask.bench.core import AttackResult
-from unmask.bench.fileio import write_between_markers
-from unmask.bench.registry import Registry, UnknownNameError
-from unmask.bench.suite import SuiteError, parse_suite
-from unmask.bench.training import RECIPES, register_recipe, seeded_init
+from unmask.bench.core.fileio import write_between_markers
+from unmask.bench.core.registry import Registry, UnknownNameError
+from unmask.bench.core.training import RECIPES, register_recipe, seeded_init
+from unmask.bench.suite.spec import SuiteError, parse_suite
 from unmask.bench.zoo import MODELS
+from unmask.bench.zoo.archs import ARCHS
 from unmask.defenses import masking
 from unmask.defenses.masking import CHECKS, CheckResult, MaskingKind, Outcome, Verdict
 from unmask.explain import METHODS, METRICS, attribute
@@ -613,9 +613,9 @@ DOC_REGISTRIES = [
     ("masking checks", "unmask.defenses.masking.CHECKS", CHECKS),
     ("backdoor triggers", "unmask.attacks.TRIGGERS", TRIGGERS),
     ("zoo entries", "unmask.bench.zoo.MODELS", MODELS),
-    ("architectures", "unmask.bench.archs.ARCHS", ARCHS),
+    ("architectures", "unmask.bench.zoo.archs.ARCHS", ARCHS),
     ("datasets", "unmask.bench.data.DATASETS", data.DATASETS),
-    ("training recipes", "unmask.bench.training.RECIPES", RECIPES),
+    ("training recipes", "unmask.bench.core.training.RECIPES", RECIPES),
     ("attribution methods", "unmask.explain.METHODS", METHODS),
     ("explanation metrics", "unmask.explain.METRICS", METRICS),
 ]

@@ -1,8 +1,7 @@
 """``unmask explain MODEL``: attribution maps of a model on clean and adversarial inputs.
 
-Draws, for ``--n`` test images spread evenly over the test split, the input, a PGD adversarial example (when
-``unmask.attacks.PGD`` is available; otherwise the adversarial columns are left out with a
-note), and each ``--method``'s map for both, and prints the deletion/insertion AUCs against
+Draws, for ``--n`` test images spread evenly over the test split, the input, a PGD adversarial example (unless
+``--no-adversarial``), and each ``--method``'s map for both, and prints the deletion/insertion AUCs against
 the random baseline, IG's completeness error and the clean-vs-adversarial attribution change.
 The maps of both columns explain the true label, so the adversarial ones show what the attack
 did to the evidence for it.
@@ -72,10 +71,10 @@ def _default_eps(dataset: str, norm: str) -> float:
 
 
 def _adversarial(model, x, y, norm: str, eps: float, steps: int, seed: int):
-    """PGD adversarial examples of ``x`` (and ``None``: the reason slot of the caller)."""
+    """PGD adversarial examples of ``x`` at ``eps`` in ``norm``, ``steps`` steps."""
     # A CPU generator drives sampling on any device, so the seed gives the same attack anywhere.
     g = make_generator(seed)
-    return PGD(Threat(norm, eps), steps=steps)(model, x, y, generator=g).x_adv, None
+    return PGD(Threat(norm, eps), steps=steps)(model, x, y, generator=g).x_adv
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -99,12 +98,10 @@ def _explain(args: argparse.Namespace) -> int:
                     "generator": args.seed, "output": args.output}
         return {"output": args.output}
 
-    x_adv, note = None, None
+    x_adv = None
     if not args.no_adversarial:
         eps = args.eps if args.eps is not None else _default_eps(dataset, args.norm)
-        x_adv, note = _adversarial(model, x, y, args.norm, eps, args.attack_steps, args.seed)
-        if note:
-            log.warning("adversarial columns left out: %s", note)
+        x_adv = _adversarial(model, x, y, args.norm, eps, args.attack_steps, args.seed)
     with torch.no_grad():
         preds = model(x).argmax(1)
         adv_preds = model(x_adv).argmax(1) if x_adv is not None else None
@@ -141,8 +138,6 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"\nIG completeness at n_steps={args.n_steps}: |sum(IG) - (f(x) - f(0))| is "
               f"{ig.relative_error.mean():.2e} of |f(x) - f(0)| on average, "
               f"{ig.relative_error.max():.2e} at most")
-    if note:
-        print(f"\nnote: adversarial columns left out: {note}")
     print(f"\nfigure: {out}")
     if args.curves:
         print(f"curves: {plot_curves(curves, args.curves, title=args.model)}")

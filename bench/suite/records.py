@@ -1,6 +1,6 @@
 """The typed results a suite run stores, one frozen dataclass per kind of row.
 
-The runner (:mod:`unmask.bench.runner`) calls the feature packages' typed APIs and turns their
+The runner (:mod:`unmask.bench.suite.runner`) calls the feature packages' typed APIs and turns their
 results into these records (or stores the feature's own result type, listed in
 :data:`STORED_RESULTS` with them). Every stored type has ``to_dict()`` (JSON-ready, with a
 ``schema_version``) and ``from_dict()`` (reads every version up to its own, refuses a newer

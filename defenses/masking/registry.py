@@ -1,4 +1,4 @@
-"""The check registry (:data:`CHECKS`, a :class:`~unmask.bench.registry.Registry`): every
+"""The check registry (:data:`CHECKS`, a :class:`~unmask.bench.core.registry.Registry`): every
 masking check is a function of a :class:`Context`, registered with :func:`check` together with
 what it detects, its rule and thresholds, the evidence it records, the verdict a failure
 implies and what it costs.
