@@ -9,7 +9,7 @@ import pytest
 from suite_helpers import tiny_suite
 
 from unmask.bench.cli.main import main
-from unmask.bench.report import export
+from unmask.bench.report import export, frames
 from unmask.bench.report import leaderboard as lb
 from unmask.bench.suite.runner import run_suite
 from unmask.bench.suite.spec import load_suite
@@ -68,14 +68,14 @@ def test_eps_is_written_as_a_fraction_of_255_where_it_is_one():
 
 def test_masked_rows_are_unreliable(run, tmp_path, monkeypatch):
     _, store = run
-    real = lb.leaderboard_frame
+    real = frames.leaderboard_frame
 
     def masked(st, run_id):
         df = real(st, run_id)
         df["masking"] = "masked"
         return df
 
-    monkeypatch.setattr(export, "leaderboard_frame", masked)
+    monkeypatch.setattr(frames, "leaderboard_frame", masked)
     with Store(store, readonly=True) as st:
         recs = export.robustbench_records(st, 1)
     assert recs and all(r["unreliable"] is True for r in recs)

@@ -166,7 +166,7 @@ def test_leaderboard_rows_carry_the_evidence(runs):
         for _, r in df.iterrows():
             m_row = next(m for m in st.rows("masking", 1)
                          if (m["model"], m["norm"], m["eps"]) == ("digits-mlp", r["norm"], r["eps"]))
-            report = lb._parse_report(m_row)
+            report = frames._parse_report(m_row)
             assert report is not None and report.outcomes.n == 24  # [masking] n of 48
             samples = [s for s in st.rows("samples", 1) if s["eps"] == r["eps"]]
             ensemble_broken = {s["sample"] for s in samples if not s["robust"]}
@@ -782,7 +782,7 @@ def test_every_number_of_the_old_table_is_still_reachable(runs, tmp_path, monkey
     with Store(tmp_path / "h.sqlite") as st:
         run_id = _handmade(st)
         lb.write_report(st, run_id, tmp_path / "hand")
-        df = lb.leaderboard_frame(st, run_id)
+        df = frames.leaderboard_frame(st, run_id)
     assert {"draws", "robust_accuracy_std", "certified", "masking_follow_up"} <= set(df.columns)
     assert _check_reachable(tmp_path / "hand", df) >= 6 * 20
 
