@@ -33,7 +33,7 @@ from ...explain.attribution import METHODS
 from ...explain.metrics import score_infos
 from ..core import DRAWS, SampleOutcomes
 from ..core.threat import threat_key
-from ..suite.store import WORST_CASE, Store, wilson
+from ..suite.store import WORST_CASE, Store, unit_key, wilson
 
 __all__ = ["leaderboard_frame", "sections_frame", "row_outcomes", "verdict_legend"]
 
@@ -239,8 +239,8 @@ def leaderboard_frame(store: Store, run_id: int) -> pd.DataFrame:
         bd = backdoor.get(model, {})
         row["backdoor_asr"] = bd.get("attack_success_rate")
         row.update(_certified_fields(certified_of.get((model, norm, eps), []), robust, n))
-        runtime = units.get(f"attack/{model}/{threat}", worst["wall_seconds"])
-        runtime += units.get(f"masking/{model}/{threat}", 0.0)
+        runtime = units.get(unit_key("attack", model, threat), worst["wall_seconds"])
+        runtime += units.get(unit_key("masking", model, threat), 0.0)
         row.update({
             "n": n, "seed": run.seed, "runtime_s": runtime,
             "forwards": worst["forwards"], "backwards": worst["backwards"],

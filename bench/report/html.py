@@ -36,7 +36,7 @@ import pandas as pd
 
 from ...defenses.masking import CHECKS
 from ..core.fileio import safe_name
-from ..suite.store import WORST_CASE, Store
+from ..suite.store import WORST_CASE, Store, unit_key
 from . import frames
 from . import tables as tb
 from .curve_report import robust_vs_eps_figures, write_curves_csv
@@ -553,9 +553,9 @@ def evidence_page(store: Store, run_id: int, row: dict[str, Any], *,
     parts.append(_metrics_block(backdoor, model, "Backdoor results", tb.backdoor_tables))
     # provenance
     worst = next((c for c in cells if c["attack"] == WORST_CASE), None)
-    attack_s = units.get(f"attack/{model}/{threat}",
+    attack_s = units.get(unit_key("attack", model, threat),
                          worst["wall_seconds"] if worst is not None else 0.0)
-    masking_s = units.get(f"masking/{model}/{threat}", 0.0)
+    masking_s = units.get(unit_key("masking", model, threat), 0.0)
     prov = [
         ("run", _E(f"{run_id} of suite {run.suite}{' (quick)' if run.quick else ''}, "
                    f"{run.status}")),

@@ -80,6 +80,7 @@ from ..core import (
     make_generator,
     model_mode,
     select_device,
+    threat_key,
 )
 from ..core.training import accuracy
 from ..zoo.registry import fingerprint, versions
@@ -102,7 +103,7 @@ from .spec import (
     parse_suite,
     resolve_user_model,
 )
-from .store import WORST_CASE, Store, StoreError, default_path, wilson
+from .store import WORST_CASE, Store, StoreError, default_path, unit_key, wilson
 
 __all__ = ["run_suite", "RunSummary", "RunInterrupted", "batch_seed", "evaluate_cell",
            "git_commit", "CertifiedSoundnessError", "SectionUnavailable", "explain_model",
@@ -520,10 +521,6 @@ def certify_methods(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, m
 # --- the run ----------------------------------------------------------------------------------
 
 
-def _threat_key(norm: str, eps: float) -> str:
-    return f"{norm}:{eps:g}"
-
-
 def _state_sha256(model: nn.Module) -> str:
     return fingerprint(model)
 
@@ -669,17 +666,18 @@ class _Runner:
         s, key = self.suite, spec.key
         units = []
         for norm, eps in s.threat_list():
-            units.append(f"attack/{key}/{_threat_key(norm, eps)}")
+            units.append(unit_key("attack", key, threat_key(norm, eps)))
             if s.masking.enabled:
-                units.append(f"masking/{key}/{_threat_key(norm, eps)}")
+                units.append(unit_key("masking", key, threat_key(norm, eps)))
         if s.explain.enabled:
-            units.append(f"explain/{key}")
+            units.append(unit_key("explain", key))
         if self._wants_backdoor(spec):
-            units.append(f"backdoor/{key}")
+            units.append(unit_key("backdoor", key))
         if s.curves.enabled:
-            units += [f"curve/{key}/{norm}" for norm in self._curve_norms()]
+            units += [unit_key("curve", key, norm) for norm in self._curve_norms()]
         if s.certify.enabled:
-            units += [f"certify/{key}/{_threat_key(norm, eps)}" for norm, eps in s.threat_list()]
+            units += [unit_key("certify", key, threat_key(norm, eps))
+                      for norm, eps in s.threat_list()]
         return units
 
     def _curve_norms(self) -> list[str]:
@@ -697,7 +695,7 @@ class _Runner:
 
     def _model(self, spec: ModelSpec, x: Tensor, y: Tensor) -> None:
         key = spec.key
-        if f"model/{key}" in self.done:
+        if unit_key("model", key) in self.done:
             self.summary_skip += 1
             return
         units = self._units_of(spec)
@@ -711,38 +709,40 @@ class _Runner:
             k = min(int(x.shape[0]), self.suite.batch_size)
             probe_model(loaded.model, x[:k].clone(), y[:k], key)
         except SectionUnavailable as err:
-            self._section(f"model/{key}", key, "model", "unavailable", str(err))
+            self._section(unit_key("model", key), key, "model", "unavailable", str(err))
             return
         except Exception as err:  # one broken model never stops a run
             log.warning("model %s cannot be evaluated: %s", key, err)
-            self._section(f"model/{key}", key, "model", "error", _message(err))
+            self._section(unit_key("model", key), key, "model", "error", _message(err))
             return
         if self.dist.main and self.store is not None:
             self.store.clear_section(self.run_id, key, "model", "")
         s = self.suite
+        main = self.dist.main
         for norm, eps in s.threat_list():
             threat = Threat(norm, eps)
-            tk = _threat_key(norm, eps)
-            if not self._is_done(f"attack/{key}/{tk}"):
+            tk = threat_key(norm, eps)
+            if not self._is_done(unit_key("attack", key, tk)):
                 self._attack_cell(spec, loaded, threat, x, y)
-            if s.masking.enabled and self.dist.main and not self._is_done(f"masking/{key}/{tk}"):
+            if s.masking.enabled and main and not self._is_done(unit_key("masking", key, tk)):
                 self._masking(spec, loaded, threat, x, y)
-            if s.certify.enabled and self.dist.main and not self._is_done(f"certify/{key}/{tk}"):
+            if s.certify.enabled and main and not self._is_done(unit_key("certify", key, tk)):
                 self._certify(spec, loaded, threat, x, y)
         if s.curves.enabled and self.dist.main:
             for norm in self._curve_norms():
-                if not self._is_done(f"curve/{key}/{norm}"):
+                if not self._is_done(unit_key("curve", key, norm)):
                     self._curve(spec, loaded, norm, x, y)
-        if s.explain.enabled and self.dist.main and not self._is_done(f"explain/{key}"):
+        if s.explain.enabled and self.dist.main and not self._is_done(unit_key("explain", key)):
             self._explain(spec, loaded, x, y)
-        if self._wants_backdoor(spec) and self.dist.main and not self._is_done(f"backdoor/{key}"):
+        if (self._wants_backdoor(spec) and self.dist.main
+                and not self._is_done(unit_key("backdoor", key))):
             self._backdoor(spec, loaded, x, y)
 
     def _attack_cell(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
                      y: Tensor) -> None:
         s = self.suite
         start = time.perf_counter()
-        unit = f"attack/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}"
+        unit = unit_key("attack", spec.key, threat_key(threat.norm, threat.eps))
         try:
             ensemble = s.build_attacks(threat.norm.value, threat.eps)
         except Exception as err:  # identical on every rank: no collective is skipped
@@ -781,7 +781,7 @@ class _Runner:
 
         assert self.store is not None
         c, key = self.suite.curves, spec.key
-        unit = f"curve/{key}/{norm}"
+        unit = unit_key("curve", key, norm)
         eps_list = [e for nm, e in self.suite.threat_list() if nm == norm]
         masking = {(m["norm"], float(m["eps"])): m["verdict"]
                    for m in self.store.rows("masking", self.run_id) if m["model"] == key}
@@ -842,8 +842,8 @@ class _Runner:
     def _certify(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
                  y: Tensor) -> None:
         c = self.suite.certify
-        tk = _threat_key(threat.norm.value, threat.eps)
-        unit = f"certify/{spec.key}/{tk}"
+        tk = threat_key(threat.norm, threat.eps)
+        unit = unit_key("certify", spec.key, tk)
         n = min(c.n or int(x.shape[0]), int(x.shape[0]))
         start = time.perf_counter()
         try:
@@ -912,7 +912,7 @@ class _Runner:
     def _masking(self, spec: ModelSpec, loaded: _Loaded, threat: Threat, x: Tensor,
                  y: Tensor) -> None:
         m = self.suite.masking
-        unit = f"masking/{spec.key}/{_threat_key(threat.norm.value, threat.eps)}"
+        unit = unit_key("masking", spec.key, threat_key(threat.norm, threat.eps))
         n = min(m.n, int(x.shape[0]))
         name, surrogate, why = self._surrogate_model()
         is_self = surrogate is not None and (spec.name == name or (
@@ -938,7 +938,7 @@ class _Runner:
 
     def _explain(self, spec: ModelSpec, loaded: _Loaded, x: Tensor, y: Tensor) -> None:
         e = self.suite.explain
-        unit = f"explain/{spec.key}"
+        unit = unit_key("explain", spec.key)
         n = min(e.n, int(x.shape[0]))
         threats = self.suite.threat_list()
         threat = Threat(*max(threats, key=lambda t: t[1])) if threats else None
@@ -968,7 +968,7 @@ class _Runner:
                     (spec.key, f"explain/{what}", reason))
 
     def _backdoor(self, spec: ModelSpec, loaded: _Loaded, x: Tensor, y: Tensor) -> None:
-        unit = f"backdoor/{spec.key}"
+        unit = unit_key("backdoor", spec.key)
         start = time.perf_counter()
         try:
             metrics = backdoor_metrics(

@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Store", "StoreError", "SCHEMA_VERSION", "default_path", "wilson", "open_store",
+__all__ = ["Store", "StoreError", "unit_key", "SCHEMA_VERSION", "default_path", "wilson", "open_store",
            "WORST_CASE"]
 
 SCHEMA_VERSION = 1
@@ -240,6 +240,13 @@ def _when_unlocked(fn, timeout: float | None = None):
                 raise
             time.sleep(0.05)
 
+
+
+def unit_key(section: str, model: str, part: str | None = None) -> str:
+    """The key of a unit of work in the store's ``units`` table (what ``--resume`` skips):
+    ``"<section>/<model>"`` or ``"<section>/<model>/<part>"``, where ``part`` is a threat
+    key (:func:`unmask.bench.core.threat_key`, ``"linf:0.3"``) or, for a curve, a norm."""
+    return f"{section}/{model}" if part is None else f"{section}/{model}/{part}"
 
 class StoreError(Exception):
     """The store file cannot be used: not SQLite, damaged, another application's, or newer."""
