@@ -27,7 +27,7 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
                                    "JSON files, or the per-sample outcomes as CSV or Parquet.")
     p.add_argument("run", nargs="?", type=int, metavar="RUN",
                    help="run id (default: the latest)")
-    p.add_argument("--format", choices=("robustbench", "csv", "parquet", "curves"),
+    p.add_argument("--format", choices=("robustbench", *export.SAMPLE_FORMATS, "curves"),
                    required=True)
     p.add_argument("--out", metavar="PATH",
                    help="folder for robustbench (default: export/model_info), file for csv and "

@@ -12,7 +12,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ...explain.gradflow import audit
+from ...explain.gradflow import AuditLoss, audit
 from ..core.fileio import atomic_write as _atomic_write
 from .attack import add_model_source_args, load_model, test_data
 from .base import CLIError, command
@@ -29,7 +29,7 @@ def _gradflow_parser(sub: argparse._SubParsersAction) -> None:
     add_model_source_args(p)
     p.add_argument("--out", help="figure path (PNG): gradient norm over depth, log scale")
     p.add_argument("--n", type=int, default=256, help="test images to audit (default 256)")
-    p.add_argument("--loss", default="ce", choices=("ce", "margin"),
+    p.add_argument("--loss", default="ce", choices=[v.value for v in AuditLoss],
                    help="loss whose gradient is audited (default ce)")
     p.add_argument("--json", metavar="PATH", help="also write the report as JSON")
     p.set_defaults(handler=_gradflow)

@@ -7,7 +7,7 @@ import argparse
 import torch
 
 from ...attacks import APGD, FGSM, PGD, Square
-from ..core import Autocast, Threat
+from ..core import Autocast, Precision, Threat
 from ..perf.harness import measure
 from .attack import add_model_args, load_model_and_data
 from .base import command
@@ -26,7 +26,7 @@ def _perf_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--channels-last", action="store_true",
                    help="run the model in channels_last memory format (see docs/performance.md)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"),
+    p.add_argument("--precision", default="fp32", choices=[v.value for v in Precision],
                    help="run the model under autocast; robust accuracy stays the fp32 model's")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the model (dynamic shapes); the first call compiles")

@@ -224,7 +224,7 @@ def _leaderboard_parser(sub: argparse._SubParsersAction) -> None:
                                    "model and threat, ranked by worst-case robust accuracy; "
                                    "masked models are marked and never ranked.")
     p.add_argument("--run", type=int, metavar="ID", help="run id (default: the latest)")
-    p.add_argument("--format", choices=("md", "csv", "html", "latex"), default=None,
+    p.add_argument("--format", choices=lb.FORMATS, default=None,
                    help="output format (default: md, or the --out file's suffix)")
     p.add_argument("--out", metavar="FILE", help="write to FILE instead of stdout")
     p.add_argument("--runs", action="store_true", help="list the runs in the store instead")

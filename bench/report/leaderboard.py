@@ -25,7 +25,9 @@ from .frames import leaderboard_frame, row_outcomes, sections_frame, verdict_leg
 from .html import write_report as _write
 from .plotting import write_text
 
-__all__ = ["leaderboard_frame", "render", "write_report", "write_text", "sections_frame",
+FORMATS = ("md", "csv", "html", "latex")
+
+__all__ = ["FORMATS", "leaderboard_frame", "render", "write_report", "write_text", "sections_frame",
            "row_outcomes", "verdict_legend"]
 
 
@@ -54,7 +56,7 @@ def render(store: Store, run_id: int, fmt: str = "md", *, evidence_dir: str | No
         if not parts:
             return "% no results\n"
         return pd.concat(parts, ignore_index=True).fillna("").to_latex(index=False, escape=True)
-    raise ValueError(f"unknown format {fmt!r}; expected md, csv, html or latex")
+    raise ValueError(f"unknown format {fmt!r}; expected {', '.join(FORMATS)}")
 
 
 def write_report(store: Store, run_id: int, out_dir: Path) -> list[Path]:
