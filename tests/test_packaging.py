@@ -61,8 +61,11 @@ def test_wheel_has_every_module_of_the_four_subpackages(wheel):
                 continue
             rel = path.relative_to(REPO / pkg).as_posix()
             assert f"unmask/{pkg}/{rel}" in names, f"{pkg}/{rel} is missing from the wheel"
-    for module in ("core", "data", "zoo", "registry", "training", "archs", "cli", "__main__"):
+    for module in ("core/__init__", "data", "zoo/__init__", "core/registry", "core/training",
+                   "zoo/archs", "cli/__init__", "cli/main", "__main__", "suite/runner",
+                   "report/leaderboard", "perf/harness"):
         assert f"unmask/bench/{module}.py" in names
+    assert "unmask/bench/suites/default.toml" in names
 
 
 def test_wheel_metadata(wheel):

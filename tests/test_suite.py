@@ -562,11 +562,11 @@ def test_suites_list_eot_and_bpda(tmp_path, zoo_cache, user_models):
 
 
 def _transfer_check(store, run_id, model):
-    from unmask.bench.report import leaderboard as lb
+    from unmask.bench.report import frames
 
     with Store(store, readonly=True) as st:
         row = next(m for m in st.rows("masking", run_id) if m["model"] == model)
-    report = lb._parse_report(row)
+    report = frames._parse_report(row)
     assert stored_masking_report(row) == report  # with its schema versions
     return next(c for c in report.checks if "transfer" in c.name)
 

@@ -84,7 +84,7 @@ def test_mnist_cnn_accuracy_and_card(mnist_cnn, mnist_test):
     assert card is not None
     assert card["clean_accuracy"] == pytest.approx(acc, abs=1e-6)
     assert card["test_samples"] == 1000
-    assert card["name"] == "mnist-cnn" and card["schema"] == zoo.CARD_SCHEMA
+    assert card["name"] == "mnist-cnn" and card["schema"] == zoo_registry.CARD_SCHEMA
     assert card["entry"]["recipe"] == "standard" and card["entry"]["seed"] == 0
     assert card["entry"]["dataset"] == "mnist5k"
     assert card["fingerprint"] == zoo.get("mnist-cnn").fingerprint()
@@ -250,6 +250,7 @@ _WORKER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     from unmask.bench import zoo
+    from unmask.bench.zoo import registry as zoo_registry
 
     trained = []
     real = zoo_registry._train
