@@ -241,14 +241,23 @@ def saliency(model: nn.Module, x: Tensor, target: Tensor | int | None = None, *,
     # Deferred: captum takes about 1.5 s to import; only attribution calls need it.
     from captum.attr import Saliency
 
+    return _gradient_attribution(Saliency, model, x, target, output, internal_batch_size,
+                                 abs=abs)
+
+
+def _gradient_attribution(explainer_cls, model: nn.Module, x: Tensor,
+                          target: Tensor | int | None, output: str | Output,
+                          internal_batch_size: int, **options) -> Tensor:
+    """A one-pass Captum gradient explainer (``Saliency``, ``InputXGradient``) over ``x`` in
+    chunks of ``internal_batch_size`` rows, on the model's ``output`` head."""
     bs = _positive_int(internal_batch_size, "internal_batch_size")
     head = parse_enum(Output, output, "output")
     with model_mode(model):
         x, target = _prepare(model, x, target, bs)
-        explainer = Saliency(_head(model, head))
+        explainer = explainer_cls(_head(model, head))
         out = torch.empty_like(x)
         for sl in _chunks(x.shape[0], bs):
-            out[sl] = explainer.attribute(_leaf(x[sl]), target=target[sl], abs=abs).detach()
+            out[sl] = explainer.attribute(_leaf(x[sl]), target=target[sl], **options).detach()
     return out
 
 
@@ -434,15 +443,7 @@ def input_x_gradient(model: nn.Module, x: Tensor, target: Tensor | int | None = 
     # Deferred: captum takes about 1.5 s to import; only attribution calls need it.
     from captum.attr import InputXGradient
 
-    bs = _positive_int(internal_batch_size, "internal_batch_size")
-    head = parse_enum(Output, output, "output")
-    with model_mode(model):
-        x, target = _prepare(model, x, target, bs)
-        explainer = InputXGradient(_head(model, head))
-        out = torch.empty_like(x)
-        for sl in _chunks(x.shape[0], bs):
-            out[sl] = explainer.attribute(_leaf(x[sl]), target=target[sl]).detach()
-    return out
+    return _gradient_attribution(InputXGradient, model, x, target, output, internal_batch_size)
 
 
 def method_options(method: str) -> list[str]:
