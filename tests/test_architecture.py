@@ -136,6 +136,26 @@ def deferred_imports(srcs: dict[str, str]) -> list[str]:
             for target, line, deferred in imports(module, source, modules) if deferred]
 
 
+def unexplained_deferred_imports(srcs: dict[str, str]) -> list[str]:
+    """Function-level imports of other packages without a ``# Deferred: <why>`` comment on the
+    line above (a heavy or optional dependency is the only reason to defer one)."""
+    bad = []
+    for module, source in srcs.items():
+        tree = ast.parse(source)
+        lines = source.splitlines()
+        top = {id(node) for node in tree.body}
+        for node in tree.body:
+            if isinstance(node, (ast.If, ast.Try)):
+                top |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)) or id(node) in top:
+                continue
+            above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+            if not above.startswith("# Deferred:") and "# Deferred:" not in lines[node.lineno - 1]:
+                bad.append(f"{module}:{node.lineno}")
+    return bad
+
+
 def cycles(srcs: dict[str, str]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan) in the import graph."""
     modules = set(srcs)
@@ -194,6 +214,10 @@ def test_no_function_level_import_of_unmask_remains(srcs):
     assert deferred_imports(srcs) == []
 
 
+def test_every_deferred_import_says_why(srcs):
+    assert unexplained_deferred_imports(srcs) == []
+
+
 def test_no_import_cycle(srcs):
     assert cycles(srcs) == []
 
@@ -229,6 +253,10 @@ def test_the_checks_catch_planted_violations(srcs):
     up = upward_imports(planted)
     assert "unmask.attacks.pgd" in " ".join(up) and len(up) == 2
     assert [d for d in deferred_imports(planted) if d.startswith("unmask.attacks.pgd")]
+    planted["unmask.attacks.fgsm"] = srcs["unmask.attacks.fgsm"] + (
+        "\ndef _late():\n    import json\n")
+    assert [d for d in unexplained_deferred_imports(planted)
+            if d.startswith("unmask.attacks.fgsm")]
     planted["unmask.bench.core.enums"] = srcs["unmask.bench.core.enums"] + (
         "\nfrom . import threat\n")
     assert ["unmask.bench.core.enums", "unmask.bench.core.threat"] in cycles(planted)

@@ -157,7 +157,8 @@ def export_samples(store: Store, run_id: int, path: Path, fmt: str | None = None
         atomic_write(path, df.to_csv(index=False).encode("utf-8"))
         return path
     try:
-        import pyarrow  # noqa: F401  (optional: Parquet only)
+        # Deferred: pyarrow is optional; only Parquet export needs it.
+        import pyarrow  # noqa: F401
     except ImportError:
         raise ValueError("Parquet export needs pyarrow (pip install pyarrow); "
                          "CSV needs nothing: --format csv") from None

@@ -74,6 +74,7 @@ class BatchOutcome:
         return dict(self.costs).get(label)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "b": self.b, "robust": list(self.robust),
                 "clean_correct": list(self.clean_correct), "broken_by": list(self.broken_by),
                 "margin": list(self.margin),
@@ -84,6 +85,8 @@ class BatchOutcome:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchOutcome:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "batch outcome")
         return cls(b=int(d["b"]), robust=tuple(d["robust"]),
                    clean_correct=tuple(d["clean_correct"]), broken_by=tuple(d["broken_by"]),
@@ -105,10 +108,13 @@ class BatchFailure:
     SCHEMA_VERSION = 1
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "b": self.b, "error": self.error}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BatchFailure:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "batch failure")
         return cls(b=int(d["b"]), error=str(d["error"]))
 
@@ -136,12 +142,15 @@ class ExplanationRecord:
                 "details": {**self.details, "schema_version": self.SCHEMA_VERSION}}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "method": self.method,
                 "metric": self.metric, "value": self.value, "n": self.n,
                 "details": dict(self.details)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExplanationRecord:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "explanation record")
         return cls(method=d["method"], metric=d["metric"], value=d["value"], n=int(d["n"]),
                    details=dict(d.get("details") or {}))
@@ -160,11 +169,14 @@ class AttributionMaps:
     SCHEMA_VERSION = 1
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "method": self.method,
                 "inputs": self.inputs, "maps": self.maps}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AttributionMaps:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "attribution maps")
         return cls(method=d["method"], inputs=list(d["inputs"]), maps=list(d["maps"]))
 
@@ -213,6 +225,7 @@ class BackdoorMetrics:
                 "target": self.target}
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "target": self.target,
                 "clean_accuracy": self.clean_accuracy,
                 "attack_success_rate": self.attack_success_rate, "poison_rate": self.poison_rate,
@@ -222,6 +235,8 @@ class BackdoorMetrics:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> BackdoorMetrics:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "backdoor metrics")
         return cls(target=int(d["target"]), clean_accuracy=d["clean_accuracy"],
                    attack_success_rate=d["attack_success_rate"], poison_rate=d["poison_rate"],
@@ -253,12 +268,15 @@ class CertifyOutcome:
             raise ValueError("a certify outcome has a result exactly when its status is 'ok'")
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "method": self.method,
                 "status": self.status, "reason": self.reason,
                 "result": None if self.result is None else self.result.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CertifyOutcome:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "certify outcome")
         res = d.get("result")
         return cls(method=d["method"], status=d["status"], reason=d.get("reason", ""),

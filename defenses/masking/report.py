@@ -64,6 +64,7 @@ class CheckResult:
     SCHEMA_VERSION = 1  # of to_dict; from_dict reads every version up to it
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
         return {"schema_version": self.SCHEMA_VERSION, "name": self.name, "value": self.value,
                 "rule": self.rule,
                 "passed": self.passed, "severity": self.severity.value, "kind": self.kind.value,
@@ -72,6 +73,8 @@ class CheckResult:
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> CheckResult:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(c, cls.SCHEMA_VERSION, "masking check result")
         return cls(c["name"], c["value"], c["rule"], c["passed"], Verdict(c["severity"]),
                    MaskingKind(c["kind"]), c["source"], c.get("evidence") or {},
@@ -111,7 +114,9 @@ class MaskingReport:
     SCHEMA_VERSION = 1  # of to_dict (the store's ``masking.report``); from_dict reads <= it
 
     def to_dict(self) -> dict[str, Any]:
-        return {"schema_version": self.SCHEMA_VERSION, "verdict": self.verdict.value, "recommended_attack": self.recommended_attack,
+        """JSON-ready dict with ``schema_version``; :meth:`from_dict` reads it back."""
+        return {"schema_version": self.SCHEMA_VERSION, "verdict": self.verdict.value,
+                "recommended_attack": self.recommended_attack,
                 "threat": self.threat.to_dict(), "n": self.n, "seconds": round(self.seconds, 3),
                 "gradient_flow": self.gradient_flow, "collapse_at": self.collapse_at,
                 "checks": [c.to_dict() for c in self.checks],
@@ -121,6 +126,8 @@ class MaskingReport:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MaskingReport:
+        """Rebuild from :meth:`to_dict`'s output; an older schema version is read, a newer one
+        is a ``ValueError``."""
         check_schema(d, cls.SCHEMA_VERSION, "masking report")
         checks = [CheckResult.from_dict(c) for c in d.get("checks", [])]
         t = d["threat"]
