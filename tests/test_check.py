@@ -256,6 +256,20 @@ def _doc(robust, *, n=200, fingerprint="aaaa", settings=None, versions=None, lab
     return {"schema": schema, "kind": "unmask-baseline", "cells": [cell], "masking": []}
 
 
+def test_exact_check_fails_on_one_changed_sample_either_way():
+    """CI's rerun of the committed numbers: one sample newly broken, or one newly robust (a
+    weaker attack), fails with --exact; the statistical check lets both pass."""
+    base = [1] * 120 + [0] * 80
+    drop = [0] + base[1:]
+    rise = base[:120] + [1] + base[121:]
+    for cur in (drop, rise):
+        assert compare(_doc(base), _doc(cur)).passed
+        res = compare(_doc(base), _doc(cur), exact=True)
+        row = next(d for d in res.differences if d.quantity == "robust_accuracy")
+        assert not res.passed and row.failed and "exact check" in row.note
+    assert compare(_doc(base), _doc(list(base)), exact=True).passed
+
+
 def test_paired_check_catches_a_real_drop_the_unpaired_rule_let_through():
     """The issue's numbers: the same 200 samples, 0.600 -> 0.520 with 16 newly broken and none
     fixed. Compared as independent samples the drop is within noise; paired (exact McNemar,

@@ -321,6 +321,9 @@ def _check_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tolerance", type=float, default=None, metavar="SHARE",
                    help="fail on a drop larger than this share of the samples even when not "
                         "significant (default 0.05, i.e. 5 points; see docs/ci.md)")
+    p.add_argument("--exact", action="store_true",
+                   help="fail on any per-sample change, up or down (for a deterministic rerun "
+                        "of committed numbers; a weaker attack shows as a rise)")
     p.add_argument("--allow-changed", action="store_true",
                    help="compare even when the model's fingerprint, the samples or the "
                         "settings changed (the change is still reported)")
@@ -350,6 +353,6 @@ def _check(args: argparse.Namespace) -> int:
                        f"{tolerance}")
     result = chk.compare(baseline, current, only_drops=args.only_drops,
                          all_attacks=args.all_attacks, tolerance=tolerance,
-                         allow_changed=args.allow_changed)
+                         allow_changed=args.allow_changed, exact=args.exact)
     print(chk.format_result(result))
     return 0 if result.passed else 1

@@ -326,7 +326,7 @@ def _changed(result: RegressionResult, b: dict[str, Any], threat: str, quantity:
 
 def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bool = False,
             all_attacks: bool = False, tolerance: float = TOLERANCE,
-            allow_changed: bool = False) -> RegressionResult:
+            allow_changed: bool = False, exact: bool = False) -> RegressionResult:
     """Compare ``current`` with ``baseline`` (both in baseline form, see
     :func:`baseline_from_store` and :func:`helper_baseline`): paired per sample where both
     record the outcomes of the same samples.
@@ -338,6 +338,9 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
         tolerance: a drop larger than this share fails even when not significant.
         allow_changed: a changed fingerprint, other samples or changed settings are reported
             but do not fail.
+        exact: any per-sample change fails, in either direction (one newly broken or one
+            newly robust sample): for a deterministic rerun of committed numbers, such as
+            unmask's own CI, where a weaker attack shows as a rise.
     """
     if not 0.0 <= float(tolerance) <= 1.0:
         raise ValueError(f"tolerance must be a share in [0, 1] (0.05 = 5 points), got "
@@ -405,6 +408,8 @@ def compare(baseline: dict[str, Any], current: dict[str, Any], *, only_drops: bo
                 if rose:
                     note = "rose significantly" + (" (allowed)" if only_drops else "") + \
                         "; " + note
+                if exact and (broken or fixed) and not failed:
+                    failed, note = True, "changed (exact check); " + note
                 result.differences.append(Difference(
                     b["model"], threat, b["attack"], quantity, b[count] / b["n"],
                     c[count] / c["n"], d, None, None, failed, note, broken, fixed, p))
