@@ -431,3 +431,23 @@ def test_trained_defense_entries_are_configured():
         with seeded_init(0):
             assert isinstance(entry.builder(), SmallCNN)
     assert zoo.get("mnist-cnn-trades").recipe_options["beta"] == 6.0
+
+
+def test_every_training_method_builds_its_own_loss():
+    """adversarial_training(method=...) builds its loss through the LOSSES registry, which
+    TRADES fills from its own module: each method gets its class, and no method is missing."""
+    from unmask.defenses.adversarial import LOSSES, TrainingMethod, _make_loss
+
+    assert set(LOSSES.names()) == {m.value for m in TrainingMethod}
+    expected = {TrainingMethod.PGD: PGDAdversarialLoss, TrainingMethod.FAST: FastAdversarialLoss,
+                TrainingMethod.TRADES: TradesLoss}
+    for method, cls in expected.items():
+        loss = _make_loss(method, Threat("linf", 0.1), steps=None, step_size=None, beta=6.0,
+                          warmup_epochs=0.0)
+        assert type(loss) is cls
+    trades = _make_loss(TrainingMethod.TRADES, Threat("linf", 0.1), steps=None, step_size=None,
+                        beta=3.0, warmup_epochs=0.0)
+    assert trades.beta == 3.0 and trades.steps == 10
+    with pytest.raises(ValueError, match="one step"):
+        _make_loss(TrainingMethod.FAST, Threat("linf", 0.1), steps=5, step_size=None, beta=6.0,
+                   warmup_epochs=0.0)
