@@ -16,7 +16,6 @@ from ..core.text import text_table as table
 
 __all__ = ["COMMANDS", "command", "CLIError", "table", "known"]
 
-Handler = Callable[[argparse.Namespace], int]
 AddParser = Callable[[argparse._SubParsersAction], None]
 
 #: Sub-commands by name; each value adds its sub-parser (``add(subparsers)``).

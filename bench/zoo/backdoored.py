@@ -79,7 +79,7 @@ def backdoor_recipe(model: nn.Module, x: Tensor, y: Tensor, *, epochs: int, batc
 
 
 # --- zoo entries ----------------------------------------------------------------------------
-# Training settings mirror mnist-cnn in bench/zoo.py exactly (a test keeps them in step), so the
+# Training settings mirror mnist-cnn in bench/zoo/standard.py exactly (a test keeps them in step), so the
 # clean-accuracy cost is the poisoning's alone.
 
 _MNIST = dict(dataset="mnist5k", recipe="backdoor", epochs=6, seed=0, batch_size=64, lr=2e-3,
