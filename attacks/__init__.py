@@ -1,5 +1,6 @@
 """unmask.attacks: evasion attacks (one file each) and backdoor poisoning."""
 
+from .adaptive import AdaptiveSquare, APGDTMalt, adaptive_attacks
 from .apgd import APGD, APGDT
 from .backdoor import (
     Backdoor,
@@ -35,6 +36,9 @@ __all__: list[str] = [
     "ATTACKS",
     "APGD",
     "APGDT",
+    "APGDTMalt",
+    "AdaptiveSquare",
+    "adaptive_attacks",
     "Attack",
     "BPDA",
     "BranchAttackResult",

@@ -205,10 +205,16 @@ class APGDT(APGD):
             raise ValueError(f"APGDT's targeted DLR loss needs at least 4 classes, the model "
                              f"has {num_classes}; use APGD")
 
-    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+    def _target_order(self, model, x, y, generator, tracker, idx, oracle) -> torch.Tensor:
+        """Per sample of ``idx``, the classes in the order they are tried (column 0, the true
+        class, is skipped): here by clean logit, highest first, as AutoAttack does."""
         with torch.no_grad():
             order = oracle.logits(model, x[idx], generator).argsort(dim=1, descending=True)
         tracker.cost(idx, oracle.samples)
+        return order
+
+    def _attack(self, model, x, y, targets, generator, tracker, idx, oracle) -> None:
+        order = self._target_order(model, x, y, generator, tracker, idx, oracle)
         all_targets = torch.zeros(x.shape[0], order.shape[1], dtype=torch.long, device=x.device)
         all_targets[idx] = order
         n_targets = min(self.n_targets, order.shape[1] - 1)

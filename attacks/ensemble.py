@@ -7,7 +7,10 @@ Presets (the registry :data:`PRESETS`; ``register_preset`` adds one):
 
 * ``quick``     FGSM, PGD-20;
 * ``standard``  APGD-CE (100 steps), APGD-T (9 targets, 100 steps), Square (5,000 queries):
-  AutoAttack's standard suite.
+  AutoAttack's standard suite;
+* ``adaptive``  APGD-CE, APGD-T on the 3 MALT-ranked classes plus restarts near the boundary,
+  and Square that grows past a 250-query probe only where gradients are distrusted
+  (:mod:`unmask.attacks.adaptive`); takes a ``budget`` in passes per sample.
 
 Randomised models: the ensemble detects a model whose outputs change between two forward
 passes on the same input. Then every candidate example is judged over ``draws`` (default
@@ -34,6 +37,7 @@ Usage::
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -244,10 +248,21 @@ class Ensemble:
         self.labels = labels
 
     @classmethod
-    def preset(cls, name: str, threat: Threat, **kwargs) -> Ensemble:
-        """A registered ensemble (:data:`PRESETS`): ``quick`` (FGSM, PGD-20) or ``standard``
-        (APGD-CE, APGD-T, Square-5000); an unknown name raises ``ValueError`` naming them."""
-        return cls(PRESETS.get(name)(threat), **kwargs)
+    def preset(cls, name: str, threat: Threat, *, budget: int | None = None,
+               **kwargs) -> Ensemble:
+        """A registered ensemble (:data:`PRESETS`): ``quick`` (FGSM, PGD-20), ``standard``
+        (APGD-CE, APGD-T, Square-5000) or ``adaptive`` (:mod:`unmask.attacks.adaptive`); an
+        unknown name raises ``ValueError`` naming them. ``budget``: forward+backward passes
+        per sample, for the presets whose factory takes one (``adaptive``)."""
+        factory = PRESETS.get(name)
+        if budget is None:
+            return cls(factory(threat), **kwargs)
+        if "budget" not in inspect.signature(factory).parameters:
+            takes = [n for n in PRESETS.names()
+                     if "budget" in inspect.signature(PRESETS.get(n)).parameters]
+            raise ValueError(f"preset {name!r} has a fixed budget; a budget in passes per "
+                             f"sample works with: {', '.join(takes) or 'none'}")
+        return cls(factory(threat, budget=budget), **kwargs)
 
     def config(self) -> dict[str, Any]:
         """The ensemble's settings (attacks' configs, draws, threat, precision) for provenance."""

@@ -179,6 +179,13 @@ def test_perf_reports_rates_efficiency_and_the_settings(capsys, tmp_path, digits
         assert 0.0 <= r["robust_accuracy"] <= 1.0
     # Every PGD step is one gradient evaluation per sample still in play.
     assert 0 < rows["pgd-3"]["evaluations"] <= 3 * 32
+    # Cost in passes per sample: the clean pass, then at most one forward and one backward
+    # per step (and the start) for the samples still in play; Square one forward per query.
+    assert "passes/sample" in out
+    for r in rows.values():
+        assert r["passes_per_sample"] == (r["forwards"] + r["backwards"]) / 32
+    assert 1 <= rows["pgd-3"]["passes_per_sample"] <= 1 + 2 * 4
+    assert rows["square-10"]["backwards"] == 0 and rows["square-10"]["passes_per_sample"] <= 1 + 10
 
 
 def test_variants_script_reports_speedups_and_fp32_verdicts(capsys, tmp_path, digits_mlp):

@@ -87,7 +87,8 @@ def nominal_evaluations(attack, n: int) -> tuple[int, str]:
 class AttackPerf:
     """One attack's measured throughput: ``kind`` ``"gradient"`` or ``"forward"``, wall
     ``seconds`` per repeat, the ``evaluations`` it executed, the ``nominal`` count without early
-    exit, and the robust accuracy it reached.
+    exit, the robust accuracy it reached, and its cost: ``forwards`` and ``backwards`` passes
+    over its ``n`` samples.
     """
     name: str
     kind: str  # "gradient" or "forward"
@@ -95,6 +96,14 @@ class AttackPerf:
     evaluations: int
     nominal: int
     robust_accuracy: float
+    forwards: int = 0
+    backwards: int = 0
+    n: int = 0
+
+    @property
+    def passes_per_sample(self) -> float:
+        """Forward + backward passes per sample (0.0 when ``n`` is unknown)."""
+        return (self.forwards + self.backwards) / self.n if self.n else 0.0
 
     @property
     def median_seconds(self) -> float:
@@ -142,6 +151,8 @@ class PerfReport:
                 "efficiency": a.rate() / ref,
                 "effective_speed": a.nominal / a.median_seconds / ref,
                 "robust_accuracy": a.robust_accuracy,
+                "forwards": a.forwards, "backwards": a.backwards,
+                "passes_per_sample": a.passes_per_sample,
             })
         return out
 
@@ -163,11 +174,11 @@ class PerfReport:
                  f" R_f {self.R_f:,.0f} img/s, batch {self.batch}, "
                  f"{self.environment.get('device')} x{self.environment.get('threads')} threads",
                  f"{'attack':<22}{'evals/s':>12}{'efficiency':>12}{'effective':>11}"
-                 f"{'robust acc':>12}{'seconds':>10}"]
+                 f"{'robust acc':>12}{'seconds':>10}{'passes/sample':>15}"]
         for r in self.rows():
             lines.append(f"{r['attack']:<22}{r['evals_per_s']:>12,.0f}{r['efficiency']:>12.3f}"
                          f"{r['effective_speed']:>11.2f}{r['robust_accuracy']:>12.3f}"
-                         f"{r['seconds']:>10.2f}")
+                         f"{r['seconds']:>10.2f}{r['passes_per_sample']:>15,.1f}")
         return "\n".join(lines)
 
 
@@ -205,7 +216,8 @@ def measure(model: nn.Module, x: Tensor, y: Tensor, attacks: Mapping[str, Any], 
         if judge is not None:
             with model_mode(judge), torch.no_grad():
                 robust = float((margin(judge(res.x_adv), y) >= 0).float().mean())
-        perf.append(AttackPerf(name, kind, times[name], evals, nominal, robust))
+        perf.append(AttackPerf(name, kind, times[name], evals, nominal, robust,
+                               res.n_forward, res.n_backward, x.shape[0]))
     env = {"device": str(x.device), "threads": torch.get_num_threads(), "dtype": str(x.dtype),
            "channels_last": any(p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last)
                                 and not p.is_contiguous() for p in model.parameters()),

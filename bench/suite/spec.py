@@ -24,10 +24,11 @@ Example (the shipped default is ``unmask/bench/suites/default.toml``)::
     eps = [0.1, 0.3]
 
     [attacks]
-    preset = "standard"          # or: list = ["fgsm", { name = "pgd", steps = 40 },
+    preset = "standard"          # or "adaptive", "quick", or: list = ["fgsm", { name = "pgd", steps = 40 },
                                  #   { name = "eot", attack = "apgd", samples = 16 },
                                  #   { name = "bpda", attack = "pgd", steps = 40 }]
     draws = 32                   # fresh draws judging a randomised model (core.DRAWS)
+    # budget = 600               # "adaptive" only: forward+backward passes per sample
     precision = "fp32"           # "bf16": search under autocast (faster on bf16 hardware),
                                  # every verdict still the fp32 model's
 
@@ -151,6 +152,7 @@ class AttackSpec:
     attacks: tuple[dict[str, Any], ...] = ()
     draws: int = DRAWS
     precision: str = "fp32"  # the attacks' search precision; verdicts are always fp32's
+    budget: int | None = None  # forward+backward passes per sample (presets that take one)
 
 
 # ``surrogate`` values that name no model.
@@ -293,6 +295,8 @@ class Suite:
                         else {"list": [dict(a) for a in att["attacks"]], "draws": att["draws"]})
         if att["precision"] != "fp32":  # absent for fp32: earlier runs keep their config hash
             d["attacks"]["precision"] = att["precision"]
+        if att["budget"] is not None:  # absent when unset: earlier runs keep their hash
+            d["attacks"]["budget"] = att["budget"]
         if d["masking"]["surrogate"] == SURROGATE_AUTO:  # absent for the default: hashes kept
             d["masking"].pop("surrogate")
         if not d["certify"]["enabled"]:  # absent when off: earlier runs keep their hash
@@ -360,7 +364,8 @@ class Suite:
         threat = Threat(norm, eps)
         if self.attacks.preset is not None:
             return Ensemble.preset(self.attacks.preset, threat, draws=self.attacks.draws,
-                                   precision=self.attacks.precision)
+                                   precision=self.attacks.precision,
+                                   budget=self.attacks.budget)
         built = [build_attack(spec, threat) for spec in self.attacks.attacks]
         return Ensemble(built, draws=self.attacks.draws, precision=self.attacks.precision)
 
@@ -593,6 +598,9 @@ def _attacks(t: _Table, list_key: str = "list") -> AttackSpec:
     precision = t.text("precision", "fp32", choices=[p.value for p in Precision])
     if t.has("preset") and t.has(list_key):
         raise t.error(list_key, f"give either 'preset' or '{list_key}', not both")
+    if t.has("budget") and t.has(list_key):
+        raise t.error("budget", f"a budget in passes per sample applies to a preset, not to "
+                                f"'{list_key}' (set each attack's steps or queries)")
     if t.has(list_key):
         raw = t.raw(list_key)
         if not isinstance(raw, list) or not raw:
@@ -629,7 +637,13 @@ def _attacks(t: _Table, list_key: str = "list") -> AttackSpec:
             specs.append(dict(spec))
         return AttackSpec(preset=None, attacks=tuple(specs), draws=draws, precision=precision)
     preset = t.text("preset", "standard", choices=PRESETS.names())
-    return AttackSpec(preset=preset, draws=draws, precision=precision)
+    budget = t.integer("budget", None, minimum=1)
+    if budget is not None:
+        try:  # a preset with a fixed budget, or a budget below its floor, fails here
+            Ensemble.preset(preset, Threat("linf", 0.1), budget=budget)
+        except ValueError as err:
+            raise t.error("budget", str(err)) from None
+    return AttackSpec(preset=preset, draws=draws, precision=precision, budget=budget)
 
 
 # Attacks that wrap another one (``attack = "apgd"``): their own options, and the inner

@@ -1,0 +1,342 @@
+"""unmask against the official AutoAttack, in one process, on the same model object.
+
+    python -m unmask.bench.perf.autoattack --model mnist-cnn-pgdat --n 500 --eps 0.3 \\
+        --repeats 3 --json results/perf/autoattack-mnist-cnn-pgdat.json
+
+The official implementation is Croce and Hein's AutoAttack as packaged on the registry
+(``pyautoattack``, a dev extra: ``pip install -e .[dev]``). For every method the same model
+object, the same samples and the same eps are used; the model is wrapped in a
+:class:`~unmask.bench.core.counting.CountingModel` on both sides, so forward and backward passes
+are counted the same way (every sample row through the model, whatever the library), and
+every method's returned points are judged by one function, :func:`robust_accuracy` (inside the
+ball and [0, 1], classified correctly by the fp32 model).
+
+Methods (``--methods``): ``autoattack`` (the official standard version: APGD-CE, APGD-T,
+FAB-T, Square-5000, batch = n), and any unmask ensemble preset (``adaptive``, ``standard``,
+...). Rounds are interleaved: each repeat runs every method once, and the model's own
+forward+backward rate ``R_fb`` is measured in each round, so a slow phase of a shared machine
+hits all methods alike. Wall times are medians over the repeats; the pass counts do not
+depend on the round (fixed seeds) and the tool checks they agree. ``--once`` names methods
+run in the first round only (their wall time is then one measurement).
+
+``--golden`` adds the agreement check of unmask's APGD-CE and APGD-T against the official
+``APGDAttack`` / ``APGDAttack_targeted`` at the same budget (100 steps, 1 restart, 9 targets).
+
+Each method also records its strength-per-cost curve: robust accuracy after each stage
+against the forward+backward passes per sample spent so far (for the official AutoAttack,
+read off its per-attack log lines and the counters at that moment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ...attacks import APGD, APGDT, PRESETS, Ensemble
+from .. import data, zoo
+from ..core import Threat, model_mode
+from ..core.counting import CountingModel
+from ..core.fileio import atomic_write
+from ..zoo.registry import versions
+from .harness import reference_rates
+
+__all__ = ["robust_accuracy", "MethodRun", "run_official", "run_preset", "run_golden",
+           "compare", "main", "OFFICIAL"]
+
+log = logging.getLogger(__name__)
+
+OFFICIAL = "autoattack"
+_AFTER = re.compile(r"robust accuracy after ([A-Z-]+): ([0-9.]+)%")
+_INITIAL = re.compile(r"initial accuracy: ([0-9.]+)%")
+
+
+def _official():
+    try:
+        # Deferred: optional dev dependency: only this comparison and its tests need it.
+        import pyautoattack
+    except ImportError as err:  # pragma: no cover - the dev extra is installed in CI
+        raise SystemExit("the official AutoAttack is not installed: pip install -e .[dev] "
+                         "(or pip install pyautoattack)") from err
+    return pyautoattack
+
+
+def robust_accuracy(model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+                    threat: Threat) -> tuple[float, Tensor]:
+    """The one judge of every method's returned points: a sample is robust unless its point is
+    inside the threat ball and [0, 1] and the fp32 ``model`` misclassifies it (a point outside
+    the ball is the attack's failure, never a break). Returns ``(accuracy, robust mask)``."""
+    if x_adv.shape != x.shape:
+        raise ValueError(f"x_adv has shape {tuple(x_adv.shape)}, x {tuple(x.shape)}")
+    inside = threat.contains(x_adv.float(), x.float())
+    with model_mode(model), torch.no_grad():
+        correct = model(x_adv.float()).argmax(1) == y
+    robust = correct | ~inside
+    return float(robust.float().mean()), robust
+
+
+@dataclass
+class MethodRun:
+    """One run of one method: its returned points, wall seconds, the passes the counting
+    wrapper saw, and its curve ``[(passes per sample, robust accuracy), ...]`` at stage
+    boundaries (the method's own per-stage accounting)."""
+
+    method: str
+    x_adv: Tensor
+    seconds: float
+    forwards: int
+    backwards: int
+    curve: list[tuple[float, float]] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)
+
+
+class _LogCurve(logging.Handler):
+    """Collects the official AutoAttack's per-attack robust accuracy with the counters' state
+    at the moment each line is logged."""
+
+    def __init__(self, counted: CountingModel, n: int) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.counted, self.n = counted, n
+        self.curve: list[tuple[float, float]] = []
+        self.stages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        passes = (self.counted.forwards + self.counted.backwards) / self.n
+        if m := _INITIAL.search(msg):
+            self.curve.append((passes, float(m.group(1)) / 100))
+            self.stages.append("clean")
+        elif m := _AFTER.search(msg):
+            self.curve.append((passes, float(m.group(2)) / 100))
+            self.stages.append(m.group(1).lower())
+
+
+def run_official(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
+                 seed: int = 0) -> MethodRun:
+    """The official AutoAttack, standard version, on ``model`` (batch = all of ``x``)."""
+    aa_mod = _official()
+    counted = CountingModel(model)
+    norm = {"linf": "Linf", "l2": "L2"}[threat.norm.value]
+    aa = aa_mod.AutoAttack(counted, norm=norm, eps=threat.eps, version="standard", seed=seed,
+                           device=x.device)
+    handler = _LogCurve(counted, x.shape[0])
+    logger = aa.logger
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        with model_mode(model):
+            start = time.perf_counter()
+            x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=x.shape[0])
+            seconds = time.perf_counter() - start
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return MethodRun(OFFICIAL, x_adv.detach(), seconds, counted.forwards, counted.backwards,
+                     handler.curve, handler.stages)
+
+
+def run_preset(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, preset: str, *,
+               seed: int = 0) -> MethodRun:
+    """An unmask ensemble preset on ``model``; its curve from the ensemble's per-attack costs,
+    which must add up to what the counting wrapper saw."""
+    counted = CountingModel(model)
+    ensemble = Ensemble.preset(preset, threat)
+    start = time.perf_counter()
+    result = ensemble(counted, x, y, generator=seed)
+    seconds = time.perf_counter() - start
+    n = x.shape[0]
+    own = sum(c.forwards + c.backwards for c in result.costs.values())
+    overhead = counted.forwards + counted.backwards - own  # the clean pass and randomness test
+    passes, robust = overhead, int(result.clean_correct.sum())
+    curve, stages = [(passes / n, robust / n)], ["clean"]
+    for label, cost in result.costs.items():
+        passes += cost.forwards + cost.backwards
+        robust -= cost.broken
+        curve.append((passes / n, robust / n))
+        stages.append(label)
+    return MethodRun(preset, result.x_adv.detach(), seconds, counted.forwards, counted.backwards,
+                     curve, stages)
+
+
+def run_golden(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, steps: int = 100,
+               n_targets: int = 9, seed: int = 0) -> dict[str, Any]:
+    """unmask's APGD-CE and APGD-T against the official ``APGDAttack`` and
+    ``APGDAttack_targeted`` at the same budget (``steps``, 1 restart, ``n_targets``), judged by
+    :func:`robust_accuracy`. Returns per attack both robust accuracies, their difference in
+    points, and each side's passes and seconds."""
+    aa_mod = _official()
+    norm = {"linf": "Linf", "l2": "L2"}[threat.norm.value]
+    out: dict[str, Any] = {"steps": steps, "n_targets": n_targets}
+    pairs: list[tuple[str, Callable[[nn.Module], Tensor], Callable[[nn.Module], Tensor]]] = [
+        ("apgd-ce",
+         lambda m: APGD(threat, steps=steps, loss="ce")(m, x, y, generator=seed).x_adv,
+         lambda m: aa_mod.APGDAttack(m, n_iter=steps, eps=threat.eps, norm=norm, loss="ce",
+                                     seed=seed, device=x.device).perturb(x, y)),
+        ("apgd-t",
+         lambda m: APGDT(threat, steps=steps, n_targets=n_targets)(m, x, y,
+                                                                     generator=seed).x_adv,
+         lambda m: aa_mod.APGDAttack_targeted(m, n_iter=steps, eps=threat.eps, norm=norm,
+                                              seed=seed, n_target_classes=n_targets,
+                                              device=x.device).perturb(x, y)),
+    ]
+    for name, ours, theirs in pairs:
+        row: dict[str, Any] = {}
+        for side, fn in (("unmask", ours), ("official", theirs)):
+            counted = CountingModel(model)
+            with model_mode(model):
+                start = time.perf_counter()
+                x_adv = fn(counted)
+                seconds = time.perf_counter() - start
+            acc, _ = robust_accuracy(model, x, y, x_adv.detach(), threat)
+            row[side] = {"robust_accuracy": acc, "seconds": seconds,
+                         "passes_per_sample": (counted.forwards + counted.backwards) / len(y)}
+        row["difference_points"] = 100 * (row["unmask"]["robust_accuracy"]
+                                          - row["official"]["robust_accuracy"])
+        out[name] = row
+        log.info("golden %s: unmask %.3f, official %.3f", name,
+                 row["unmask"]["robust_accuracy"], row["official"]["robust_accuracy"])
+    return out
+
+
+def _summary(model: nn.Module, x: Tensor, y: Tensor, threat: Threat,
+             runs: list[MethodRun]) -> dict[str, Any]:
+    n = x.shape[0]
+    accs = [robust_accuracy(model, x, y, r.x_adv, threat)[0] for r in runs]
+    if len({(r.forwards, r.backwards) for r in runs}) > 1:
+        log.warning("%s: pass counts differ between rounds: %s", runs[0].method,
+                    [(r.forwards, r.backwards) for r in runs])
+    last = runs[-1]
+    seconds = [r.seconds for r in runs]
+    return {"robust_accuracy": statistics.median(accs), "robust_accuracy_all": accs,
+            "seconds": statistics.median(seconds), "seconds_all": seconds,
+            "forwards": last.forwards, "backwards": last.backwards,
+            "forwards_per_sample": last.forwards / n, "backwards_per_sample": last.backwards / n,
+            "passes_per_sample": (last.forwards + last.backwards) / n,
+            "curve": [{"stage": s, "passes_per_sample": p, "robust_accuracy": a}
+                      for s, (p, a) in zip(last.stages, last.curve)]}
+
+
+def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
+            methods: Sequence[str] = (OFFICIAL, "adaptive"), repeats: int = 3,
+            once: Sequence[str] = (), seed: int = 0, golden: bool = False,
+            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run ``methods`` interleaved over ``repeats`` rounds (``once``: first round only) and
+    return the comparison as a JSON-ready dict: per method the shared-judge robust accuracy,
+    median wall time, passes per sample and curve; ``R_fb`` per round; the ratios of every
+    unmask method to the official AutoAttack (wall time, passes) and its robust accuracy
+    difference in points; with ``golden``, :func:`run_golden`."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    unknown = [m for m in methods if m != OFFICIAL and m not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: use {OFFICIAL!r} or a preset "
+                         f"({', '.join(PRESETS.names())})")
+    say = progress or (lambda msg: None)
+    runs: dict[str, list[MethodRun]] = {m: [] for m in methods}
+    r_fb = []
+    for r in range(repeats):
+        r_fb.append(reference_rates(model, x, y)[0])
+        for m in methods:
+            if r and m in once:
+                continue
+            run = (run_official(model, x, y, threat, seed=seed) if m == OFFICIAL
+                   else run_preset(model, x, y, threat, m, seed=seed))
+            runs[m].append(run)
+            say(f"round {r + 1}/{repeats}: {m} {run.seconds:.1f} s, "
+                f"{(run.forwards + run.backwards) / len(y):,.0f} passes/sample")
+    out: dict[str, Any] = {"methods": {m: _summary(model, x, y, threat, rs)
+                                       for m, rs in runs.items()},
+                           "R_fb": statistics.median(r_fb), "R_fb_all": r_fb}
+    if OFFICIAL in runs:
+        ref = out["methods"][OFFICIAL]
+        for m, s in out["methods"].items():
+            if m == OFFICIAL:
+                continue
+            # Wall-time ratio per round where both ran (interleaved), then the median.
+            paired = [a.seconds / b.seconds for a, b in zip(runs[m], runs[OFFICIAL])]
+            s["vs_autoattack"] = {
+                "seconds_ratio": statistics.median(paired), "seconds_ratio_all": paired,
+                "passes_ratio": s["passes_per_sample"] / ref["passes_per_sample"],
+                "robust_accuracy_points": 100 * (s["robust_accuracy"] - ref["robust_accuracy"]),
+            }
+    if golden:
+        say("golden agreement: APGD-CE and APGD-T, unmask vs official")
+        out["golden"] = run_golden(model, x, y, threat, seed=seed)
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line (see the module docstring); returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="mnist-cnn-pgdat", help="a zoo model name")
+    parser.add_argument("--n", type=int, default=500, help="test samples (default 500)")
+    parser.add_argument("--norm", default="linf", choices=("linf", "l2"))
+    parser.add_argument("--eps", type=float, default=0.3)
+    parser.add_argument("--methods", default=f"{OFFICIAL},adaptive,standard",
+                        help=f"comma-separated: {OFFICIAL} and/or unmask presets")
+    parser.add_argument("--once", default="standard",
+                        help="comma-separated methods run in the first round only")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="the (shared) model in channels_last memory format")
+    parser.add_argument("--golden", action="store_true",
+                        help="also compare APGD-CE and APGD-T with the official ones")
+    parser.add_argument("--json", metavar="PATH")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error(f"--n must be >= 1, got {args.n}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _official()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    model = zoo.load(args.model, device="cpu")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    x, y = data.load(zoo.get(args.model).dataset, "test", n=args.n)
+    threat = Threat(args.norm, args.eps)
+    methods = [m for m in args.methods.split(",") if m]
+    once = [m for m in args.once.split(",") if m]
+    try:
+        out = compare(model, x, y, threat, methods=methods, repeats=args.repeats, once=once,
+                      seed=args.seed, golden=args.golden, progress=print)
+    except ValueError as err:
+        parser.error(str(err))
+    out.update({"model": args.model, "n": int(len(y)), "threat": threat.to_dict(),
+                "seed": args.seed, "repeats": args.repeats, "once": once,
+                "channels_last": args.channels_last,
+                "environment": {"threads": torch.get_num_threads(), "device": "cpu",
+                                "versions": {**versions(),
+                                             "pyautoattack": _version("pyautoattack")}}})
+    for m, s in out["methods"].items():
+        vs = s.get("vs_autoattack")
+        extra = (f"; vs AutoAttack: {vs['seconds_ratio']:.2f}x time, {vs['passes_ratio']:.2f}x "
+                 f"passes, {vs['robust_accuracy_points']:+.1f} points") if vs else ""
+        print(f"{m:>12}: robust {s['robust_accuracy']:.3f}, {s['seconds']:.1f} s, "
+              f"{s['passes_per_sample']:,.0f} passes/sample{extra}")
+    if args.json:
+        atomic_write(args.json, json.dumps(out, indent=2).encode())
+    return 0
+
+
+def _version(dist: str) -> str:
+    try:
+        return version(dist)
+    except Exception:  # pragma: no cover - not installed from a distribution
+        return "unknown"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
