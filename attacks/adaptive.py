@@ -24,8 +24,8 @@ it can pay:
    black-box check on the survivors (a randomness test, a gradient sanity test and a short
    Square probe). If the model is randomised, a survivor's input gradient is zero or not
    finite, or the probe breaks a sample every gradient attack left standing (black-box beats
-   white-box: the signature of gradient masking), the Square budget grows to the full
-   5,000 queries on the survivors; otherwise it stops at the probe.
+   white-box: the signature of gradient masking), Square's full 5,000 queries run on the
+   survivors after the probe; otherwise it stops at the probe.
 
 Hopeless samples are not dropped early: every survivor gets the targeted stage (the
 measurement behind that choice is in ``docs/performance.md``).
@@ -194,14 +194,16 @@ class AdaptiveSquare(Attack):
     * **black-box check**: a Square probe of ``probe`` queries; a sample it breaks is one the
       gradient attacks missed (black-box beats white-box).
 
-    Any of the three distrusts the gradients: Square then continues from the probe's best
-    points to ``queries`` queries on the samples still robust. With none, the attack stops
-    after the probe. ``result.config["escalated"]`` and ``["reasons"]`` record the decision.
+    Any of the three distrusts the gradients: Square then runs its full ``queries`` on the
+    samples still robust, starting from the probe's best points (so an escalated run never
+    spends fewer queries than plain Square). With none, the attack stops after the probe.
+    ``result.config["escalated"]`` and ``["reasons"]`` record the decision.
 
     Args:
         threat: ``Threat("linf" | "l2", eps)``.
         probe: queries of the black-box check (default 250).
-        queries: Square's budget once escalated (default 5,000, AutoAttack's).
+        queries: Square's budget once escalated, on top of the probe (default 5,000,
+            AutoAttack's).
         p_init: Square's initial square size share (default 0.8).
 
     Shapes: ``x`` N x C x H x W in [0, 1], ``y`` int64 N ->
@@ -218,8 +220,6 @@ class AdaptiveSquare(Attack):
         super().__init__(threat)
         self.probe = _positive_int(probe, "probe")
         self.queries = _positive_int(queries, "queries")
-        if self.probe > self.queries:
-            raise ValueError(f"probe ({self.probe}) must be at most queries ({self.queries})")
         self.p_init = float(p_init)
         Square(threat, queries=self.queries, p_init=p_init)  # validates p_init
 
@@ -254,14 +254,14 @@ class AdaptiveSquare(Attack):
         if broken:
             reasons.append(f"the {self.probe}-query probe broke {broken} sample(s) the "
                            "gradient attacks left (black-box beats white-box)")
-        escalate = bool(reasons) and self.queries > self.probe
+        escalate = bool(reasons)
         tracker.extra.update({"escalated": escalate, "reasons": reasons})
         if not escalate:
             return
         idx = idx[tracker.robust(idx)]
-        if idx.numel():
-            rest = Square(self.threat, queries=self.queries - self.probe, p_init=self.p_init)
-            rest._attack(model, x, y, targets, generator, tracker, idx, oracle)
+        if idx.numel():  # the full budget on top of the probe: never less than plain Square
+            full = Square(self.threat, queries=self.queries, p_init=self.p_init)
+            full._attack(model, x, y, targets, generator, tracker, idx, oracle)
 
 
 def nominal_passes(steps: int = DEFAULT_STEPS, n_targets: int = DEFAULT_TARGETS,

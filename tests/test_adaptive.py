@@ -148,7 +148,7 @@ def test_adaptive_square_escalates_on_a_zero_gradient():
     assert res.config["escalated"] is True
     assert any("zero or non-finite gradient" in r for r in res.config["reasons"])
     robust = ~res.success
-    assert bool((res.forwards[robust] == 3 + 200).all())  # probe + the rest = 200 queries
+    assert bool((res.forwards[robust] == 3 + 30 + 200).all())  # the probe, then 200 queries
     assert counted.forwards == int(res.forwards.sum())
 
 
@@ -161,7 +161,7 @@ def test_adaptive_square_escalates_when_the_probe_breaks_a_sample():
     assert any("probe broke" in r for r in res.config["reasons"])
     still = ~res.success
     assert bool(still.any()), "pick an eps where some samples survive the probe"
-    assert bool((res.forwards[still] == 3 + 300).all())
+    assert bool((res.forwards[still] == 3 + 50 + 300).all())
 
 
 class _Noisy(nn.Module):
@@ -289,3 +289,24 @@ def test_suite_budget_is_parsed_validated_and_used():
     with pytest.raises(SuiteError, match="not to 'list'"):
         parse_suite(_suite('list = ["fgsm"]\nbudget = 600'))
     assert "budget" not in parse_suite(_suite('preset = "adaptive"')).to_dict()["attacks"]
+
+
+# --- the presets side by side (bench/perf/presets.py) -----------------------------------------
+
+
+def test_presets_side_by_side_and_the_violation_check(digits_mlp):
+    from unmask.bench.perf.presets import markdown_table, run_presets, violations
+
+    rows = run_presets(["digits-mlp"], ["quick", "adaptive"], Threat("linf", 0.1), n=16)
+    assert [r["model"] for r in rows] == ["digits-mlp"]
+    row = rows[0]
+    assert set(row["adaptive"]["costs"]) == {"apgd-ce", "apgd-t-malt", "square-adaptive"}
+    assert row["adaptive"]["passes_per_sample"] > row["quick"]["passes_per_sample"] > 0
+    assert "| digits-mlp |" in markdown_table(rows, ["quick", "adaptive"])
+    # The check fires exactly when the candidate reports more than the reference.
+    fake = [{"model": "a", "ref": {"robust_accuracy": 0.5}, "new": {"robust_accuracy": 0.5}},
+            {"model": "b", "ref": {"robust_accuracy": 0.5}, "new": {"robust_accuracy": 0.52}}]
+    assert violations(fake, "ref", "new") == ["b"]
+    assert violations(fake, "ref", "new", tolerance=0.05) == []
+    with pytest.raises(ValueError, match="unknown preset"):
+        run_presets(["digits-mlp"], ["nope"], Threat("linf", 0.1), n=4)

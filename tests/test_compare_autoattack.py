@@ -1,6 +1,8 @@
 """The comparison against the official AutoAttack: one judge for every method's points, pass
 counts from the same counting wrapper on both sides, curves that end where the counters do."""
 
+import json
+
 import pytest
 import torch
 
@@ -74,3 +76,21 @@ def test_compare_reports_ratios_against_the_official(digits):
     assert [p["stage"] for p in official["curve"]] == ["clean", "apgd-ce"]
     with pytest.raises(ValueError, match="unknown method"):
         compare(model, x, y, Threat("linf", 0.1), methods=["nope"], repeats=1)
+
+
+def test_plot_and_table_from_the_comparison_json(digits, tmp_path):
+    from unmask.bench.perf.autoattack import main, markdown_table, plot_strength_per_cost
+
+    model, x, y = digits
+    out = compare(model, x, y, BIG, methods=[OFFICIAL, "quick"], repeats=1)
+    out.update({"model": "digits-mlp", "n": len(y), "threat": BIG.to_dict()})
+    table = markdown_table([out])
+    assert "| digits-mlp | quick |" in table and "| digits-mlp | autoattack |" in table
+    png = plot_strength_per_cost([out], tmp_path / "f.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(out))
+    assert main(["--plot", str(path), "--figure", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").exists()
+    with pytest.raises(ValueError, match="no comparison"):
+        plot_strength_per_cost([], tmp_path / "h.png")

@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,11 +49,12 @@ from .. import data, zoo
 from ..core import Threat, model_mode
 from ..core.counting import CountingModel
 from ..core.fileio import atomic_write
+from ..report.plotting import _figure, _save
 from ..zoo.registry import versions
 from .harness import reference_rates
 
 __all__ = ["robust_accuracy", "MethodRun", "run_official", "run_preset", "run_golden",
-           "compare", "main", "OFFICIAL"]
+           "compare", "plot_strength_per_cost", "markdown_table", "main", "OFFICIAL"]
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +278,75 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
     return out
 
 
+_STYLE = {OFFICIAL: ("black", "o", "AutoAttack (official)"), "standard": ("tab:blue", "s", None),
+          "adaptive": ("tab:red", "D", None)}
+
+
+def plot_strength_per_cost(results: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Robust accuracy against forward+backward passes per sample spent, one panel per
+    comparison JSON (:func:`compare`'s output with ``model``), one line per method with a
+    point after each stage (log x-axis; the clean accuracy is in the panel's title). Returns
+    the PNG's path."""
+    if not results:
+        raise ValueError("no comparison results to plot")
+    # Deferred: matplotlib takes about 1 s to import; only drawing the figure needs it.
+    from matplotlib.ticker import NullFormatter as _NullFormatter
+
+    fig = _figure()
+    fig.set_size_inches(5.5 * len(results), 4.5)
+    axes = fig.subplots(1, len(results), squeeze=False)[0]
+    for ax, res in zip(axes, results):
+        clean = None
+        for method, summary in res["methods"].items():
+            color, marker, label = _STYLE.get(method, ("tab:green", "^", None))
+            pts = [p for p in summary["curve"] if p["stage"] != "clean"]
+            clean = next((p["robust_accuracy"] for p in summary["curve"]
+                          if p["stage"] == "clean"), clean)
+            xs = [p["passes_per_sample"] for p in pts]
+            ys = [100 * p["robust_accuracy"] for p in pts]
+            ax.plot(xs, ys, marker=marker, color=color, alpha=0.85,
+                    label=f"{label or method}: {ys[-1]:.1f}% at {xs[-1]:,.0f}")
+            for p, xv, yv in zip(pts, xs, ys):
+                ax.annotate(p["stage"], (xv, yv), textcoords="offset points", xytext=(2, 5),
+                            fontsize=7, color=color, rotation=35)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(_NullFormatter())
+        left, right = ax.get_xlim()
+        ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+                 if left <= t <= right]
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        lo, hi = ax.get_ylim()
+        ax.set_ylim(lo - max(1.0, 0.1 * (hi - lo)), hi + max(2.0, 0.4 * (hi - lo)))
+        ax.set_xlabel("forward + backward passes per sample (log)")
+        ax.set_ylabel("robust accuracy (%)")
+        threat = res.get("threat", {})
+        ax.set_title(f"{res.get('model', '')}, {threat.get('norm', '')} {threat.get('eps', '')}, "
+                     f"n={res.get('n', '')}"
+                     + (f", clean {100 * clean:.1f}%" if clean is not None else ""), fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def markdown_table(results: Sequence[dict[str, Any]]) -> str:
+    """The comparisons as one Markdown table: per model and method, robust accuracy, median
+    wall time, passes per sample, and the ratios to the official AutoAttack."""
+    lines = ["| model | method | robust acc | wall (median) | passes/sample | "
+             "time vs AA | passes vs AA | points vs AA |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for res in results:
+        for method, s in res["methods"].items():
+            vs = s.get("vs_autoattack")
+            ratio = (f"{vs['seconds_ratio']:.3f}x | {vs['passes_ratio']:.3f}x | "
+                     f"{vs['robust_accuracy_points']:+.1f}") if vs else "1 | 1 | 0"
+            runs = len(s["seconds_all"])
+            lines.append(f"| {res.get('model', '')} | {method} | {s['robust_accuracy']:.3f} | "
+                         f"{s['seconds']:.0f} s ({runs} run{'s' if runs > 1 else ''}) | "
+                         f"{s['passes_per_sample']:,.0f} | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line (see the module docstring); returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -295,7 +366,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--golden", action="store_true",
                         help="also compare APGD-CE and APGD-T with the official ones")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--plot", nargs="+", metavar="JSON",
+                        help="draw no new numbers: plot these comparison JSONs to --figure and "
+                             "print their table")
+    parser.add_argument("--figure", metavar="PNG", default="docs/figures/strength-per-cost.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        results = [json.loads(Path(p).read_text()) for p in args.plot]
+        print(markdown_table(results))
+        print(f"figure: {plot_strength_per_cost(results, args.figure)}")
+        return 0
     if args.n < 1:
         parser.error(f"--n must be >= 1, got {args.n}")
     if args.threads:
