@@ -94,3 +94,22 @@ def test_plot_and_table_from_the_comparison_json(digits, tmp_path):
     assert (tmp_path / "g.png").exists()
     with pytest.raises(ValueError, match="no comparison"):
         plot_strength_per_cost([], tmp_path / "h.png")
+
+
+def test_command_line_end_to_end_with_golden_writes_its_json(tmp_path, digits_mlp, capsys):
+    """The whole command as it is run for the docs (small), the golden pairs included."""
+    from unmask.bench.perf.autoattack import main
+
+    path = tmp_path / "c.json"
+    assert main(["--model", "digits-mlp", "--n", "16", "--eps", "0.3", "--repeats", "2",
+                 "--methods", "autoattack,quick", "--once", "quick", "--golden",
+                 "--json", str(path)]) == 0
+    out = json.loads(path.read_text())
+    assert out["model"] == "digits-mlp" and out["n"] == 16 and out["repeats"] == 2
+    assert len(out["methods"]["autoattack"]["seconds_all"]) == 2
+    assert len(out["methods"]["quick"]["seconds_all"]) == 1  # --once
+    for name in ("apgd-ce", "apgd-t"):
+        row = out["golden"][name]
+        assert {"unmask", "official", "difference_points"} <= set(row)
+        assert abs(row["difference_points"]) <= 100
+    assert "vs AutoAttack" in capsys.readouterr().out

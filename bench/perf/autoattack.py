@@ -178,17 +178,20 @@ def run_golden(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *, steps:
     :func:`robust_accuracy`. Returns per attack both robust accuracies, their difference in
     points, and each side's passes and seconds."""
     aa_mod = _official()
+    # Deferred: optional dev dependency (the official attacks live in a submodule).
+    from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+
     norm = {"linf": "Linf", "l2": "L2"}[threat.norm.value]
-    out: dict[str, Any] = {"steps": steps, "n_targets": n_targets}
+    out: dict[str, Any] = {"steps": steps, "n_targets": n_targets, "version": aa_mod.__name__}
     pairs: list[tuple[str, Callable[[nn.Module], Tensor], Callable[[nn.Module], Tensor]]] = [
         ("apgd-ce",
          lambda m: APGD(threat, steps=steps, loss="ce")(m, x, y, generator=seed).x_adv,
-         lambda m: aa_mod.APGDAttack(m, n_iter=steps, eps=threat.eps, norm=norm, loss="ce",
+         lambda m: APGDAttack(m, n_iter=steps, eps=threat.eps, norm=norm, loss="ce",
                                      seed=seed, device=x.device).perturb(x, y)),
         ("apgd-t",
          lambda m: APGDT(threat, steps=steps, n_targets=n_targets)(m, x, y,
                                                                      generator=seed).x_adv,
-         lambda m: aa_mod.APGDAttack_targeted(m, n_iter=steps, eps=threat.eps, norm=norm,
+         lambda m: APGDAttack_targeted(m, n_iter=steps, eps=threat.eps, norm=norm,
                                               seed=seed, n_target_classes=n_targets,
                                               device=x.device).perturb(x, y)),
     ]
@@ -232,12 +235,14 @@ def _summary(model: nn.Module, x: Tensor, y: Tensor, threat: Threat,
 def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
             methods: Sequence[str] = (OFFICIAL, "adaptive"), repeats: int = 3,
             once: Sequence[str] = (), seed: int = 0, golden: bool = False,
-            progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: Callable[[str], None] | None = None,
+            checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run ``methods`` interleaved over ``repeats`` rounds (``once``: first round only) and
     return the comparison as a JSON-ready dict: per method the shared-judge robust accuracy,
     median wall time, passes per sample and curve; ``R_fb`` per round; the ratios of every
     unmask method to the official AutoAttack (wall time, passes) and its robust accuracy
-    difference in points; with ``golden``, :func:`run_golden`."""
+    difference in points; with ``golden``, :func:`run_golden`. ``checkpoint`` receives the
+    results so far after every run (the command line writes them to its JSON each time)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     unknown = [m for m in methods if m != OFFICIAL and m not in PRESETS]
@@ -245,8 +250,10 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
         raise ValueError(f"unknown method(s) {unknown}: use {OFFICIAL!r} or a preset "
                          f"({', '.join(PRESETS.names())})")
     say = progress or (lambda msg: None)
+    keep = checkpoint or (lambda partial: None)
     runs: dict[str, list[MethodRun]] = {m: [] for m in methods}
-    r_fb = []
+    r_fb: list[float] = []
+    out: dict[str, Any] = {}
     for r in range(repeats):
         r_fb.append(reference_rates(model, x, y)[0])
         for m in methods:
@@ -257,10 +264,21 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
             runs[m].append(run)
             say(f"round {r + 1}/{repeats}: {m} {run.seconds:.1f} s, "
                 f"{(run.forwards + run.backwards) / len(y):,.0f} passes/sample")
+            out = _summaries(model, x, y, threat, runs, r_fb)
+            keep(out)  # nothing measured is lost if a later round fails
+    if golden:
+        say("golden agreement: APGD-CE and APGD-T, unmask vs official")
+        out["golden"] = run_golden(model, x, y, threat, seed=seed)
+        keep(out)
+    return out
+
+
+def _summaries(model: nn.Module, x: Tensor, y: Tensor, threat: Threat,
+               runs: dict[str, list[MethodRun]], r_fb: list[float]) -> dict[str, Any]:
     out: dict[str, Any] = {"methods": {m: _summary(model, x, y, threat, rs)
-                                       for m, rs in runs.items()},
-                           "R_fb": statistics.median(r_fb), "R_fb_all": r_fb}
-    if OFFICIAL in runs:
+                                       for m, rs in runs.items() if rs},
+                           "R_fb": statistics.median(r_fb), "R_fb_all": list(r_fb)}
+    if runs.get(OFFICIAL):
         ref = out["methods"][OFFICIAL]
         for m, s in out["methods"].items():
             if m == OFFICIAL:
@@ -272,9 +290,6 @@ def compare(model: nn.Module, x: Tensor, y: Tensor, threat: Threat, *,
                 "passes_ratio": s["passes_per_sample"] / ref["passes_per_sample"],
                 "robust_accuracy_points": 100 * (s["robust_accuracy"] - ref["robust_accuracy"]),
             }
-    if golden:
-        say("golden agreement: APGD-CE and APGD-T, unmask vs official")
-        out["golden"] = run_golden(model, x, y, threat, seed=seed)
     return out
 
 
@@ -389,25 +404,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     threat = Threat(args.norm, args.eps)
     methods = [m for m in args.methods.split(",") if m]
     once = [m for m in args.once.split(",") if m]
+    meta = {"model": args.model, "n": int(len(y)), "threat": threat.to_dict(),
+            "seed": args.seed, "repeats": args.repeats, "once": once,
+            "channels_last": args.channels_last,
+            "environment": {"threads": torch.get_num_threads(), "device": "cpu",
+                            "versions": {**versions(), "pyautoattack": _version("pyautoattack")}}}
+
+    def keep(partial: dict[str, Any]) -> None:
+        if args.json:
+            atomic_write(args.json, json.dumps({**partial, **meta}, indent=2).encode())
+
     try:
         out = compare(model, x, y, threat, methods=methods, repeats=args.repeats, once=once,
-                      seed=args.seed, golden=args.golden, progress=print)
+                      seed=args.seed, golden=args.golden, progress=print, checkpoint=keep)
     except ValueError as err:
         parser.error(str(err))
-    out.update({"model": args.model, "n": int(len(y)), "threat": threat.to_dict(),
-                "seed": args.seed, "repeats": args.repeats, "once": once,
-                "channels_last": args.channels_last,
-                "environment": {"threads": torch.get_num_threads(), "device": "cpu",
-                                "versions": {**versions(),
-                                             "pyautoattack": _version("pyautoattack")}}})
+    out.update(meta)
     for m, s in out["methods"].items():
         vs = s.get("vs_autoattack")
         extra = (f"; vs AutoAttack: {vs['seconds_ratio']:.2f}x time, {vs['passes_ratio']:.2f}x "
                  f"passes, {vs['robust_accuracy_points']:+.1f} points") if vs else ""
         print(f"{m:>12}: robust {s['robust_accuracy']:.3f}, {s['seconds']:.1f} s, "
               f"{s['passes_per_sample']:,.0f} passes/sample{extra}")
-    if args.json:
-        atomic_write(args.json, json.dumps(out, indent=2).encode())
+    keep(out)
     return 0
 
 
