@@ -27,8 +27,9 @@ it can pay:
    white-box: the signature of gradient masking), Square's full 5,000 queries run on the
    survivors after the probe; otherwise it stops at the probe.
 
-Hopeless samples are not dropped early: every survivor gets the targeted stage (the
-measurement behind that choice is in ``docs/performance.md``).
+Hopeless samples are not dropped early: every survivor gets the targeted stage. The
+measurement in ``docs/performance.md`` (``results/perf/hopeless.json``) suggests a margin rule
+could send only the closest survivors there; that change needs the comparison re-measured.
 
 The budget can be given in forward+backward passes per sample (``budget=``): the step
 counts and the probe scale down together, never below 10 steps per run.

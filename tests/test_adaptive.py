@@ -310,3 +310,18 @@ def test_presets_side_by_side_and_the_violation_check(digits_mlp):
     assert violations(fake, "ref", "new", tolerance=0.05) == []
     with pytest.raises(ValueError, match="unknown preset"):
         run_presets(["digits-mlp"], ["nope"], Threat("linf", 0.1), n=4)
+
+
+def test_hopeless_evidence_reports_where_the_targeted_breaks_were(digits, tmp_path):
+    from unmask.bench.perf.presets import hopeless_evidence, main
+
+    model, x, y = digits
+    ev = hopeless_evidence(model, x, y, Threat("linf", 0.05))
+    assert ev["n"] == len(y) and ev["survivors"] >= ev["broken_by_targeted"]
+    assert len(ev["percentiles_of_broken"]) == ev["broken_by_targeted"]
+    assert all(0 <= p <= 1 for p in ev["percentiles_of_broken"])
+    assert ev["percentiles_of_broken"] == sorted(ev["percentiles_of_broken"])
+    path = tmp_path / "h.json"
+    assert main(["--hopeless", "--models", "digits-mlp", "--n", "20", "--eps", "0.05",
+                 "--json", str(path)]) == 0
+    assert "digits-mlp" in path.read_text()
