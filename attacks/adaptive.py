@@ -282,7 +282,7 @@ def nominal_passes(steps: int = DEFAULT_STEPS, n_targets: int = DEFAULT_TARGETS,
 def adaptive_attacks(threat: Threat, budget: int | None = None) -> list[Attack]:
     """The ``adaptive`` cascade for ``threat``: APGD-CE, :class:`APGDTMalt`,
     :class:`AdaptiveSquare` (module docstring). ``budget``: forward+backward passes per
-    surviving sample for the non-escalated cascade (:func:`nominal_passes`, 1,227 by default);
+    surviving sample for the non-escalated cascade (:func:`nominal_passes`, 1,478 by default);
     the steps and the probe scale down with it (never below 10 steps, 50 probe queries)."""
     steps, probe = DEFAULT_STEPS, DEFAULT_PROBE
     if budget is not None:

@@ -325,3 +325,7 @@ def test_hopeless_evidence_reports_where_the_targeted_breaks_were(digits, tmp_pa
     assert main(["--hopeless", "--models", "digits-mlp", "--n", "20", "--eps", "0.05",
                  "--json", str(path)]) == 0
     assert "digits-mlp" in path.read_text()
+
+
+def test_the_documented_default_budget_is_the_computed_one():
+    assert f"{nominal_passes():,} by default" in adaptive_attacks.__doc__
